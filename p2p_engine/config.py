@@ -1,0 +1,193 @@
+"""Model configurations and named presets.
+
+One dataclass per model part, plus `ModelConfig` that ties them to a family.
+The field names are ours; `to_diffusers`/`from_diffusers` translate to and
+from the `config.json` files of a diffusers-layout checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SUPPORTED_FAMILIES = ("sd1", "sd2")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    cross_attn: tuple[bool, ...] = (True, True, True, False)  # per down level; up levels mirror it
+    layers_per_block: int = 2
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)  # per level; the mid block uses the last
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    upcast_attention: bool = False  # SD 2.1: QK^T and softmax in fp32
+    norm_num_groups: int = 32
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64  # latent side at the native resolution
+
+    def to_diffusers(self) -> dict:
+        n = len(self.block_out_channels)
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": self.sample_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attn],
+            "up_block_types": ["CrossAttnUpBlock2D" if self.cross_attn[n - 1 - i] else "UpBlock2D" for i in range(n)],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "attention_head_dim": list(self.num_heads),  # diffusers' historical name: it holds head counts
+            "cross_attention_dim": self.cross_attention_dim,
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention,
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": 1e-5,
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "act_fn": "silu",
+            "downsample_padding": 1,
+            "center_input_sample": False,
+        }
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "UNetConfig":
+        n = len(d["block_out_channels"])
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        if isinstance(heads, int):
+            heads = [heads] * n
+        return cls(
+            block_out_channels=tuple(d["block_out_channels"]),
+            cross_attn=tuple(t.startswith("CrossAttn") for t in d["down_block_types"]),
+            layers_per_block=d.get("layers_per_block", 2),
+            num_heads=tuple(heads),
+            cross_attention_dim=d.get("cross_attention_dim", 768),
+            use_linear_projection=d.get("use_linear_projection", False),
+            upcast_attention=bool(d.get("upcast_attention", False)),
+            norm_num_groups=d.get("norm_num_groups", 32),
+            in_channels=d.get("in_channels", 4),
+            out_channels=d.get("out_channels", 4),
+            sample_size=d.get("sample_size", 64),
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    scaling_factor: float = 0.18215
+    sample_size: int = 512
+
+    def to_diffusers(self) -> dict:
+        n = len(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "act_fn": "silu",
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor,
+        }
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "VAEConfig":
+        return cls(
+            block_out_channels=tuple(d["block_out_channels"]),
+            layers_per_block=d.get("layers_per_block", 2),
+            latent_channels=d.get("latent_channels", 4),
+            norm_num_groups=d.get("norm_num_groups", 32),
+            in_channels=d.get("in_channels", 3),
+            out_channels=d.get("out_channels", 3),
+            scaling_factor=d.get("scaling_factor", 0.18215),
+            sample_size=d.get("sample_size", 512),
+        )
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Keyword arguments of transformers' CLIPTextConfig that differ between families."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 768
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+
+    def to_transformers(self) -> dict:
+        d = dataclasses.asdict(self)
+        # SD 1.x tokenizers pad with <|endoftext|> (49407); transformers wants the ids spelled out.
+        d.update(bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+        return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "sd1"  # one of SUPPORTED_FAMILIES
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    pad_token: str = "<|endoftext|>"  # SD 2.x (OpenCLIP) pads with "!"
+
+    @property
+    def latent_size(self) -> int:
+        return self.unet.sample_size
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.sample_size * self.vae.downscale
+
+
+SD2_TEXT = TextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                      num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig(),
+    "sd21": ModelConfig(
+        family="sd2",
+        unet=UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                        upcast_attention=True, sample_size=96),
+        vae=VAEConfig(sample_size=768),
+        text=SD2_TEXT,
+        prediction_type="v_prediction",
+        pad_token="!",
+    ),
+    # A few hundred thousand UNet parameters: attention at 16, 8 (cross) and the 4x4 mid block.
+    "tiny": ModelConfig(
+        unet=UNetConfig(block_out_channels=(32, 64, 64), cross_attn=(True, True, False), layers_per_block=1,
+                        num_heads=(2, 2, 2), cross_attention_dim=32, norm_num_groups=8, sample_size=16),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128),
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32),
+    ),
+    # The tiny model with the SD 2.x choices: linear projections, upcast attention, v-prediction, "!" padding.
+    "tiny-v": ModelConfig(
+        family="sd2",
+        unet=UNetConfig(block_out_channels=(32, 64, 64), cross_attn=(True, True, False), layers_per_block=1,
+                        num_heads=(2, 2, 2), cross_attention_dim=32, norm_num_groups=8, sample_size=16,
+                        use_linear_projection=True, upcast_attention=True),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128),
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32, hidden_act="gelu"),
+        prediction_type="v_prediction",
+        pad_token="!",
+    ),
+}

@@ -1,0 +1,74 @@
+"""Control plans: what one attention call must do besides attending.
+
+A plan is plain tensors, made once per edit by the controllers
+(`p2p_engine.control`) and handed, per step and per layer, to the one
+attention function (`p2p_engine.attention.attention`). The kernels in
+`p2p_engine.kernels` and the pure-torch path consume the same plan.
+
+Batch layout everywhere: the B = 2P rows are [uncond x P, cond x P] for P
+prompts; row P is the source prompt's conditional row, rows P+1 .. 2P-1 the
+targets'. The unconditional half is never touched.
+
+Cross attention, with probabilities p = softmax(q k^T * scale) over T text
+tokens, for target j = 1 .. P-1 (row P + j), all per-token vectors over T:
+
+    injected = (p_src @ mapper[j-1]) * mix[j-1] + p_tgt * (1 - mix[j-1])
+    injected = injected * equalizer[j-1]
+    p_out    = injected * gate[j-1] + p_tgt * (1 - gate[j-1])
+
+- Replace: mapper = the word mapper M_j, mix = 1.
+- Refine: mapper = one-hot of the aligner's index map (column t holds a 1 at
+  row mapper_j[t]; an unaligned token's column is zero), mix = alphas_j.
+- Reweight: equalizer = c on the chosen tokens, 1 elsewhere; alone it uses
+  mapper = identity, mix = 1; stacked, the previous controller's mapper/mix.
+- gate = alpha_t of this step (per word windows); a step whose gate is all
+  zero gets `mapper=None` (no injection at all).
+`store` (when not None) receives, added in place, the head-averaged
+probabilities of the conditional rows *before* injection, as the reference's
+AttentionStore sees them: store[i] += mean_h p[P + i].
+
+Self attention, for target rows inside the self-replace window: the output is
+softmax(q_src k_src^T * scale) @ v_tgt (the source's map applied to the
+target's values). `store` (only for N <= 32*32) receives the head-averaged
+(P, N, N) maps of the conditional rows before injection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CrossPlan:
+    num_prompts: int  # P
+    store: torch.Tensor | None = None  # (P, N, T) fp32, accumulated in place
+    mapper: torch.Tensor | None = None  # (P-1, T, T) fp32
+    mix: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
+    equalizer: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
+    gate: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
+
+    @property
+    def injects(self) -> bool:
+        return self.mapper is not None
+
+
+@dataclass
+class SelfPlan:
+    num_prompts: int  # P
+    inject: bool = False  # targets use the source's map
+    store: torch.Tensor | None = None  # (P, N, N) fp32, accumulated in place
+
+    @property
+    def injects(self) -> bool:
+        return self.inject
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """Where an attention layer sits; the UNet numbers its layers in call order."""
+
+    index: int  # 0 .. num_layers-1 over the whole UNet, in forward order
+    place: str  # "down" | "mid" | "up"
+    is_cross: bool
+    level: int  # resolution level: 0 is the full latent size, each level halves it
