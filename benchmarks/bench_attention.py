@@ -1,0 +1,156 @@
+"""Controlled attention on SD 1.5's layer shapes: our fused Triton kernels against torch.
+
+GPU only. Batch 4 = 2 prompts with CFG at 512 x 512 (64 x 64 latents), 8 heads, T = 77 text tokens; one
+case per distinct layer shape (N queries, head dim D), with how many UNet layers have it:
+- cross: ours with emit + inject (store, Refine mapper, mix, equalizer, gate) against a
+  materialised-probability path (what diffusers' AttnProcessor plus a controller does: fp16 scores,
+  softmax, controller edits on the (B, H, N, T) map, bmm) and against SDPA with no control at all;
+- self: ours without and with source injection against SDPA with no control.
+Each case first passes a correctness gate (ours vs the fp32 reference, within 2x torch's own fp16 drift),
+then is timed with CUDA events (warm-up, median of repeats). Peak memory is the most allocated during the
+timed calls. Floor (napkin math): max(FLOPs / measured matmul rate, bytes / measured copy bandwidth),
+FLOPs = 4 B H N M D (q k^T and p v), bytes = q, k, v read + o written (+ the fp32 store, + the
+materialised map's round trips for that path).
+
+    python -m benchmarks.bench_attention      or      p2p-engine bench --only attention
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, run_suite
+from p2p_engine.kernels import cross_attention, cross_attention_reference, self_attention, self_attention_reference
+from p2p_engine.plan import CrossPlan, SelfPlan
+
+P, B, H, T = 2, 4, 8, 77
+# (N, D, number of UNet layers with this shape): 64, 32, 16 px levels have 5 layers each (2 down + 3 up), mid 8 px.
+SD15_SHAPES = [(4096, 40, 5), (1024, 80, 5), (256, 160, 5), (64, 160, 1)]
+NO_GPU = "no GPU: nothing measured (bench_attention times Triton kernels, which only mean something on CUDA)"
+
+
+def time_events(fn, *, warmup: int = 10, repeats: int = 100) -> Timing:
+    """Per-call ms from CUDA events (median-able samples) and the peak allocated during the timed calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+    return Timing(samples, torch.cuda.max_memory_allocated(), "cuda")
+
+
+def copy_bytes_per_s() -> float:
+    """Measured device bandwidth: bytes read + written by a 512 MiB clone."""
+    x = torch.empty(2**28, dtype=torch.float16, device="cuda")
+    t = time_events(lambda: x.clone(), warmup=3, repeats=10)
+    return 2 * x.numel() * x.element_size() / (min(t.samples_ms) / 1e3)
+
+
+def cross_plan(N: int, device) -> CrossPlan:
+    """Every control at once: store, a Refine mapper (one-hot, one unaligned token), mix, equalizer, gate."""
+    gen = torch.Generator().manual_seed(N)
+    idx = torch.randint(0, T, (P - 1, T), generator=gen)
+    mapper = torch.zeros(P - 1, T, T).scatter_(1, idx[:, None, :], 1.0)
+    mapper[:, :, 5] = 0
+    eq = torch.ones(P - 1, T)
+    eq[:, 3] = 2.0
+    gate = torch.ones(P - 1, T)
+    gate[:, 6] = 0.0
+    return CrossPlan(num_prompts=P, store=torch.zeros(P, N, T, device=device), mapper=mapper.to(device),
+                     mix=torch.rand(P - 1, T, generator=gen).to(device), equalizer=eq.to(device),
+                     gate=gate.to(device))
+
+
+def materialised_cross(q, k, v, plan: CrossPlan, scale: float) -> torch.Tensor:
+    """diffusers AttnProcessor + a P2P controller: the whole (B, H, N, T) map in q's dtype, edited, then bmm."""
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, H, N, T)
+    plan.store.add_(p[P:].float().mean(dim=1))
+    src, tgt = p[P:P + 1], p[P + 1:]
+    mix, eq, gate = (x[:, None, None, :].to(p.dtype) for x in (plan.mix, plan.equalizer, plan.gate))
+    injected = (src @ plan.mapper[:, None].to(p.dtype)) * mix + tgt * (1 - mix)
+    p[P + 1:] = injected * eq * gate + tgt * (1 - gate)
+    return p @ v
+
+
+def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[Row]:
+    if device.type != "cuda":
+        print(NO_GPU)
+        return []
+    dtype = torch.float16
+    flop_rate = matmul_flops_per_s(device, dtype)
+    bandwidth = copy_bytes_per_s()
+    shapes = SD15_SHAPES[-2:] if smoke else SD15_SHAPES
+    repeats = 10 if smoke else repeats
+    rows = []
+    for N, D, count in shapes:
+        scale = D ** -0.5
+        gen = torch.Generator(device=device).manual_seed(N + D)
+        q = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen)
+        kc, vc = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        ks, vs = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        elem = q.element_size()
+
+        def floor_ms(M: int, extra_bytes: float = 0.0) -> float:
+            flops = 4.0 * B * H * N * M * D
+            bytes_ = elem * B * H * (2 * N * D + 2 * M * D) + extra_bytes
+            return 1e3 * max(flops / flop_rate, bytes_ / bandwidth)
+
+        # -- cross: correctness gate, then time
+        with torch.inference_mode():
+            ours = cross_attention(q, kc, vc, cross_plan(N, device), scale)
+            ref = cross_attention_reference(q.float(), kc.float(), vc.float(), cross_plan(N, device), scale)
+            base = materialised_cross(q, kc, vc, cross_plan(N, device), scale)
+        check = check_close("cross emit+inject", ours, ref, base, dtype)
+        plan = cross_plan(N, device)
+        store_bytes = 2 * 4.0 * P * N * T  # fp32 store read + written once (the heads' atomics meet in L2)
+        fused = time_events(lambda: cross_attention(q, kc, vc, plan, scale), repeats=repeats)
+        mat = time_events(lambda: materialised_cross(q, kc, vc, plan, scale), repeats=repeats)
+        sdpa = time_events(lambda: F.scaled_dot_product_attention(q, kc, vc, scale=scale), repeats=repeats)
+        case = f"cross N={N} D={D} (x{count} layers)"
+        fl = floor_ms(T, store_bytes)
+        rows.append(Row(case, "fused emit+inject", fused, "materialised p + controller", mat, fl, check))
+        rows.append(Row(case, "fused emit+inject", fused, "SDPA, no control", sdpa, fl, check))
+
+        # -- self: correctness gate, then time
+        inject = SelfPlan(num_prompts=P, inject=True)
+        with torch.inference_mode():
+            ours = self_attention(q, ks, vs, inject, scale)
+            ref = self_attention_reference(q.float(), ks.float(), vs.float(), inject, scale)
+            base = self_attention_reference(q, ks, vs, inject, scale)  # SDPA in fp16 on swapped q, k
+        check = check_close("self inject", ours, ref, base, dtype)
+        sdpa = time_events(lambda: F.scaled_dot_product_attention(q, ks, vs, scale=scale), repeats=repeats)
+        plain = time_events(lambda: self_attention(q, ks, vs, None, scale), repeats=repeats)
+        injected = time_events(lambda: self_attention(q, ks, vs, inject, scale), repeats=repeats)
+        case = f"self N={N} D={D} (x{count} layers)"
+        rows.append(Row(case, "fused, no control", plain, "SDPA, no control", sdpa, floor_ms(N), check))
+        rows.append(Row(case, "fused, inject", injected, "SDPA, no control", sdpa, floor_ms(N), check))
+        del q, kc, vc, ks, vs
+    for r in rows:
+        r.extra["median_of"] = len(r.ours.samples_ms)
+        r.extra["ours_over_baseline"] = statistics.median(r.ours.samples_ms) / r.baseline.median
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_GPU)
+        return 0
+    return run_suite(only=["attention"], smoke=args.smoke, device="cuda", record=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

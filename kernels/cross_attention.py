@@ -1,0 +1,226 @@
+"""Cross attention with the control plan fused in: emit, inject, re-weight.
+
+`cross_attention(q, k, v, plan, scale)` (Triton) and
+`cross_attention_reference(q, k, v, plan, scale)` (pure torch) compute, for
+q (B, H, N, D) and k, v (B, H, T, D) with B = 2P rows [uncond x P, cond x P],
+out (B, H, N, D) = p_out @ v where p = softmax(q k^T * scale) over the T text
+tokens and p_out follows `p2p_engine.plan` exactly:
+
+    store[i] += mean_h p[P + i]                                   (pre-injection)
+    injected = (p_src @ mapper[j-1]) * mix[j-1] + p_tgt * (1 - mix[j-1])
+    injected = injected * equalizer[j-1]
+    p_out    = injected * gate[j-1] + p_tgt * (1 - gate[j-1])     (targets only)
+
+No backward: the kernels are forward-only. Null-text inversion back-propagates
+through uncontrolled calls only, and the attention seam
+(`p2p_engine.attention`) sends every gradient-requiring uncontrolled call to
+SDPA, which has a fast backward; the launcher refuses tensors that need grad.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from p2p_engine.plan import CrossPlan
+
+from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, unit_last_stride
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Probabilities live in fp32 at least; float64 inputs (test truth) stay float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              plan: CrossPlan | None, scale: float) -> torch.Tensor:
+    """Pure-torch cross attention under `plan`; q (B, H, N, D), k/v (B, H, T, D) -> (B, H, N, D).
+
+    Rows no control touches go through SDPA; the conditional rows of a
+    controlled call materialise p (P, H, N, T) in fp32.
+    """
+    store = plan.store if plan is not None else None
+    injects = plan is not None and plan.injects
+    if store is None and not injects:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    P = plan.num_prompts
+    check_plan_rows("cross_attention_reference", q.shape[0], P)
+    out = torch.empty_like(q)
+    out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
+
+    ct = _compute_dtype(q.dtype)
+    qc, kc, vc = q[P:].to(ct), k[P:].to(ct), v[P:].to(ct)
+    p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, T)
+    if store is not None:
+        store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, T)
+    if injects and P > 1:
+        p_src, p_tgt = p[:1], p[1:]  # (1, H, N, T), (P-1, H, N, T)
+        mapper = plan.mapper.to(ct)[:, None]  # (P-1, 1, T, T)
+        injected = p_src @ mapper  # (P-1, H, N, T)
+
+        def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(ct)[:, None, None, :]  # (P-1, 1, 1, T)
+
+        mix, eq, gate = per_token(plan.mix), per_token(plan.equalizer), per_token(plan.gate)
+        if mix is not None:
+            injected = injected * mix + p_tgt * (1 - mix)
+        if eq is not None:
+            injected = injected * eq
+        if gate is not None:
+            injected = injected * gate + p_tgt * (1 - gate)
+        p = torch.cat([p_src, injected], dim=0)
+    out[P:] = (p @ vc).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _softmax_rows(q, k_ptrs, kv_mask, t_mask, scale, PREC: tl.constexpr):
+    # q (BLOCK_N, BLOCK_D), k (BLOCK_T, BLOCK_D) -> p (BLOCK_N, BLOCK_T) fp32; padded tokens get 0.
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(t_mask[None, :], s, float("-inf"))
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
+               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+               H, N, T, D, P, scale,
+               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_STORE: tl.constexpr, HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr,
+               HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+               MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr):
+    # Grid (cdiv(N, BLOCK_N), B * H); q/o (B, H, N, D), k/v (B, H, T, D), any strides with unit D stride.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N
+    t_mask = offs_t < T
+    d_mask = offs_d < D
+    q_mask = n_mask[:, None] & d_mask[None, :]
+    kv_mask = t_mask[:, None] & d_mask[None, :]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_off = offs_n[:, None] * sq_n + offs_d[None, :]
+    k_off = offs_t[:, None] * sk_n + offs_d[None, :]
+
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
+    p = _softmax_rows(q, K + b64 * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
+
+    nt_mask = n_mask[:, None] & t_mask[None, :]
+    nt_off = offs_n[:, None] * T + offs_t[None, :]
+    if HAS_STORE:
+        if b >= P:
+            # The store sees every conditional row's own, pre-injection p; heads meet by atomics.
+            tl.atomic_add(STORE + (b - P).to(tl.int64) * N * T + nt_off, p / H, mask=nt_mask)
+    if HAS_INJECT:
+        if b > P:
+            # The source row (P) sits in this same launch but in another program, with no
+            # ordering between programs; so the target recomputes p_src from q_src and
+            # k_src (same head, same query block): T * D extra FLOPs per query, no sync.
+            j = b - P - 1
+            src = tl.full([], P, tl.int64)
+            q_src = tl.load(Q + src * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
+            p_src = _softmax_rows(q_src, K + src * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
+            tt_off = offs_t[:, None] * T + offs_t[None, :]
+            tt_mask = t_mask[:, None] & t_mask[None, :]
+            mapper = tl.load(MAPPER + j * T * T + tt_off, mask=tt_mask, other=0.0)  # (T, T) fp32
+            injected = tl.dot(p_src, mapper, input_precision=MAP_PREC)
+            if HAS_MIX:
+                mix = tl.load(MIX + j * T + offs_t, mask=t_mask, other=0.0)[None, :]
+                injected = injected * mix + p * (1.0 - mix)
+            if HAS_EQ:
+                injected = injected * tl.load(EQ + j * T + offs_t, mask=t_mask, other=0.0)[None, :]
+            if HAS_GATE:
+                gate = tl.load(GATE + j * T + offs_t, mask=t_mask, other=0.0)[None, :]
+                injected = injected * gate + p * (1.0 - gate)
+            p = injected
+    v = tl.load(V + b64 * sv_b + h64 * sv_h + offs_t[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HALF_PV:
+        # Half inputs: p in v's dtype on the tensor cores, as SDPA / flash attention do.
+        o = tl.dot(p.to(v.dtype), v)
+    else:
+        o = tl.dot(p, v, input_precision="ieee")
+    o_off = b64 * so_b + h64 * so_h + offs_n[:, None] * so_n + offs_d[None, :]
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=q_mask)
+
+
+def _plan_vector(name: str, x: torch.Tensor | None, shape: tuple, device) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if tuple(x.shape) != shape:
+        raise ValueError(f"cross_attention: plan.{name} must have shape {shape}; got {tuple(x.shape)}")
+    return x.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _config(dtype: torch.dtype, BLOCK_D: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps); static, checked to compile for sm_90 within its shared memory
+    (tests/test_kernel_cross.py::test_gpu_configs_compile_for_sm90)."""
+    if INTERPRET:
+        return 16, 1  # ~16 ms per program instance: few, small programs
+    if dtype == torch.float32:
+        return (32, 4) if BLOCK_D <= 128 else (32, 8)
+    return (64, 4) if BLOCK_D <= 128 else (32, 8)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    plan: CrossPlan | None, scale: float) -> torch.Tensor:
+    """Triton cross attention under `plan`; q (B, H, N, D), k/v (B, H, T, D) -> (B, H, N, D).
+
+    Same contract as `cross_attention_reference`. T <= 128. CUDA tensors, or CPU
+    tensors with TRITON_INTERPRET=1 set before import.
+    """
+    check_inputs("cross_attention", q, k, v)
+    B, H, N, D = q.shape
+    T = k.shape[2]
+    if T > 128:
+        raise ValueError(f"cross_attention: at most 128 text tokens; got T = {T}")
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    out = new_output(q)
+    store = plan.store if plan is not None else None
+    injects = plan is not None and plan.injects and plan.num_prompts > 1
+    P = plan.num_prompts if plan is not None else 0
+    if plan is not None:
+        check_plan_rows("cross_attention", B, P)
+    if store is not None:
+        if tuple(store.shape) != (P, N, T) or store.dtype != torch.float32 or store.device != q.device \
+                or not store.is_contiguous():
+            raise ValueError(f"cross_attention: plan.store must be a contiguous float32 ({P}, {N}, {T}) "
+                             f"tensor on {q.device}; got {tuple(store.shape)} {store.dtype} {store.device}")
+    mapper = mix = eq = gate = None
+    if injects:
+        mapper = _plan_vector("mapper", plan.mapper, (P - 1, T, T), q.device)
+        mix = _plan_vector("mix", plan.mix, (P - 1, T), q.device)
+        eq = _plan_vector("equalizer", plan.equalizer, (P - 1, T), q.device)
+        gate = _plan_vector("gate", plan.gate, (P - 1, T), q.device)
+    # Unused pointers still need a tensor; `out` is never read through them (flags are constexpr).
+    dummy = out
+
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    BLOCK_T, BLOCK_D = next_pow2(T), next_pow2(D)
+    BLOCK_N, num_warps = _config(q.dtype, BLOCK_D)
+    grid = (triton.cdiv(N, BLOCK_N), B * H)
+    _cross_fwd[grid](
+        q, k, v, out, store if store is not None else dummy,
+        mapper if mapper is not None else dummy, mix if mix is not None else dummy,
+        eq if eq is not None else dummy, gate if gate is not None else dummy,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        H, N, T, D, P, float(scale),
+        BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        HAS_STORE=store is not None, HAS_INJECT=injects, HAS_MIX=mix is not None,
+        HAS_EQ=eq is not None, HAS_GATE=gate is not None,
+        # fp32 inputs would otherwise drop to tf32 on GPU; half inputs keep Triton's default
+        # (their products are exact in the fp32 accumulator either way).
+        PREC="tf32" if half else "ieee",
+        # Half inputs carry ~11 bits anyway: tf32 (tensor cores) for p_src @ mapper costs no accuracy
+        # that the half output keeps, and FMA fp32 would dominate the run time; fp32 inputs stay exact.
+        MAP_PREC="tf32" if half else "ieee", HALF_PV=half,
+        num_warps=num_warps,
+    )
+    return out

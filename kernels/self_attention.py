@@ -1,0 +1,164 @@
+"""Self attention with source-map injection, flash-attention style.
+
+`self_attention(q, k, v, plan, scale)` (Triton) and
+`self_attention_reference(q, k, v, plan, scale)` (pure torch): q, k, v
+(B, H, N, D) with B = 2P rows [uncond x P, cond x P] -> out (B, H, N, D).
+When `plan.inject`, target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale)
+@ v_tgt (the source's map on the target's values); every other row is plain
+attention. `plan.store` (P, N, N) fp32 receives, added in place, the
+head-averaged pre-injection maps of the conditional rows.
+
+The kernel never materialises N x N (online softmax over key blocks), so a
+stored map cannot come from it: a call whose plan stores falls back to the
+reference, which is fine because only layers with N <= 32*32 store.
+
+No backward: forward-only. The attention seam (`p2p_engine.attention`) sends
+gradient-requiring uncontrolled calls (null-text inversion) to SDPA; the
+launcher refuses tensors that need grad.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from p2p_engine.plan import SelfPlan
+
+from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, unit_last_stride
+
+
+def _source_queries_keys(q: torch.Tensor, k: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Targets attend with the source's queries and keys: rows P+1.. take row P's q, k. (B, H, N, D) each.
+    q, k = q.clone(), k.clone()
+    q[P + 1:] = q[P:P + 1]
+    k[P + 1:] = k[P:P + 1]
+    return q, k
+
+
+def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             plan: SelfPlan | None, scale: float) -> torch.Tensor:
+    """Pure-torch self attention under `plan`; q, k, v (B, H, N, D) -> (B, H, N, D).
+
+    Injection without a store needs no map: it is SDPA with the targets' q, k
+    swapped for the source's. Only a store materialises p (P, H, N, N) in fp32.
+    """
+    store = plan.store if plan is not None else None
+    inject = plan is not None and plan.inject
+    if store is None and not inject:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    P = plan.num_prompts
+    check_plan_rows("self_attention_reference", q.shape[0], P)
+    if store is None:
+        qs, ks = _source_queries_keys(q, k, P)
+        return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
+    out = torch.empty_like(q)
+    out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qc, kc, vc = q[P:].to(ct), k[P:].to(ct), v[P:].to(ct)
+    p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, N)
+    store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, N)
+    if inject:
+        p = p[:1].expand_as(p)
+    out[P:] = (p @ vc).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _self_fwd(Q, K, V, O, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+              H, N, D, P, scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              INJECT: tl.constexpr, PREC: tl.constexpr):
+    # Grid (cdiv(N, BLOCK_M), B * H); q, k, v, o (B, H, N, D), any strides with unit D stride.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = (bh % H).to(tl.int64)
+    qk_b = b
+    if INJECT:
+        # Target rows score with the source's q and k (row P, same head), values stay their own.
+        qk_b = tl.where(b > P, P, b)
+    q_base = qk_b.to(tl.int64) * sq_b + h * sq_h
+    k_base = qk_b.to(tl.int64) * sk_b + h * sk_h
+    v_base = b.to(tl.int64) * sv_b + h * sv_h
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_mask = (offs_m < N)[:, None] & d_mask[None, :]
+    q = tl.load(Q + q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    qk_scale = scale * 1.4426950408889634  # 1/log(2): exp2 is the fast path
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols < N)[:, None] & d_mask[None, :]
+        k = tl.load(K + k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where((cols < N)[None, :], s, float("-inf"))
+        # -- update m_i, l_i, acc
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + v_base + cols[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        # p in v's dtype, as flash attention does: tensor cores for half inputs, exact for fp32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_off = b.to(tl.int64) * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
+    tl.store(O + o_off, acc.to(O.dtype.element_ty), mask=q_mask)
+
+
+def _config(dtype: torch.dtype, BLOCK_D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    Static configs, checked to compile for sm_90 within its shared memory
+    (tests/test_kernel_cross.py::test_gpu_configs_compile_for_sm90); fp32 on
+    GPU is a correctness path (no tensor cores), so it gets small tiles.
+    """
+    if INTERPRET:
+        return 16, 16, 1, 1  # ~16 ms per program instance: few, small programs
+    if dtype == torch.float32:
+        return 64, 32, 4, 1
+    if BLOCK_D <= 64:
+        return 128, 64, 4, 3
+    if BLOCK_D <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   plan: SelfPlan | None, scale: float) -> torch.Tensor:
+    """Triton self attention under `plan`; q, k, v (B, H, N, D) -> (B, H, N, D).
+
+    Same contract as `self_attention_reference`; a plan with a store runs the
+    reference (see the module docstring). D <= 256.
+    """
+    check_inputs("self_attention", q, k, v)
+    B, H, N, D = q.shape
+    if k.shape[2] != N:
+        raise ValueError(f"self_attention: q and k must have the same length; got {N} and {k.shape[2]}")
+    if D > 256:
+        raise ValueError(f"self_attention: head dim at most 256; got {D}")
+    inject = plan is not None and plan.inject
+    if plan is not None:
+        check_plan_rows("self_attention", B, plan.num_prompts)
+        if plan.store is not None:
+            # Storing needs the N x N maps themselves, which this kernel never forms.
+            return self_attention_reference(q, k, v, plan, scale)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    out = new_output(q)
+    BLOCK_D = next_pow2(D)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(q.dtype, BLOCK_D)
+    grid = (triton.cdiv(N, BLOCK_M), B * H)
+    _self_fwd[grid](q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                    H, N, D, plan.num_prompts if plan is not None else 0, float(scale),
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject,
+                    # fp32 inputs stay exact (no tf32); half inputs take Triton's default tensor-core path.
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -1,0 +1,258 @@
+"""Fused cross attention (Triton) against its pure-torch reference.
+
+Truth is the reference run in float64 on the very inputs the kernel sees
+(already rounded to the test dtype); the kernel must come within twice the
+torch's own error in that dtype (the reference for fp32; for half types also
+the plan's formulas run in that dtype, p rounded as SDPA rounds it), plus a
+hair. The reference is itself checked against a per-target re-statement.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from p2p_engine.kernels import cross_attention, cross_attention_reference  # noqa: E402
+from p2p_engine.plan import CrossPlan  # noqa: E402
+
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+MODES = ["none", "store", "replace", "refine", "reweight", "reweight_refine", "gate", "all"]
+
+
+def make_plan_parts(mode: str, P: int, T: int, gen: torch.Generator) -> dict:
+    """Plan tensors (fp32, CPU) for one control mode, as the controllers would build them."""
+    J = P - 1
+    parts = {}
+    if mode in ("store", "all"):
+        parts["store"] = True
+    if mode in ("replace", "gate"):
+        # A word mapper: non-negative rows that may split a word over several tokens.
+        m = torch.rand(J, T, T, generator=gen) * (torch.rand(J, T, T, generator=gen) < 0.1)
+        parts["mapper"] = m + torch.eye(T)
+    if mode in ("refine", "reweight_refine", "all"):
+        idx = torch.randint(0, T, (J, T), generator=gen)
+        onehot = torch.zeros(J, T, T)
+        onehot.scatter_(1, idx[:, None, :], 1.0)  # column t holds a 1 at row idx[t]
+        onehot[:, :, T // 2] = 0.0  # an unaligned token
+        parts["mapper"] = onehot
+        parts["mix"] = (torch.rand(J, T, generator=gen) > 0.3).float()
+    if mode == "reweight":
+        parts["mapper"] = torch.eye(T).expand(J, T, T).clone()
+    if mode in ("reweight", "reweight_refine", "all"):
+        parts["equalizer"] = torch.where(torch.rand(J, T, generator=gen) < 0.2, 3.0, 1.0)
+    if mode in ("gate", "all"):
+        parts["gate"] = (torch.rand(J, T, generator=gen) < 0.6).float()
+    return parts
+
+
+def build_plan(parts: dict | None, P: int, N: int, T: int, device, store_dtype) -> CrossPlan | None:
+    if parts is None:
+        return None
+    kw = {k: v.to(device) for k, v in parts.items() if k != "store"}
+    store = torch.zeros(P, N, T, dtype=store_dtype, device=device) if "store" in parts else None
+    return CrossPlan(num_prompts=P, store=store, **kw)
+
+
+def restated(q, k, v, parts: dict | None, scale: float):
+    """The plan's formulas written out per target, all in q's dtype (as a diffusers controller
+    would run them); returns out (B, H, N, D) and the conditional rows' mean map (P, N, T)."""
+    P = q.shape[0] // 2
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, H, N, T)
+    cond_mean = p[P:].mean(dim=1)
+    if parts is not None and "mapper" in parts:
+        T = k.shape[2]
+        ones = torch.ones(T, dtype=q.dtype, device=q.device)
+        p_src = p[P].clone()
+        for j in range(1, P):
+            tgt = p[P + j].clone()
+            mix, eq, gate = (parts[n][j - 1].to(q) if n in parts else ones for n in ("mix", "equalizer", "gate"))
+            injected = (p_src @ parts["mapper"][j - 1].to(q)) * mix + tgt * (1 - mix)
+            p[P + j] = injected * eq * gate + tgt * (1 - gate)
+    return p @ v, cond_mean
+
+
+def check(mode, P, H, N, T, D, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B = 2 * P
+    q = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype)
+    parts = None if mode == "none" else make_plan_parts(mode, P, T, gen)
+    scale = D ** -0.5
+
+    truth_plan = build_plan(parts, P, N, T, device, torch.float64)
+    truth = cross_attention_reference(q.double(), k.double(), v.double(), truth_plan, scale)
+    ref_plan = build_plan(parts, P, N, T, device, torch.float32)
+    ref = cross_attention_reference(q, k, v, ref_plan, scale)
+    ker_plan = build_plan(parts, P, N, T, device, torch.float32)
+    out = cross_attention(q, k, v, ker_plan, scale)
+
+    # The reference itself against the plain re-statement, both in float64.
+    restated_out, restated_mean = restated(q.double(), k.double(), v.double(), parts, scale)
+    torch.testing.assert_close(truth, restated_out, rtol=1e-9, atol=1e-9)
+    if truth_plan is not None and truth_plan.store is not None:
+        torch.testing.assert_close(truth_plan.store, restated_mean, rtol=1e-9, atol=1e-9)
+
+    assert out.dtype == dtype and out.shape == q.shape
+    tiny = 1e-6 * truth.abs().max().item()
+    err_ref = (ref.double() - truth).abs().max().item()
+    if dtype != torch.float32:
+        # Torch's own half-precision attention rounds p to the input dtype, as the kernel does.
+        err_ref = max(err_ref, (restated(q, k, v, parts, scale)[0].double() - truth).abs().max().item())
+    err_ker = (out.double() - truth).abs().max().item()
+    assert err_ker <= 2 * err_ref + tiny, f"{mode}: kernel error {err_ker:.3g} vs torch {err_ref:.3g}"
+    # The unconditional half passes untouched: plain attention, whatever the plan.
+    plain = torch.softmax(q[:P].double() @ k[:P].double().transpose(-1, -2) * scale, -1) @ v[:P].double()
+    assert (out[:P].double() - plain).abs().max().item() <= 2 * err_ref + tiny
+    if truth_plan is not None and truth_plan.store is not None:
+        s_ref = (ref_plan.store.double() - truth_plan.store).abs().max().item()
+        s_ker = (ker_plan.store.double() - truth_plan.store).abs().max().item()
+        # A few fp32 ulps of slack: GPU exp is approximate and heads meet in atomic order.
+        s_tiny = 8 * 2.0**-24 * truth_plan.store.abs().max().item()
+        assert s_ker <= 2 * s_ref + s_tiny, f"{mode}: store error {s_ker:.3g} vs torch {s_ref:.3g}"
+        assert truth_plan.store.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_t77(mode, device):
+    dtype = torch.float32
+    check(mode, P=3, H=2, N=37, T=77, D=40, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["store", "replace", "all"])
+@pytest.mark.parametrize("P", [2, 4])
+def test_targets_and_short_prompt(mode, P, device):
+    # 1 and 3 targets, T = 5 text tokens padded to the kernel's 16.
+    check(mode, P=P, H=2, N=21, T=5, D=40, dtype=torch.float32, device=device, seed=P)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["none", "all"])
+def test_half(mode, device):
+    check(mode, P=2, H=2, N=37, T=77, D=40, dtype=torch.float16, device=device, seed=3)
+
+
+def test_strided_views_and_output_layout():
+    """Projections give (B, N, H, D); the kernel reads the (B, H, N, D) transpose in place, and its
+    output merges back to (B, N, H * D) as a view."""
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(11)
+    P, H, N, T, D = 2, 3, 23, 77, 40
+    q = torch.randn(2 * P, N, H, D, generator=gen).to(device).transpose(1, 2)
+    k = torch.randn(2 * P, T, H, D, generator=gen).to(device).transpose(1, 2)
+    v = torch.randn(2 * P, T, H, D, generator=gen).to(device).transpose(1, 2)
+    parts = make_plan_parts("all", P, T, gen)
+    ref_plan = build_plan(parts, P, N, T, device, torch.float32)
+    ker_plan = build_plan(parts, P, N, T, device, torch.float32)
+    ref = cross_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), ref_plan, D ** -0.5)
+    out = cross_attention(q, k, v, ker_plan, D ** -0.5)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ker_plan.store, ref_plan.store)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_store_accumulates_in_place():
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(7)
+    P, H, N, T, D = 2, 2, 19, 5, 16
+    q = torch.randn(2 * P, H, N, D, generator=gen).to(device)
+    k = torch.randn(2 * P, H, T, D, generator=gen).to(device)
+    v = torch.randn(2 * P, H, T, D, generator=gen).to(device)
+    store = torch.ones(P, N, T, device=device)
+    cross_attention(q, k, v, CrossPlan(P, store=store), 0.25)
+    # Each query's head-averaged probabilities sum to 1, added on top of the ones.
+    torch.testing.assert_close(store.sum(-1), torch.full((P, N), 1.0 + T, device=device))
+
+
+def test_errors_name_the_fix():
+    device = DEVICES[0]
+    q = torch.randn(4, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match="B, H, N, D"):
+        cross_attention(q[0], q, q, None, 1.0)
+    with pytest.raises(ValueError, match=r"\[uncond x P, cond x P\]"):
+        cross_attention(q, q, q, CrossPlan(num_prompts=3), 1.0)
+    with pytest.raises(ValueError, match="plan.store"):
+        cross_attention(q, q, q, CrossPlan(num_prompts=2, store=torch.zeros(2, 8, 7, device=device)), 1.0)
+    with pytest.raises(ValueError, match="at most 128 text tokens"):
+        k = torch.randn(4, 2, 129, 16, device=device)
+        cross_attention(q, k, k, None, 1.0)
+
+
+def test_cpu_without_interpreter_says_how(monkeypatch):
+    import p2p_engine.kernels._common as common
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    q = torch.randn(4, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cross_attention(q, q, q, None, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("N,D", [(4096, 40), (1024, 80), (256, 160), (64, 160)])
+def test_cuda_sd_shapes(mode, dtype, N, D):
+    check(mode, P=2, H=8, N=N, T=77, D=D, dtype=dtype, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["none", "all"])
+@pytest.mark.parametrize("T", [77, 5])
+def test_cuda_fp32_odd(mode, T):
+    check(mode, P=4, H=3, N=1000, T=T, D=40, dtype=torch.float32, device="cuda")
+
+
+SM90_COMPILE = r"""
+import importlib
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+# The package re-exports the launchers under the module names, so reach the modules directly.
+ca = importlib.import_module("p2p_engine.kernels.cross_attention")
+sa = importlib.import_module("p2p_engine.kernels.self_attention")
+
+SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Each distinct tile set once (D 40 and 64 share theirs; bf16 tiles are fp16's): ~2 s per compile.
+for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (torch.float32, (160,))):
+    dt, half = names[dtype], dtype != torch.float32
+    for D in dims:
+        BD = ca.next_pow2(D)
+        block_n, warps = ca._config(dtype, BD)
+        c = dict(BLOCK_N=block_n, BLOCK_T=128, BLOCK_D=BD, HAS_STORE=True, HAS_INJECT=True, HAS_MIX=True,
+                 HAS_EQ=True, HAS_GATE=True, PREC="tf32" if half else "ieee",
+                 MAP_PREC="tf32" if half else "ieee", HALF_PV=half)
+        sig = {n: f"*{dt}" for n in "QKVO"} | {n: "*fp32" for n in ("STORE", "MAPPER", "MIX", "EQ", "GATE")}
+        sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+        sig |= {n: "i32" for n in ("H", "N", "T", "D", "P")} | {"scale": "fp32"} | {k: "constexpr" for k in c}
+        k = triton.compile(ASTSource(ca._cross_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps))
+        assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, k.metadata.shared)
+        bm, bn, warps, stages = sa._config(dtype, BD)
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, PREC="tf32" if half else "ieee")
+        sig = {n: f"*{dt}" for n in "QKVO"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+        sig |= {n: "i32" for n in ("H", "N", "D", "P")} | {"scale": "fp32"}
+        sig |= {k: "constexpr" for k in c}
+        k = triton.compile(ASTSource(sa._self_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+        assert k.metadata.shared <= SM90_SHARED, ("self", dt, D, k.metadata.shared)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile and run the kernels")
+def test_gpu_configs_compile_for_sm90():
+    """The GPU launch configs compile for an H100 (sm_90) and fit its shared memory, no GPU needed:
+    Triton's bundled ptxas does the work. Runs in a child without the interpreter switched on."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -1,0 +1,123 @@
+"""Flash-style self attention with source injection (Triton) against its reference.
+
+Truth is the reference in float64 on the inputs the kernel sees; the kernel
+must come within twice torch's own error in that dtype (the reference for
+fp32, SDPA for half types, whose p is also rounded before p @ v) plus a hair.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from p2p_engine.kernels import self_attention, self_attention_reference  # noqa: E402
+from p2p_engine.plan import SelfPlan  # noqa: E402
+
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def inputs(P, H, N, D, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Scaled up so the maps are peaked, as trained attention is, not near-uniform.
+    return [(2 * torch.randn(2 * P, H, N, D, generator=gen)).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def straight_injection(q, k, v, P, scale):
+    """Re-statement independent of the reference: per row, which q/k score it. float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    rows = []
+    for b in range(q.shape[0]):
+        src = P if b > P else b
+        p = torch.softmax(q[src] @ k[src].transpose(-1, -2) * scale, dim=-1)
+        rows.append(p @ v[b])
+    return torch.stack(rows)
+
+
+def check(P, H, N, D, dtype, device, inject, store=False, seed=0):
+    q, k, v = inputs(P, H, N, D, dtype, device, seed)
+    scale = D ** -0.5
+
+    def plan(store_dtype):
+        if not inject and not store:
+            return None
+        st = torch.zeros(P, N, N, dtype=store_dtype, device=device) if store else None
+        return SelfPlan(num_prompts=P, inject=inject, store=st)
+
+    truth_plan = plan(torch.float64)
+    truth = self_attention_reference(q.double(), k.double(), v.double(), truth_plan, scale)
+    if inject:
+        torch.testing.assert_close(truth, straight_injection(q, k, v, P, scale), rtol=1e-10, atol=1e-10)
+    ref = self_attention_reference(q, k, v, plan(torch.float32), scale)
+    err_torch = (ref.double() - truth).abs().max().item()
+    if dtype != torch.float32:
+        qs, ks, vs = q.clone(), k.clone(), v.clone()
+        if inject:
+            qs[P + 1:], ks[P + 1:] = q[P:P + 1], k[P:P + 1]
+        sdpa = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+        err_torch = max(err_torch, (sdpa.double() - truth).abs().max().item())
+    ker_plan = plan(torch.float32)
+    out = self_attention(q, k, v, ker_plan, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.double() - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6 * truth.abs().max().item(), f"kernel {err:.3g} vs torch {err_torch:.3g}"
+    if store:
+        s_err = (ker_plan.store.double() - truth_plan.store).abs().max().item()
+        assert s_err <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inject", [False, True])
+@pytest.mark.parametrize("P,N", [(2, 37), (3, 70), (4, 21)])
+def test_fp32(P, N, inject, device):
+    check(P, H=2, N=N, D=40, dtype=torch.float32, device=device, inject=inject, seed=P)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inject", [False, True])
+def test_fp16(inject, device):
+    check(2, H=2, N=37, D=40, dtype=torch.float16, device=device, inject=inject, seed=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inject", [False, True])
+def test_store_falls_back_to_reference(inject, device):
+    check(2, H=2, N=25, D=16, dtype=torch.float32, device=device, inject=inject, store=True)
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_strided_views(inject):
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(12)
+    P, H, N, D = 3, 2, 29, 40
+    q, k, v = (torch.randn(2 * P, N, H, D, generator=gen).to(device).transpose(1, 2) for _ in range(3))
+    plan = SelfPlan(num_prompts=P, inject=inject)
+    ref = self_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), plan, D ** -0.5)
+    out = self_attention(q, k, v, plan, D ** -0.5)
+    torch.testing.assert_close(out, ref)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_errors_name_the_fix():
+    q = torch.randn(4, 2, 8, 16, device=DEVICES[0])
+    with pytest.raises(ValueError, match="same length"):
+        self_attention(q, q[:, :, :5], q[:, :, :5], None, 1.0)
+    with pytest.raises(ValueError, match=r"\[uncond x P, cond x P\]"):
+        self_attention(q, q, q, SelfPlan(num_prompts=1, inject=True), 1.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        self_attention(q, q.double(), q, None, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inject", [False, True])
+@pytest.mark.parametrize("D", [40, 64, 80, 160])
+def test_cuda_n4096(D, inject, dtype):
+    check(2, H=2, N=4096, D=D, dtype=dtype, device="cuda", inject=inject)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D", [40, 80, 160])
+def test_cuda_odd_n_fp32(D):
+    check(3, H=2, N=1000, D=D, dtype=torch.float32, device="cuda", inject=True)
