@@ -1,0 +1,378 @@
+"""Null-Text Inversion of real images (reference: null_text_w_ptp.ipynb), batched and capturable.
+
+Steps: encode (VAE mean * scaling), DDIM inversion with the conditional branch
+only (the pivot trajectory z*_0 .. z*_T), then per sampling step i a few Adam
+iterations on the unconditional ("null") embedding so that one guided DDIM step
+from the current latent lands on z*_{t-1}. Reference order inside step i:
+loss computed, Adam step taken, *then* `loss.item() < 1e-5 + i * 2e-5` breaks;
+so the iteration that meets the threshold still updates the embedding.
+
+Here the early stop lives on the device: a per-image `done` flag masks the Adam
+update (parameter and state), so the inner loop needs no host sync and one
+iteration can be captured in a CUDA graph and replayed. Adam is written out
+with torch.optim.Adam's arithmetic (single-tensor path) and per-image state, so
+N images in one batch equal N single runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .images import prepare
+
+METHODS = ("null_text", "negative_prompt", "ddim")
+FORMAT = "p2p_engine.inversion/1"
+
+
+@dataclass
+class Inversion:
+    latent_T: torch.Tensor  # (1, 4, h, w) float32
+    null_embeddings: torch.Tensor  # (steps, 77, D) float32: the unconditional context of each sampling step
+    prompt: str
+    losses: torch.Tensor  # (steps, inner_steps) float32, NaN for iterations not run
+    method: str = "null_text"
+    steps: int = 50
+    inner_steps: int = 10
+    guidance: float = 7.5
+    scheduler: dict = field(default_factory=dict)
+    family: str = "sd1"
+    text_dim: int = 768
+    prediction_type: str = "epsilon"
+
+    def check_compatible(self, pipe) -> None:
+        """Raise if this inversion was made with a model of another family or context width."""
+        dim = pipe.config.unet.cross_attention_dim
+        if (self.family, self.text_dim, self.prediction_type) != (pipe.config.family, dim,
+                                                                   pipe.config.prediction_type):
+            raise ValueError(
+                f"this inversion was made with a {self.family} model (text dim {self.text_dim}, "
+                f"{self.prediction_type}); the pipeline is {pipe.config.family} (text dim {dim}, "
+                f"{pipe.config.prediction_type}). Invert the image again with this model.")
+        c = pipe.config.unet.in_channels
+        if self.latent_T.shape[1] != c:
+            raise ValueError(f"inversion latent has {self.latent_T.shape[1]} channels, the UNet expects {c}")
+
+    def save(self, path) -> None:
+        """One safetensors file: tensors plus the settings as JSON in the header; written atomically."""
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
+                "inner_steps": self.inner_steps, "guidance": self.guidance, "scheduler": self.scheduler,
+                "family": self.family, "text_dim": self.text_dim, "prediction_type": self.prediction_type}
+        tensors = {"latent_T": self.latent_T.detach().float().cpu().contiguous(),
+                   "null_embeddings": self.null_embeddings.detach().float().cpu().contiguous(),
+                   "losses": self.losses.detach().float().cpu().contiguous()}
+        path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".inversion.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"p2p_inversion": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Inversion":
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"inversion file not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("p2p_inversion")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"cannot read inversion file {path}: {e}") from None
+        if raw is None:
+            raise ValueError(f"{path} is not an inversion file (no 'p2p_inversion' metadata)")
+        meta = json.loads(raw)
+        if meta.pop("format", None) != FORMAT:
+            raise ValueError(f"{path}: unknown inversion format; expected {FORMAT}")
+        return cls(latent_T=tensors["latent_T"], null_embeddings=tensors["null_embeddings"],
+                   losses=tensors["losses"], **meta)
+
+
+# -- model helpers (tolerate diffusers modules that return output objects)
+
+def _unet(pipe, x, t, context):
+    """fp32 in/out around the model's dtype: the optimised embedding stays an fp32 master copy."""
+    out = pipe.unet(x.to(pipe.dtype), t, context.to(pipe.dtype))
+    return getattr(out, "sample", out).float()
+
+
+@torch.no_grad()
+def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) float32 latents: the VAE mean times the scaling factor."""
+    out = pipe.vae.encode(image.to(pipe.device, pipe.dtype))
+    if hasattr(out, "latent_dist"):
+        out = out.latent_dist.mean
+    return out.float() * pipe.config.vae.scaling_factor
+
+
+def _coeffs(sched, t: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, alpha_prev) as 0-d device tensors, so a captured step reads them from buffers."""
+    prev_t = t - sched.num_train_steps // steps
+    return sched.alpha(t).to(device).clone(), sched.alpha(prev_t).to(device).clone()
+
+
+def _ddim_prev(out: torch.Tensor, sample: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor, v_pred: bool):
+    """The scheduler's `step` with alphas as tensors (same arithmetic as DDIM.split/step)."""
+    if v_pred:
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * out
+        eps = a.sqrt() * out + (1 - a).sqrt() * sample
+    else:
+        eps = out
+        x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+@torch.no_grad()
+def ddim_invert(pipe, z0: torch.Tensor, cond: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Guidance-1 DDIM inversion. z0 (N, 4, h, w), cond (N, 77, D) -> [z*_0, ..., z*_T] (steps + 1 entries)."""
+    sched = pipe.scheduler
+    ts = sched.timesteps(steps).flip(0).tolist()  # 0, 20, ... 980
+    traj = [z0]
+    z = z0
+    for t in ts:
+        out = _unet(pipe, z, torch.tensor(t, device=pipe.device), cond).float()
+        z = sched.inversion_step(out, t, z, steps)
+        traj.append(z)
+    return traj
+
+
+class _Adam:
+    """Batched Adam with per-image step counts and a per-image mask, matching torch.optim.Adam
+    (single-tensor path, default betas, eps 1e-8) for each image. State is reset per sampling step,
+    like the reference's fresh optimizer. All tensors live on the device; nothing reads back."""
+
+    def __init__(self, param: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        n = param.shape[0]
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.count = torch.zeros(n, dtype=torch.float64, device=param.device)  # (N,) steps taken
+
+    def reset(self):
+        self.m.zero_(); self.v.zero_(); self.count.zero_()
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, active: torch.Tensor):
+        """In place. param/grad (N, 77, D); lr 0-d fp64; active (N,) bool."""
+        a = active.view(-1, 1, 1)
+        self.count.add_(active.to(self.count.dtype))
+        # Bias corrections in float64 then cast, as torch.optim.Adam computes them with Python floats.
+        c = self.count.clamp(min=1)
+        bc1 = 1 - self.b1 ** c
+        bc2_sqrt = (1 - self.b2 ** c).sqrt()
+        step_size = (lr / bc1).to(param.dtype).view(-1, 1, 1)
+        bc2_sqrt = bc2_sqrt.to(param.dtype).view(-1, 1, 1)
+        m = torch.lerp(self.m, grad, 1 - self.b1)
+        v = self.v * self.b2 + (1 - self.b2) * grad * grad
+        denom = v.sqrt() / bc2_sqrt + self.eps
+        p = param - step_size * (m / denom)
+        self.m.copy_(torch.where(a, m, self.m))
+        self.v.copy_(torch.where(a, v, self.v))
+        param.copy_(torch.where(a, p, param))
+
+
+class _Iteration:
+    """One inner iteration on static buffers: uncond forward, guided DDIM step, per-image MSE, backward,
+    masked Adam step, done-flag update. Called eagerly, or captured once and replayed."""
+
+    def __init__(self, pipe, param: torch.Tensor, latent: torch.Tensor, guidance: float):
+        dev = param.device
+        self.pipe = pipe
+        self.v_pred = pipe.config.prediction_type == "v_prediction"
+        self.param = param  # (N, 77, D) fp32 null embeddings being optimised
+        self.latent = latent.clone()  # (N, 4, h, w) z_t
+        self.out_c = torch.zeros_like(latent)  # conditional model output at z_t
+        self.target = torch.zeros_like(latent)  # pivot z*_{t-1}
+        self.t = torch.zeros((), dtype=torch.int64, device=dev)
+        self.a = torch.zeros((), device=dev)
+        self.a_prev = torch.zeros((), device=dev)
+        self.lr = torch.zeros((), dtype=torch.float64, device=dev)
+        self.thresh = torch.zeros((), device=dev)
+        self.guidance = guidance
+        self.done = torch.zeros(param.shape[0], dtype=torch.bool, device=dev)
+        self.loss = torch.zeros(param.shape[0], device=dev)  # (N,) this iteration's loss, NaN if done before
+        self.adam = _Adam(param)
+
+    def __call__(self):
+        p = self.param.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out_u = _unet(self.pipe, self.latent, self.t, p).float()
+            noise = out_u + self.guidance * (self.out_c - out_u)
+            prev = _ddim_prev(noise, self.latent, self.a, self.a_prev, self.v_pred)
+            loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
+            (grad,) = torch.autograd.grad(loss.sum(), p)
+        loss = loss.detach()
+        active = ~self.done
+        with torch.no_grad():
+            self.adam.step(self.param, grad, self.lr, active)
+            self.loss.copy_(torch.where(active, loss, torch.full_like(loss, float("nan"))))
+            # Reference: the check follows the step, so the meeting iteration still updates.
+            self.done.copy_(self.done | (active & (loss < self.thresh)))
+
+
+def _graph_iteration(it: _Iteration):
+    """Capture `it()` in a CUDA graph (warm-up on a side stream first). Returns a replay callable."""
+    state = (it.param.clone(), it.adam.m.clone(), it.adam.v.clone(), it.adam.count.clone(), it.done.clone())
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                it()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            it()
+    finally:
+        # Warm-up and capture ran on live buffers: restore them (also for the eager fallback).
+        for dst, src in zip((it.param, it.adam.m, it.adam.v, it.adam.count, it.done), state):
+            dst.copy_(src)
+    return g.replay
+
+
+def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0, eps_slope, use_graph, progress):
+    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond (N, 77, D) fp32.
+    Returns null embeddings (steps, N, 77, D) and losses (steps, inner_steps, N)."""
+    sched = pipe.scheduler
+    dev = pipe.device
+    n = cond.shape[0]
+    param = uncond.detach().float().clone()
+    latent = traj[-1]
+    it = _Iteration(pipe, param, latent, guidance)
+    run = None
+    nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), device=dev)
+    losses = torch.full((steps, inner_steps, n), float("nan"), device=dev)
+    ts = sched.timesteps(steps).tolist()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="null-text inversion")
+    for i, t in enumerate(ts):
+        a, a_prev = _coeffs(sched, t, steps, dev)
+        with torch.no_grad():
+            it.latent.copy_(latent)
+            it.out_c.copy_(_unet(pipe, latent, torch.tensor(t, device=dev), cond).float())
+            it.target.copy_(traj[len(traj) - i - 2])
+            it.t.fill_(t)
+            it.a.copy_(a)
+            it.a_prev.copy_(a_prev)
+            it.lr.fill_(1e-2 * (1.0 - i / 100.0))
+            it.thresh.fill_(eps0 + i * eps_slope)
+            it.done.zero_()
+            it.adam.reset()
+        if run is None:  # capture once the buffers hold real values (step 0), so warm-up sees no NaN
+            run = it
+            if use_graph:
+                try:
+                    run = _graph_iteration(it)
+                except Exception as e:  # a model part that is not capturable: go on eagerly, but say so
+                    warnings.warn(f"CUDA-graph capture of the null-text iteration failed ({e}); "
+                                  "using the eager loop")
+                    run = it
+        for j in range(inner_steps):
+            run()
+            losses[i, j].copy_(it.loss)
+        with torch.no_grad():
+            nulls[i].copy_(it.param)
+            # Advance with the optimised embedding: guided step from z_t.
+            out_u = _unet(pipe, latent, torch.tensor(t, device=dev), it.param).float()
+            noise = out_u + guidance * (it.out_c - out_u)
+            latent = _ddim_prev(noise, latent, a, a_prev, it.v_pred)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return nulls, losses
+
+
+def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float = 7.5,
+                 method: str = "null_text", early_stop: bool = True, progress: bool = True,
+                 epsilon: float = 1e-5, epsilon_slope: float = 2e-5, use_graph: bool | None = None,
+                 crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[Inversion]:
+    """Invert N images at once, each with its own prompt, null embeddings and early stopping.
+
+    Args:
+        images: paths, PIL images, (H, W, 3) uint8 arrays, or prepared (1, 3, S, S) tensors in [-1, 1].
+        epsilon, epsilon_slope: early stop when a step's loss < epsilon + i * epsilon_slope (reference values).
+        use_graph: capture the inner iteration in a CUDA graph; default: when the device is CUDA.
+        crop: (left, right, top, bottom) offsets applied before the centre crop, as `load_512`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"invert_batch got {len(images)} images but {len(prompts)} prompts")
+    if not early_stop:
+        epsilon, epsilon_slope = -math.inf, 0.0
+    size = pipe.config.image_size
+    x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
+    z0 = encode_image(pipe, x)  # (N, 4, h, w)
+    cond = pipe.encode_prompt(list(prompts)).float()  # (N, 77, D)
+    uncond = pipe.encode_prompt([""]).float().expand_as(cond).contiguous()
+    with torch.no_grad():
+        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), steps)
+    n = len(prompts)
+    if method == "null_text":
+        if use_graph is None:
+            use_graph = pipe.device.type == "cuda"
+        nulls, losses = _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance,
+                                       epsilon, epsilon_slope, use_graph, progress)
+    else:
+        src = cond if method == "negative_prompt" else uncond
+        nulls = src[None].expand(steps, -1, -1, -1)
+        losses = torch.full((steps, 0, n), float("nan"))
+        inner_steps = 0
+    nulls, losses, zT = nulls.float().cpu(), losses.float().cpu(), traj[-1].float().cpu()
+    cfg = pipe.config
+    return [Inversion(latent_T=zT[k:k + 1].clone(), null_embeddings=nulls[:, k].clone(), prompt=prompts[k],
+                      losses=losses[:, :, k].clone(), method=method, steps=steps, inner_steps=inner_steps,
+                      guidance=guidance, scheduler=pipe.scheduler.settings(), family=cfg.family,
+                      text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type)
+            for k in range(n)]
+
+
+def invert(pipe, image, prompt: str, **kw) -> Inversion:
+    """Invert one image; see `invert_batch` for the arguments."""
+    return invert_batch(pipe, [image], [prompt], **kw)[0]
+
+
+@torch.no_grad()
+def reconstruct(pipe, inv: Inversion, prompt: str | None = None, guidance: float | None = None) -> torch.Tensor:
+    """Sample from inv.latent_T with the prompt and per-step null embeddings -> (1, 4, h, w) float32 latents."""
+    inv.check_compatible(pipe)
+    sched = pipe.scheduler
+    steps = inv.null_embeddings.shape[0]
+    guidance = inv.guidance if guidance is None else guidance
+    cond = pipe.encode_prompt([prompt or inv.prompt]).float()
+    nulls = inv.null_embeddings.to(pipe.device, torch.float32)
+    v_pred = pipe.config.prediction_type == "v_prediction"
+    latent = inv.latent_T.to(pipe.device, torch.float32)
+    for i, t in enumerate(sched.timesteps(steps).tolist()):
+        a, a_prev = _coeffs(sched, t, steps, pipe.device)
+        out = _unet(pipe, torch.cat([latent, latent]).to(pipe.dtype), torch.tensor(t, device=pipe.device),
+                    torch.cat([nulls[i:i + 1], cond]).to(pipe.dtype)).float()
+        out_u, out_c = out.chunk(2)
+        latent = _ddim_prev(out_u + guidance * (out_c - out_u), latent, a, a_prev, v_pred)
+    return latent
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
+    out = pipe.vae.decode(latents.to(pipe.dtype) / pipe.config.vae.scaling_factor)
+    return getattr(out, "sample", out).float()
