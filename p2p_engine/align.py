@@ -1,0 +1,75 @@
+"""Word indices and token mappers for Prompt-to-Prompt (the work is done in C++, `csrc/aligner.cpp`).
+
+`tokenizer` is the pipeline's CLIP tokenizer. Prompts longer than the 77-token
+window are truncated as the text encoder sees them (the reference does the
+same); words past the window have no tokens, and asking for one is an error.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _native
+
+MAX_LEN = 77
+
+
+def _ids(text: str, tokenizer) -> list[int]:
+    # BOS ... EOS, truncated to the 77-token window the text encoder sees
+    return tokenizer.encode(text, truncation=True, max_length=MAX_LEN)
+
+
+def _decoded_tokens(text: str, tokenizer) -> list[str]:
+    return [tokenizer.decode([i]).strip("#") for i in _ids(text, tokenizer)][1:-1]
+
+
+def word_inds(prompt: str, word: str | int, tokenizer) -> list[int]:
+    """Token positions (BOS counted, so from 1) of `word` (every occurrence of a string, or
+    the word at an index) in `prompt` split on spaces."""
+    words = prompt.split(" ")
+    places = [i for i, w in enumerate(words) if w == word] if isinstance(word, str) else [int(word)]
+    if not places:
+        return []
+    return list(_native.word_token_positions(words, _decoded_tokens(prompt, tokenizer), places))
+
+
+def replace_mapper(source: str, target: str, tokenizer, max_len: int = MAX_LEN) -> torch.Tensor:
+    """(max_len, max_len) float: target map = source map @ mapper, for a word swap."""
+    ws, wt = source.split(" "), target.split(" ")
+    if len(ws) != len(wt):
+        raise ValueError(
+            f"Replace needs prompts with the same number of words: {source!r} has {len(ws)} words, "
+            f"{target!r} has {len(wt)}. Use Refine for prompts that add or remove words.")
+    swapped = [i for i in range(len(wt)) if ws[i] != wt[i]]
+    src = [word_inds(source, i, tokenizer) for i in swapped]
+    tgt = [word_inds(target, i, tokenizer) for i in swapped]
+    for i, s, t in zip(swapped, src, tgt):
+        if not s or not t:
+            raise ValueError(f"word {i} ({ws[i]!r} -> {wt[i]!r}) lies past the 77-token window of the prompt")
+    flat = _native.replacement_mapper(src, tgt, max_len)
+    return torch.tensor(flat, dtype=torch.float32).view(max_len, max_len)
+
+
+def refine_mapper(source: str, target: str, tokenizer, max_len: int = MAX_LEN
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mapper (max_len,) int64, alphas (max_len,) float): target token j takes source column
+    mapper[j] where alphas[j] = 1; inserted tokens have mapper -1 and alpha 0; positions past
+    the target prompt map to themselves."""
+    x, y = _ids(source, tokenizer), _ids(target, tokenizer)
+    y_to_x = torch.tensor(_native.global_align(x, y), dtype=torch.int64)
+    mapper = torch.arange(max_len, dtype=torch.int64)
+    alphas = torch.ones(max_len)
+    n = min(len(y), max_len)
+    mapper[:n] = y_to_x[:n]
+    alphas[:n] = (y_to_x[:n] != -1).float()
+    return mapper, alphas
+
+
+def replace_mappers(prompts: list[str], tokenizer) -> torch.Tensor:
+    """(P-1, 77, 77): the mapper from prompts[0] to each other prompt."""
+    return torch.stack([replace_mapper(prompts[0], p, tokenizer) for p in prompts[1:]])
+
+
+def refine_mappers(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """((P-1, 77) int64, (P-1, 77) float)."""
+    pairs = [refine_mapper(prompts[0], p, tokenizer) for p in prompts[1:]]
+    return torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
