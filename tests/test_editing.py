@@ -1,0 +1,351 @@
+"""End-to-end P2P edits against an unfused restatement of the reference notebooks.
+
+The reference side is diffusers' UNet2DConditionModel loaded from the same tiny
+checkpoint, an attention processor that materialises the probabilities and
+hands them to controllers written here the way the notebooks write them
+(layer counting, cur_step, in-place edits of the stored maps), and diffusers'
+DDIMScheduler with the reference settings.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("p2p_engine.unet", reason="needs the engine's UNet (p2p_engine/unet.py)")
+
+import p2p_engine as p2p  # noqa: E402
+from p2p_engine.control import word_inds  # noqa: E402
+
+STEPS = 4
+SRC = "a cat riding a bicycle"
+TGT = "a dog riding a bicycle"
+LONG = "a cat riding a red bicycle"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return p2p.save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return p2p.load(ckpt, device="cpu", dtype=torch.float32, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def ref_unet(ckpt):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(ckpt / "unet").eval().requires_grad_(False)
+
+
+# -- the reference, restated ------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, ctrl, place):
+        self.ctrl, self.place = ctrl, place
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        is_cross = encoder_hidden_states is not None
+        ctx = encoder_hidden_states if is_cross else hidden_states
+        q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in
+                   ((attn.to_q, hidden_states), (attn.to_k, ctx), (attn.to_v, ctx)))
+        p = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B*h, N, T)
+        p = self.ctrl(p, is_cross, self.place)
+        out = attn.batch_to_head_dim(p @ v)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def register(unet, ctrl):
+    procs, n = {}, 0
+    for name in unet.attn_processors:
+        place = "down" if name.startswith("down") else "up" if name.startswith("up") else "mid"
+        procs[name] = Proc(ctrl, place)
+        n += 1
+    unet.set_attn_processor(procs)
+    ctrl.num_att_layers = n
+
+
+class RefStore:
+    def __init__(self):
+        self.cur_step, self.cur_att_layer, self.num_att_layers = 0, 0, -1
+        self.step_store, self.attention_store = self.empty(), {}
+
+    @staticmethod
+    def empty():
+        return {f"{p}_{k}": [] for p in ("down", "mid", "up") for k in ("cross", "self")}
+
+    def __call__(self, attn, is_cross, place):
+        h = attn.shape[0]
+        attn[h // 2:] = self.forward(attn[h // 2:], is_cross, place)
+        self.cur_att_layer += 1
+        if self.cur_att_layer == self.num_att_layers:
+            self.cur_att_layer = 0
+            self.cur_step += 1
+            self.between_steps()
+        return attn
+
+    def forward(self, attn, is_cross, place):
+        if attn.shape[1] <= 32 ** 2:
+            self.step_store[f"{place}_{'cross' if is_cross else 'self'}"].append(attn)
+        return attn
+
+    def between_steps(self):
+        if not self.attention_store:
+            self.attention_store = self.step_store
+        else:
+            for key in self.attention_store:
+                for i in range(len(self.attention_store[key])):
+                    self.attention_store[key][i] += self.step_store[key][i]
+        self.step_store = self.empty()
+
+    def step_callback(self, x):
+        return x
+
+
+def ref_alpha(prompts, steps, bounds):
+    a = torch.zeros(steps + 1, len(prompts) - 1, 1, 1, 77)
+    s, e = (0.0, bounds) if isinstance(bounds, float) else bounds
+    a[int(s * (steps + 1)):int(e * (steps + 1))] = 1
+    return a
+
+
+class RefEdit(RefStore):
+    def __init__(self, prompts, steps, cross, self_steps, blend=None):
+        super().__init__()
+        self.P = len(prompts)
+        self.alpha = ref_alpha(prompts, steps, cross)
+        s = (0.0, self_steps) if isinstance(self_steps, float) else self_steps
+        self.self_window = int(steps * s[0]), int(steps * s[1])
+        self.blend = blend
+
+    def step_callback(self, x):
+        return self.blend(x, self.attention_store) if self.blend is not None else x
+
+    def forward(self, attn, is_cross, place):
+        super().forward(attn, is_cross, place)
+        if is_cross or self.self_window[0] <= self.cur_step < self.self_window[1]:
+            h = attn.shape[0] // self.P
+            attn = attn.reshape(self.P, h, *attn.shape[1:])
+            base, rep = attn[0], attn[1:]
+            if is_cross:
+                a = self.alpha[self.cur_step]
+                attn[1:] = self.replace_cross(base, rep) * a + (1 - a) * rep
+            elif rep.shape[2] <= 16 ** 2:
+                attn[1:] = base.unsqueeze(0).expand(rep.shape[0], *base.shape)
+            attn = attn.reshape(self.P * h, *attn.shape[2:])
+        return attn
+
+
+class RefReplace(RefEdit):
+    def __init__(self, mapper, *a, **k):
+        super().__init__(*a, **k)
+        self.mapper = mapper
+
+    def replace_cross(self, base, rep):
+        return torch.einsum("hpw,bwn->bhpn", base, self.mapper)
+
+
+class RefRefine(RefEdit):
+    def __init__(self, mapper, alphas, *a, **k):
+        super().__init__(*a, **k)
+        self.mapper, self.alphas = mapper, alphas.reshape(alphas.shape[0], 1, 1, alphas.shape[1])
+
+    def replace_cross(self, base, rep):
+        return base[:, :, self.mapper].permute(2, 0, 1, 3) * self.alphas + rep * (1 - self.alphas)
+
+
+class RefReweight(RefEdit):
+    def __init__(self, equalizer, prev, *a, **k):
+        super().__init__(*a, **k)
+        self.equalizer, self.prev = equalizer, prev
+
+    def replace_cross(self, base, rep):
+        if self.prev is not None:
+            base = self.prev.replace_cross(base, rep)
+        return base[None] * self.equalizer[:, None, None, :]
+
+
+class RefBlend:
+    """The stable notebook's LocalBlend (P = 2), with the null-text notebook's start counter."""
+
+    def __init__(self, alpha_layers, res, start, th=0.3):
+        self.alpha_layers, self.res, self.start, self.th, self.counter = alpha_layers, res, start, th, 0
+
+    def __call__(self, x_t, store):
+        self.counter += 1
+        if self.counter <= self.start:
+            return x_t
+        maps = [m for m in store["down_cross"] + store["up_cross"] if m.shape[1] == self.res ** 2]
+        maps = torch.cat([m.reshape(self.alpha_layers.shape[0], -1, 1, self.res, self.res, 77) for m in maps], 1)
+        maps = (maps * self.alpha_layers).sum(-1).mean(1)
+        mask = F.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        mask = F.interpolate(mask, size=x_t.shape[2:])
+        mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
+        mask = mask.gt(self.th)
+        mask = (mask[:1] + mask[1:]).float()
+        return x_t[:1] + mask * (x_t - x_t[:1])
+
+
+def ref_run(pipe, unet, prompts, ctrl, seed=0, steps=STEPS, guidance=7.5, size=None):
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    register(unet, ctrl)
+    P = len(prompts)
+    ctx = torch.cat([pipe.encode_prompt([""] * P), pipe.encode_prompt(prompts)])
+    s = size or pipe.config.latent_size
+    g = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, 4, s, s), generator=g).expand(P, -1, -1, -1).clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(torch.cat([latents] * 2), t, encoder_hidden_states=ctx).sample
+            u, c = out.chunk(2)
+            latents = sched.step(u + guidance * (c - u), t, latents).prev_sample
+            latents = ctrl.step_callback(latents)
+    return latents
+
+
+def ours(pipe, prompts, controller, **kw):
+    return pipe.edit(prompts, controller=controller, steps=STEPS, seed=0, progress=False,
+                     decode_images=False, **kw).latents
+
+
+def close(a, b):
+    # Both sides run fp32 with different kernels: allow a few ulps of drift amplified over STEPS steps.
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def mappers(pipe, prompts):
+    """(replace mapper or None, (refine mapper, alphas)) from the aligner, which has its own tests."""
+    from p2p_engine import align
+    try:
+        rep = torch.as_tensor(align.replace_mappers(prompts, pipe.tokenizer), dtype=torch.float32)
+    except ValueError:  # different word counts: only Refine applies
+        rep = None
+    return rep, align.refine_mappers(prompts, pipe.tokenizer)
+
+
+def equalizer(pipe, prompt, word, c):
+    eq = torch.ones(1, 77)
+    eq[:, word_inds(prompt, word, pipe.tokenizer)] = c
+    return eq
+
+
+# -- comparisons with the reference -------------------------------------------------------------
+
+def test_replace_matches_reference(pipe, ref_unet):
+    prompts = [SRC, TGT]
+    M, _ = mappers(pipe, prompts)
+    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.5))
+    close(ours(pipe, prompts, p2p.Replace(cross_steps=0.8, self_steps=0.5, self_max_queries=16 * 16)), ref)
+
+
+def test_refine_matches_reference(pipe, ref_unet):
+    prompts = [SRC, LONG]
+    _, (m, a) = mappers(pipe, prompts)
+    ref = ref_run(pipe, ref_unet, prompts, RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(),
+                                                      prompts, STEPS, (0.0, 0.6), (0.25, 0.75)))
+    close(ours(pipe, prompts, p2p.Refine(cross_steps=(0.0, 0.6), self_steps=(0.25, 0.75))), ref)
+
+
+def test_reweight_matches_reference(pipe, ref_unet):
+    prompts = [SRC, SRC]
+    eq = equalizer(pipe, SRC, "cat", 3.0)
+    ref = ref_run(pipe, ref_unet, prompts, RefReweight(eq, None, prompts, STEPS, 0.8, 0.4))
+    close(ours(pipe, prompts, p2p.Reweight({"cat": 3.0})), ref)
+
+
+def test_reweight_on_refine_matches_reference(pipe, ref_unet):
+    prompts = [SRC, LONG]
+    _, (m, a) = mappers(pipe, prompts)
+    prev = RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(), prompts, STEPS, 0.8, 0.4)
+    eq = equalizer(pipe, LONG, "red", 4.0)
+    ref = ref_run(pipe, ref_unet, prompts, RefReweight(eq, prev, prompts, STEPS, 0.8, 0.4))
+    close(ours(pipe, prompts, p2p.Reweight({"red": 4.0}, prev=p2p.Refine())), ref)
+
+
+def test_local_blend_matches_reference(pipe, ref_unet):
+    prompts = [SRC, TGT]
+    M, _ = mappers(pipe, prompts)
+    alpha = torch.zeros(2, 1, 1, 1, 1, 77)
+    for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
+        alpha[i, :, :, :, :, word_inds(p, w, pipe.tokenizer)] = 1
+    res = pipe.config.latent_size // 2  # tiny: no down/up cross layers at latent/4, so latent/2
+    blend = RefBlend(alpha, res, start=int(0.25 * STEPS))
+    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.4, blend=blend))
+    got = ours(pipe, prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25))
+    close(got, ref)
+    assert not torch.equal(got, ours(pipe, prompts, p2p.Replace())), "the blend changed nothing"
+
+
+# -- invariants ----------------------------------------------------------------------------------
+
+def test_identical_prompts_reproduce_source(pipe):
+    lat = ours(pipe, [SRC, SRC], p2p.Replace())
+    assert torch.equal(lat[0], lat[1])
+
+
+def test_reweight_scale_one_is_noop(pipe):
+    prompts = [SRC, LONG]
+    assert torch.equal(ours(pipe, prompts, p2p.Reweight({"red": 1.0}, prev=p2p.Refine())),
+                       ours(pipe, prompts, p2p.Refine()))
+
+
+def test_zero_windows_give_uncontrolled_target(pipe):
+    prompts = [SRC, TGT]
+    plain = ours(pipe, prompts, None)
+    assert torch.equal(ours(pipe, prompts, p2p.Replace(cross_steps=0.0, self_steps=0.0)), plain)
+    alone = pipe.generate([TGT], steps=STEPS, progress=False, decode_images=False).latents
+    close(plain[1:], alone)  # batch 1 vs 2 rounds differently; only fp32 drift is allowed
+
+
+def test_stored_cross_maps_are_distributions(pipe):
+    out = pipe.edit([SRC, TGT], controller=p2p.Store(self_maps=True), steps=STEPS, progress=False)
+    att = out.attention
+    assert len(out.images) == 2 and out.images[0].size == (pipe.config.image_size,) * 2
+    for res in att.resolutions:
+        m = att.cross(res)
+        assert m.shape[:3] == (2, res, res) and m.shape[-1] == 77
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:3]))
+    assert att.word_maps(1, "dog", att.resolutions[0]).shape == (att.resolutions[0],) * 2
+    s = att.self_maps(att.resolutions[0])
+    torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
+
+
+def test_deterministic_and_bad_inputs(pipe):
+    assert torch.equal(ours(pipe, [SRC], None), ours(pipe, [SRC], None))
+    with pytest.raises(ValueError, match="empty"):
+        pipe.edit([], steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="'horse'"):
+        pipe.edit([SRC, TGT], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "horse"]), steps=STEPS,
+                  progress=False)
+    with pytest.raises(ValueError, match="0, 1"):
+        pipe.edit([SRC, TGT], p2p.Replace(cross_steps=1.2), steps=STEPS, progress=False)
+
+
+# -- the fused kernels through Triton's interpreter ------------------------------------------------
+
+def test_triton_backend_matches_reference(ckpt, pipe, ref_unet):
+    pytest.importorskip("p2p_engine.kernels")
+    tpipe = p2p.load(ckpt, device="cpu", dtype=torch.float32, backend="triton")
+    assert tpipe.backend == "triton"
+    prompts = [SRC, TGT]
+    M, _ = mappers(pipe, prompts)
+    # Kept small for the interpreter: 8x8 latents (64 px), 2 steps, both windows covering step 0 only.
+    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, 2, 0.5, 0.5), steps=2, size=8)
+    got = tpipe.edit(prompts, controller=p2p.Replace(cross_steps=0.5, self_steps=0.5), steps=2, seed=0,
+                     height=8 * pipe.config.vae.downscale, width=8 * pipe.config.vae.downscale,
+                     progress=False, decode_images=False).latents
+    close(got, ref)
+
+
+def test_inversion_supplies_start_latent_and_null_context(pipe):
+    from types import SimpleNamespace
+    s = pipe.config.latent_size
+    start = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(0))
+    # With the empty prompt's embedding as every step's null text, the loop is the plain one.
+    inv = SimpleNamespace(latent_T=start, null_embeddings=pipe.encode_prompt([""]).expand(STEPS, -1, -1))
+    prompts = [SRC, TGT]
+    assert torch.equal(ours(pipe, prompts, p2p.Replace(), inversion=inv), ours(pipe, prompts, p2p.Replace()))
+    other = SimpleNamespace(latent_T=start, null_embeddings=inv.null_embeddings * 0.5)
+    assert not torch.equal(ours(pipe, prompts, p2p.Replace(), inversion=other), ours(pipe, prompts, p2p.Replace()))
