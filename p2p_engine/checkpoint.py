@@ -1,0 +1,199 @@
+"""`save_random_checkpoint`: a checkpoint of deterministic random weights, in either layout.
+
+Every tensor is drawn from its own generator seeded by (seed, part, diffusers
+name), so the two layouts of one seed hold the same numbers whatever the write
+order, and tensors are generated and streamed to disk one at a time (an SD 1.5
+checkpoint is written with one tensor in RAM). Writes go to a temporary name in
+the destination's folder and are renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import keymap
+from .config import PRESETS, ModelConfig
+from .loading import build_meta, expected_shapes
+from .tokenizer import write_tokenizer
+
+LAYOUTS = ("diffusers", "single_file")
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def random_tensor(seed: int, part: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 weights with roughly the scale of a trained network, so outputs are neither zero nor huge.
+
+    Norm weights ~ 1 + 0.1 N(0,1); biases and embeddings ~ 0.02 N(0,1); matrices/convs ~ N(0,1)/sqrt(fan_in).
+    No tensor is zero (diffusers zero-initialises some convs; a zero conv would hide bugs behind it).
+    """
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{part}/{name}".encode())) % (2 ** 63))
+    t = torch.randn(shape, generator=g)
+    if len(shape) <= 1 and name.endswith("weight") and "norm" in name:
+        return 1 + 0.1 * t
+    if name.endswith("bias") or "embedding" in name or len(shape) <= 1:
+        return 0.02 * t
+    return t / math.sqrt(math.prod(shape[1:]))
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]],
+                       dtype: torch.dtype = torch.float32) -> None:
+    """Stream a safetensors file: header from the shapes, then each tensor produced and written in turn."""
+    header, offset = {}, 0
+    for name, shape, _ in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, make in entries:
+            t = make().to(dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+            f.write(t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+
+
+def _diffusers_entries(seed, part, shapes):
+    return [(k, s, (lambda k=k, s=s: random_tensor(seed, part, k, s))) for k, s in sorted(shapes.items())]
+
+
+def _single_file_entries(seed: int, cfg: ModelConfig, shapes) -> list:
+    """LDM-named entries for the whole model through the keymap table."""
+    entries = []
+    for k, ldm in keymap.unet_map(cfg.unet, shapes["unet"]).items():
+        entries.append((ldm, shapes["unet"][k], lambda k=k: random_tensor(seed, "unet", k, shapes["unet"][k])))
+    for k, ldm in keymap.vae_map(cfg.vae, shapes["vae"]).items():
+        s = shapes["vae"][k]
+        if keymap.is_vae_attn_matrix(k):  # LDM keeps these as 1x1 convs
+            entries.append((ldm, s + (1, 1), lambda k=k, s=s: random_tensor(seed, "vae", k, s).reshape(*s, 1, 1)))
+        else:
+            entries.append((ldm, s, lambda k=k, s=s: random_tensor(seed, "vae", k, s)))
+    text = shapes["text_encoder"]
+    if cfg.family == "sd1":
+        for k, s in text.items():
+            entries.append((keymap.SD1_TEXT_PREFIX + k, s, lambda k=k, s=s: random_tensor(seed, "text_encoder", k, s)))
+    else:
+        n = cfg.text.num_hidden_layers
+        # One extra resblock (index n), unused by SD 2.x, so the file has OpenCLIP's N+1 blocks like a real one.
+        all_shapes = dict(text)
+        all_shapes.update({k.replace("text_model.encoder.layers.0.", f"text_model.encoder.layers.{n}."): s
+                           for k, s in text.items() if k.startswith("text_model.encoder.layers.0.")})
+        meta = {k: torch.empty(s, device="meta") for k, s in all_shapes.items()}
+        extra = {"text_projection": (cfg.text.hidden_size, cfg.text.projection_dim), "logit_scale": ()}
+        names = keymap.sd2_text_to_ldm(meta, {k: torch.empty(s, device="meta") for k, s in extra.items()})
+        cache: dict[str, dict] = {}
+
+        def make(ldm_name: str) -> torch.Tensor:
+            short = ldm_name[len(keymap.SD2_TEXT_PREFIX):]
+            if short == "logit_scale":
+                return torch.tensor(math.log(1 / 0.07))
+            if short == "text_projection":
+                return random_tensor(seed, "text_encoder", short, extra[short])
+            if not short.startswith("transformer.resblocks."):
+                top = {v: k for k, v in keymap.OPENCLIP_TOP.items()}[short]
+                return random_tensor(seed, "text_encoder", top, all_shapes[top])
+            # A block's fused q/k/v needs the whole block: convert one block through the keymap table and
+            # keep it while its tensors are written (entries are sorted, so they come one after another).
+            i, rest = short.split(".")[2], short.split(".", 3)[3]
+            if i not in cache:
+                cache.clear()
+                src = f"text_model.encoder.layers.{i}."
+                block = {k[len(src):]: random_tensor(seed, "text_encoder", k, s)
+                         for k, s in all_shapes.items() if k.startswith(src)}
+                cache[i] = keymap.openclip_block_to_ldm(block)
+            return cache[i][rest]
+
+        for ldm_name, t in names.items():
+            entries.append((ldm_name, tuple(t.shape), lambda ldm_name=ldm_name: make(ldm_name)))
+    return sorted(entries, key=lambda e: e[0])
+
+
+def _scheduler_config(cfg: ModelConfig) -> dict:
+    # The reference DDIM settings of Stable Diffusion (scaled-linear betas 0.00085..0.012, 1000 steps).
+    return {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "prediction_type": cfg.prediction_type, "timestep_spacing": "leading"}
+
+
+def _text_config_json(cfg: ModelConfig) -> dict:
+    d = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg.text.to_transformers(),
+         "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
+    return d
+
+
+def _dump(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diffusers") -> Path:
+    """Write a checkpoint of random weights for `preset` ("tiny", "tiny-v", "sd15", "sd21") in `layout`.
+
+    layout "diffusers": a folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+    layout "single_file": one `.safetensors` with the original LDM key names (see keymap.py).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    cfg = PRESETS[preset]
+    shapes = expected_shapes(build_meta(cfg))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "single_file":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"a single-file checkpoint path must end in .safetensors, got {path}")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            _write_safetensors(Path(tmp), _single_file_entries(seed, cfg, shapes))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual permissions
+    try:
+        _dump(tmp / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False})
+        _dump(tmp / "unet" / "config.json", cfg.unet.to_diffusers())
+        _dump(tmp / "vae" / "config.json", cfg.vae.to_diffusers())
+        _dump(tmp / "text_encoder" / "config.json", _text_config_json(cfg))
+        _dump(tmp / "scheduler" / "scheduler_config.json", _scheduler_config(cfg))
+        for part, rel in (("unet", "unet/diffusion_pytorch_model.safetensors"),
+                          ("vae", "vae/diffusion_pytorch_model.safetensors"),
+                          ("text_encoder", "text_encoder/model.safetensors")):
+            _write_safetensors(tmp / rel, _diffusers_entries(seed, part, shapes[part]))
+        write_tokenizer(tmp / "tokenizer", cfg.pad_token)
+        if path.exists():  # replace an older checkpoint only once the new one is complete
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
