@@ -21,6 +21,14 @@ namespace py = pybind11;
 
 namespace {
 
+// Length in Unicode code points of a UTF-8 string, as Python's len() counts it: the
+// reference compares character counts, and pybind11 hands us UTF-8 bytes.
+size_t utf8_len(const std::string& s) {
+    size_t n = 0;
+    for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+    return n;
+}
+
 // Positions (counting BOS, so starting at 1) of the tokens that make up the words
 // whose indices are in `word_places`. `words` is the prompt split on single spaces;
 // `tokens` the decoded tokens of the prompt without BOS/EOS, with '#' stripped.
@@ -32,7 +40,7 @@ std::vector<int64_t> word_token_positions(const std::vector<std::string>& words,
     size_t cur_len = 0;
     size_t ptr = 0;
     for (size_t i = 0; i < tokens.size(); ++i) {
-        cur_len += tokens[i].size();
+        cur_len += utf8_len(tokens[i]);
         for (int64_t w : word_places) {
             if (w >= 0 && static_cast<size_t>(w) == ptr) {
                 out.push_back(static_cast<int64_t>(i) + 1);
@@ -40,7 +48,7 @@ std::vector<int64_t> word_token_positions(const std::vector<std::string>& words,
             }
         }
         // A token stream longer than the words (truncation, odd spacing) stops matching here.
-        if (ptr < words.size() && cur_len >= words[ptr].size()) {
+        if (ptr < words.size() && cur_len >= utf8_len(words[ptr])) {
             ++ptr;
             cur_len = 0;
         }
