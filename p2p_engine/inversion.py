@@ -105,10 +105,16 @@ class Inversion:
 
 # -- model helpers (tolerate diffusers modules that return output objects)
 
+def _master(pipe) -> torch.dtype:
+    """The dtype of the optimised embeddings, latents and losses: float32, or float64 for a float64 model
+    (tests use one to check the batched loop's logic free of float32 rounding noise)."""
+    return torch.float64 if pipe.dtype == torch.float64 else torch.float32
+
+
 def _unet(pipe, x, t, context):
-    """fp32 in/out around the model's dtype: the optimised embedding stays an fp32 master copy."""
+    """Master dtype in/out around the model's dtype: the optimised embedding stays an fp32 master copy."""
     out = pipe.unet(x.to(pipe.dtype), t, context.to(pipe.dtype))
-    return getattr(out, "sample", out).float()
+    return getattr(out, "sample", out).to(_master(pipe))
 
 
 @torch.no_grad()
@@ -117,7 +123,7 @@ def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
     out = pipe.vae.encode(image.to(pipe.device, pipe.dtype))
     if hasattr(out, "latent_dist"):
         out = out.latent_dist.mean
-    return out.float() * pipe.config.vae.scaling_factor
+    return out.to(_master(pipe)) * pipe.config.vae.scaling_factor
 
 
 def _coeffs(sched, t: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +151,7 @@ def ddim_invert(pipe, z0: torch.Tensor, cond: torch.Tensor, steps: int) -> list[
     traj = [z0]
     z = z0
     for t in ts:
-        out = _unet(pipe, z, torch.tensor(t, device=pipe.device), cond).float()
+        out = _unet(pipe, z, torch.tensor(t, device=pipe.device), cond)
         z = sched.inversion_step(out, t, z, steps)
         traj.append(z)
     return traj
@@ -190,7 +196,7 @@ class _Iteration:
     masked Adam step, done-flag update. Called eagerly, or captured once and replayed."""
 
     def __init__(self, pipe, param: torch.Tensor, latent: torch.Tensor, guidance: float):
-        dev = param.device
+        dev, dt = param.device, param.dtype
         self.pipe = pipe
         self.v_pred = pipe.config.prediction_type == "v_prediction"
         self.param = param  # (N, 77, D) fp32 null embeddings being optimised
@@ -198,19 +204,19 @@ class _Iteration:
         self.out_c = torch.zeros_like(latent)  # conditional model output at z_t
         self.target = torch.zeros_like(latent)  # pivot z*_{t-1}
         self.t = torch.zeros((), dtype=torch.int64, device=dev)
-        self.a = torch.zeros((), device=dev)
-        self.a_prev = torch.zeros((), device=dev)
+        self.a = torch.zeros((), dtype=dt, device=dev)
+        self.a_prev = torch.zeros((), dtype=dt, device=dev)
         self.lr = torch.zeros((), dtype=torch.float64, device=dev)
-        self.thresh = torch.zeros((), device=dev)
+        self.thresh = torch.zeros((), dtype=dt, device=dev)
         self.guidance = guidance
         self.done = torch.zeros(param.shape[0], dtype=torch.bool, device=dev)
-        self.loss = torch.zeros(param.shape[0], device=dev)  # (N,) this iteration's loss, NaN if done before
+        self.loss = torch.zeros(param.shape[0], dtype=dt, device=dev)  # (N,) this iteration's loss, NaN if done before
         self.adam = _Adam(param)
 
     def __call__(self):
         p = self.param.detach().requires_grad_(True)
         with torch.enable_grad():
-            out_u = _unet(self.pipe, self.latent, self.t, p).float()
+            out_u = _unet(self.pipe, self.latent, self.t, p)
             noise = out_u + self.guidance * (self.out_c - out_u)
             prev = _ddim_prev(noise, self.latent, self.a, self.a_prev, self.v_pred)
             loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
@@ -250,12 +256,12 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
     sched = pipe.scheduler
     dev = pipe.device
     n = cond.shape[0]
-    param = uncond.detach().float().clone()
+    param = uncond.detach().to(_master(pipe)).clone()
     latent = traj[-1]
     it = _Iteration(pipe, param, latent, guidance)
     run = None
-    nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), device=dev)
-    losses = torch.full((steps, inner_steps, n), float("nan"), device=dev)
+    nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), dtype=param.dtype, device=dev)
+    losses = torch.full((steps, inner_steps, n), float("nan"), dtype=param.dtype, device=dev)
     ts = sched.timesteps(steps).tolist()
     bar = None
     if progress:
@@ -265,7 +271,7 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
         a, a_prev = _coeffs(sched, t, steps, dev)
         with torch.no_grad():
             it.latent.copy_(latent)
-            it.out_c.copy_(_unet(pipe, latent, torch.tensor(t, device=dev), cond).float())
+            it.out_c.copy_(_unet(pipe, latent, torch.tensor(t, device=dev), cond))
             it.target.copy_(traj[len(traj) - i - 2])
             it.t.fill_(t)
             it.a.copy_(a)
@@ -289,7 +295,7 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
         with torch.no_grad():
             nulls[i].copy_(it.param)
             # Advance with the optimised embedding: guided step from z_t.
-            out_u = _unet(pipe, latent, torch.tensor(t, device=dev), it.param).float()
+            out_u = _unet(pipe, latent, torch.tensor(t, device=dev), it.param)
             noise = out_u + guidance * (it.out_c - out_u)
             latent = _ddim_prev(noise, latent, a, a_prev, it.v_pred)
         if bar is not None:
@@ -322,8 +328,8 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
     size = pipe.config.image_size
     x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
     z0 = encode_image(pipe, x)  # (N, 4, h, w)
-    cond = pipe.encode_prompt(list(prompts)).float()  # (N, 77, D)
-    uncond = pipe.encode_prompt([""]).float().expand_as(cond).contiguous()
+    cond = pipe.encode_prompt(list(prompts)).to(_master(pipe))  # (N, 77, D)
+    uncond = pipe.encode_prompt([""]).to(_master(pipe)).expand_as(cond).contiguous()
     with torch.no_grad():
         traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), steps)
     n = len(prompts)

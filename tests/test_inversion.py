@@ -32,6 +32,20 @@ def pipe(tmp_path_factory):
     return p2p.load(d / "m", device="cpu", dtype=torch.float32, backend="torch")
 
 
+@pytest.fixture(scope="module")
+def pipe64(tmp_path_factory):
+    """The same tiny model in float64: the batched loop's logic compared free of float32 rounding noise,
+    which Adam amplifies (batching alone moves fp32 embeddings by ~3e-5 relative, 7x the drift between
+    thread counts, so an fp32 comparison could only be loose)."""
+    d = tmp_path_factory.mktemp("tiny64")
+    p2p.save_random_checkpoint(d / "m", "tiny", seed=0)
+    pipe = p2p.load(d / "m", device="cpu", dtype=torch.float32, backend="torch")
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.double()
+    pipe.dtype = torch.float64
+    return pipe
+
+
 def _unet(pipe, x, t, c):
     out = pipe.unet(x, t, c)
     return getattr(out, "sample", out)
@@ -141,25 +155,30 @@ def test_early_stop_matches_reference(pipe):
     assert _rel(inv.null_embeddings, nulls_ref) < 1e-5
 
 
-def test_batch_equals_singles(pipe):
-    size = pipe.config.image_size
+def test_batch_equals_singles(pipe64):
+    size = pipe64.config.image_size
     images = [prepare(photo(s, 64 + 8 * s, 96), size) for s in (3, 4, 5)]
     prompts = ["a cat", "two birds in a tree", "a house by a lake"]
-    free = invert_batch(pipe, images, prompts, steps=STEPS, inner_steps=INNER, progress=False, early_stop=False)
+    free = invert_batch(pipe64, images, prompts, steps=STEPS, inner_steps=INNER, progress=False, early_stop=False)
     # A threshold between the images' first-iteration losses, so they stop at different iterations.
     first = sorted(inv.losses[1, 0].item() for inv in free)
     eps0 = math.sqrt(first[0] * first[1]) if first[0] > 0 else first[1]
     kw = dict(steps=STEPS, inner_steps=INNER, progress=False, epsilon=eps0, epsilon_slope=0.0)
-    batch = invert_batch(pipe, images, prompts, **kw)
-    singles = [invert(pipe, im, p, **kw) for im, p in zip(images, prompts)]
+    batch = invert_batch(pipe64, images, prompts, **kw)
+    singles = [invert(pipe64, im, p, **kw) for im, p in zip(images, prompts)]
     counts = set()
     for b, s in zip(batch, singles):
         nb = [(~r.isnan()).sum().item() for r in b.losses]
         assert nb == [(~r.isnan()).sum().item() for r in s.losses]
         counts.add(tuple(nb))
         assert b.prompt == s.prompt
-        assert _rel(b.null_embeddings, s.null_embeddings) < 1e-5
-        assert _rel(b.latent_T, s.latent_T) < 1e-5
+        # float64 rounding (1e-16) amplified as much as fp32's is here (~250x) stays near 1e-13, so what
+        # remains is the float32 rounding of the stored result: at most one ulp (6e-8) per element. An image
+        # reading another's gradient, mask or step count moves embeddings by ~lr = 1e-2.
+        assert b.null_embeddings.dtype == torch.float32  # stored in fp32 whatever the master dtype
+        ulp = torch.finfo(torch.float32).eps
+        assert _rel(b.null_embeddings, s.null_embeddings) <= ulp
+        assert _rel(b.latent_T, s.latent_T) <= ulp
     assert len(counts) > 1  # the images really stopped differently
 
 
