@@ -1,0 +1,397 @@
+"""Whole pipelines: generation, a P2P edit, and null-text inversion, ours against the reference way.
+
+The baselines are re-statements of the reference implementation (google/prompt-to-prompt) on diffusers parts
+loaded from the same random checkpoint: diffusers' UNet and VAE, transformers' CLIP text encoder, diffusers'
+DDIMScheduler with the reference settings, and for P2P an attention processor that materialises every
+probability map and edits it in Python per layer, as the reference's controllers do.
+
+GPU (full run): SD 1.5 architecture, random weights, 512 x 512, 50 steps, fp16 for generation and edits
+(2 prompts), fp32 for inversion (the reference's precision), 10 inner iterations per step.
+CPU smoke: the tiny preset, fp32, 3 steps.
+
+Correctness gates before any timing (few steps, against the baseline in higher precision):
+- generation: our latents vs the reference loop's;
+- edit: Replace without LocalBlend, our latents vs the reference way's (LocalBlend is timed but not gated
+  here: its layer choice on a non-SD1.5 layout is the engine's, tested in tests/test_editing*);
+- inversion: our null embeddings and z_T vs the reference loop's.
+
+    python -m benchmarks.bench_pipeline [--smoke]     or     p2p-engine bench --only pipeline
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure, measure_grad, rel_err, run_suite, \
+    save_checkpoint
+
+SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
+BLEND_WORDS = ["cat", "dog"]
+CROSS_STEPS, SELF_STEPS = 0.8, 0.4
+GUIDANCE = 7.5
+
+
+# -- the reference way, on diffusers parts
+
+class RefModel:
+    """diffusers UNet + VAE, transformers CLIP, diffusers DDIM: the parts the reference notebooks use."""
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.device, self.dtype = device, dtype
+        self.unet = UNet2DConditionModel.from_pretrained(f"{path}/unet").to(device, dtype).eval()
+        self.vae = AutoencoderKL.from_pretrained(f"{path}/vae").to(device, dtype).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(f"{path}/text_encoder").to(device, dtype).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(f"{path}/tokenizer")
+        self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+                                       timestep_spacing="leading")
+        self.scaling = self.vae.config.scaling_factor
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]  # (B, 77, D)
+
+    def alphas(self, t: int) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod[t] if t >= 0 else self.scheduler.final_alpha_cumprod
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        image = self.vae.decode(latents / self.scaling).sample
+        return ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def sample(self, prompts: list[str], latent: torch.Tensor, steps: int, controller=None, decode=True):
+        """The reference's text2image_ldm_stable loop; `latent` (1, 4, h, w) shared by every prompt."""
+        p = len(prompts)
+        self.unet.set_attn_processor(AttnProcessor2_0() if controller is None else controller.processors(self.unet))
+        context = torch.cat([self.encode([""] * p), self.encode(prompts)])
+        latents = latent.to(self.device, self.dtype).expand(p, *latent.shape[1:])
+        self.scheduler.set_timesteps(steps)
+        for t in self.scheduler.timesteps:
+            noise = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample
+            uncond, text = noise.chunk(2)
+            latents = self.scheduler.step(uncond + GUIDANCE * (text - uncond), t, latents).prev_sample
+            if controller is not None:
+                latents = controller.step_callback(latents)
+        return latents, (self.decode(latents) if decode else None)
+
+
+class RefProcessor:
+    """One attention layer the reference way: probabilities materialised, handed to the controller."""
+
+    def __init__(self, controller, place: str):
+        self.controller, self.place = controller, place
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        is_cross = encoder_hidden_states is not None
+        ctx = encoder_hidden_states if is_cross else hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*H, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(ctx))  # (B*H, M, d)
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, None)  # (B*H, N, M)
+        probs = self.controller(probs, is_cross, self.place, attn.heads)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class RefReplaceStoreBlend:
+    """The reference's AttentionStore + AttentionReplace + LocalBlend (stable notebook), per layer in Python.
+
+    The word mapper is the identity: the benchmark's prompts swap one single-token word, for which the
+    reference's replacement mapper is exactly that (checked in `__init__`).
+    """
+
+    def __init__(self, model: RefModel, prompts: list[str], steps: int, blend_words=None, blend_res=None):
+        ids = [model.tokenizer(p).input_ids for p in prompts]
+        if len({len(i) for i in ids}) != 1:
+            raise ValueError("the benchmark's Replace baseline needs prompts of equal token counts")
+        self.p, self.steps, self.cur_step, self.cur_layer = len(prompts), steps, 0, 0
+        dev = model.device
+        # cross alpha (steps + 1, P-1, 77): 1 on steps [0, int(f * (steps + 1))), as update_alpha_time_word
+        self.cross_alpha = torch.zeros(steps + 1, self.p - 1, 77, device=dev, dtype=model.dtype)
+        self.cross_alpha[: int(CROSS_STEPS * (steps + 1))] = 1
+        self.self_window = (0, int(SELF_STEPS * steps))
+        self.mapper = torch.eye(77, device=dev, dtype=model.dtype).expand(self.p - 1, 77, 77)
+        self.store, self.step_store = {}, {}
+        self.num_layers = 0
+        self.alpha_layers = None
+        if blend_words:
+            self.blend_res = blend_res
+            a = torch.zeros(self.p, 77, device=dev, dtype=model.dtype)
+            for i, (prompt, word) in enumerate(zip(prompts, blend_words)):
+                for pos in word_positions(model.tokenizer, prompt, word):
+                    a[i, pos] = 1
+            self.alpha_layers = a.view(self.p, 1, 1, 1, 1, 77)
+
+    def processors(self, unet) -> dict:
+        names = list(unet.attn_processors)
+        self.num_layers = len(names)
+        # "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor" -> "down"; "mid_block..." -> "mid"
+        return {n: RefProcessor(self, n.split("_")[0]) for n in names}
+
+    def __call__(self, probs, is_cross: bool, place: str, heads: int):
+        bh, n, m = probs.shape
+        cond = probs[bh // 2:]  # (P*H, N, M): the reference edits and stores the conditional half only
+        if n <= 32 ** 2:
+            self.step_store.setdefault(f"{place}_{'cross' if is_cross else 'self'}", []).append(cond)
+        cond = cond.reshape(self.p, heads, n, m)
+        base, repl = cond[0], cond[1:]
+        if is_cross:
+            alpha = self.cross_alpha[self.cur_step].view(self.p - 1, 1, 1, 77)
+            new = torch.einsum("hpw,bwn->bhpn", base, self.mapper)
+            repl = new * alpha + repl * (1 - alpha)
+        elif self.self_window[0] <= self.cur_step < self.self_window[1] and n <= 16 ** 2:
+            repl = base.unsqueeze(0).expand(self.p - 1, *base.shape)
+        probs = torch.cat([probs[: bh // 2], torch.cat([base[None], repl]).reshape(bh // 2, n, m)])
+        self.cur_layer += 1
+        if self.cur_layer == self.num_layers:
+            self.cur_layer, self.cur_step = 0, self.cur_step + 1
+            for key, maps in self.step_store.items():  # between_steps: sum over steps
+                if key in self.store:
+                    self.store[key] = [a + b for a, b in zip(self.store[key], maps)]
+                else:
+                    self.store[key] = maps
+            self.step_store = {}
+        return probs
+
+    def step_callback(self, x):
+        if self.alpha_layers is None:
+            return x
+        stored = [m for key in ("down_cross", "up_cross") for m in self.store.get(key, [])]
+        sides = {round(m.shape[1] ** 0.5) for m in stored}
+        # SD 1.5: the 16 x 16 maps (down[2:4] + up[:3]); a layout without that size (tiny) uses its coarsest
+        res = self.blend_res if self.blend_res in sides else min(sides)
+        maps = [m for m in stored if m.shape[1] == res * res]
+        maps = torch.cat([m.reshape(self.p, -1, 1, res, res, 77) for m in maps], dim=1)
+        maps = (maps * self.alpha_layers).sum(-1).mean(1)  # (P, 1, res, res)
+        mask = F.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        mask = F.interpolate(mask, size=x.shape[2:])
+        mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
+        mask = mask.gt(0.3)
+        mask = (mask[:1] + mask[1:]).to(x.dtype)
+        return x[:1] + mask * (x - x[:1])
+
+
+def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
+    """Token positions (BOS counted) of `word`, for single-token words: enough for the benchmark's prompts."""
+    ids = tokenizer(prompt).input_ids
+    target = tokenizer(word, add_special_tokens=False).input_ids
+    return [i for i, t in enumerate(ids) if t in target]
+
+
+def ref_null_text(model: RefModel, image: np.ndarray, prompt: str, steps: int, inner: int, early_stop: bool = True,
+                  processor=AttnProcessor2_0):
+    """The reference's NullInversion: DDIM inversion, then per step up to `inner` Adam steps, loss.item() each."""
+    dev, dt = model.device, model.dtype
+    model.unet.set_attn_processor(processor())
+    model.scheduler.set_timesteps(steps)
+    ts = [int(t) for t in model.scheduler.timesteps]
+    stride = model.scheduler.config.num_train_timesteps // steps
+    with torch.no_grad():
+        x = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None] / 127.5 - 1
+        latent = model.vae.encode(x).latent_dist.mean * model.scaling
+        uncond, cond = model.encode([""]), model.encode([prompt])
+        pivots = [latent]
+        for i in range(steps):
+            t = ts[len(ts) - i - 1]
+            eps = model.unet(latent, t, encoder_hidden_states=cond).sample
+            cur, nxt = min(t - stride, 999), t
+            a, a_next = model.alphas(cur), model.alphas(nxt)
+            latent = a_next ** 0.5 * (latent - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_next) ** 0.5 * eps
+            pivots.append(latent)
+
+    def prev_step(eps, t, sample):
+        a, a_prev = model.alphas(t), model.alphas(t - stride)
+        return a_prev ** 0.5 * (sample - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_prev) ** 0.5 * eps
+
+    nulls, cur = [], pivots[-1]
+    for i, t in enumerate(ts):
+        uncond = uncond.clone().detach().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        target = pivots[len(pivots) - i - 2]
+        with torch.no_grad():
+            eps_cond = model.unet(cur, t, encoder_hidden_states=cond).sample
+        for _ in range(inner):
+            eps_u = model.unet(cur, t, encoder_hidden_states=uncond).sample
+            loss = F.mse_loss(prev_step(eps_u + GUIDANCE * (eps_cond - eps_u), t, cur), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if early_stop and loss.item() < 1e-5 + i * 2e-5:
+                break
+        nulls.append(uncond[:1].detach())
+        with torch.no_grad():
+            noise = model.unet(torch.cat([cur] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            eps_u, eps_c = noise.chunk(2)
+            cur = prev_step(eps_u + GUIDANCE * (eps_c - eps_u), t, cur)
+    return pivots[-1], torch.cat(nulls)  # (1, 4, h, w), (steps, 77, D)
+
+
+def photo_like(size: int, seed: int = 0) -> np.ndarray:
+    """(size, size, 3) uint8: smooth gradients, a few discs and mild noise, a stand-in for a photograph."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([0.6 * xx + 0.2, 0.5 * yy + 0.3, 0.4 * (1 - xx) + 0.3], -1)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 1, 3)
+    img += rng.normal(0, 0.02, img.shape)
+    return (img.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+# -- the benchmark
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params
+
+
+def run(device: torch.device, smoke: bool = False) -> list[Row]:
+    import p2p_engine as p2p
+
+    on_gpu = device.type == "cuda"
+    preset = "tiny" if smoke else "sd15"
+    dtype = torch.float16 if on_gpu and not smoke else torch.float32
+    hi = torch.float32 if dtype == torch.float16 else torch.float64
+    steps, check_steps = (3, 3) if smoke else (50, 5)
+    inv_steps, inner = (3, 3) if smoke else (50, 10)
+    warmup, repeats = (0, 1) if smoke else (1, 3)
+    prompts = [SOURCE, TARGET]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(tmp, preset)
+        ours = p2p.load(path, device=device, dtype=dtype, backend="auto")
+        ref = RefModel(path, device, dtype)
+        ref_hi = RefModel(path, device, hi)
+        ours32 = ours if dtype == torch.float32 else p2p.load(path, device=device, dtype=torch.float32)
+        ref32 = ref if dtype == torch.float32 else RefModel(path, device, torch.float32)
+        # inversion runs in fp32 on both sides, so its drift reference is fp64 even on a GPU
+        ref64 = ref_hi if hi == torch.float64 else RefModel(path, device, torch.float64)
+    cfg = ours.config
+    s = cfg.latent_size
+    latent = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0))  # shared start noise
+    blend_res = s // 4  # the reference's 16 x 16 maps for 64 x 64 latents
+
+    def ours_edit(n, blend=True):
+        kw = dict(local_blend=p2p.LocalBlend(BLEND_WORDS)) if blend else {}
+        return ours.edit(prompts, controller=p2p.Replace(cross_steps=CROSS_STEPS, self_steps=SELF_STEPS),
+                         seed=0, steps=n, guidance=GUIDANCE, latents=latent.to(device, dtype), progress=False, **kw)
+
+    def ours_generate(n):
+        # uncontrolled: no controller and no stored maps
+        return ours.generate(prompts, seed=0, steps=n, guidance=GUIDANCE, latents=latent.to(device, dtype),
+                             store=False, progress=False)
+
+    def ref_edit(model, n, blend=True):
+        ctrl = RefReplaceStoreBlend(model, prompts, n, BLEND_WORDS if blend else None, blend_res)
+        return model.sample(prompts, latent, n, controller=ctrl)
+
+    # -- correctness gates
+    with torch.inference_mode():
+        gen = ours_generate(check_steps)
+        ref_lo_lat, _ = ref.sample(prompts, latent, check_steps, decode=False)
+        ref_hi_lat, _ = ref_hi.sample(prompts, latent, check_steps, decode=False)
+        gen_check = check_close("generation", gen.latents, ref_hi_lat, ref_lo_lat, dtype)
+        ed = ours_edit(check_steps, blend=False)
+        ref_lo_lat, _ = ref_edit(ref, check_steps, blend=False)
+        ref_hi_lat, _ = ref_edit(ref_hi, check_steps, blend=False)
+        edit_check = check_close("replace edit", ed.latents, ref_hi_lat, ref_lo_lat, dtype)
+        # LocalBlend's agreement is reported, not gated: a threshold at 0.3 may flip a pixel on float drift
+        blend_err = rel_err(ours_edit(check_steps).latents, ref_edit(ref_hi, check_steps)[0])
+        edit_check += f"; with LocalBlend err {blend_err:.2e} (not gated)"
+
+    image = photo_like(cfg.image_size)
+    from p2p_engine.inversion import invert_batch as invert_fn  # where Pipeline.invert's keywords land
+    invert_kw = dict(steps=3, inner_steps=3, method="null_text")
+    fixed_iters = _accepts(invert_fn, "early_stop")  # both sides do the same work only if we can say so
+    if fixed_iters:
+        invert_kw["early_stop"] = False
+    if _accepts(invert_fn, "progress"):
+        invert_kw["progress"] = False
+    inv = ours32.invert(image, SOURCE, **invert_kw)
+    # the fp32 drift from several equally valid baseline runs: SDPA and materialised attention, and on CPU
+    # also one thread (the optimised embeddings' rounding noise varies ~2x between these)
+    lo_runs = []
+    threads = torch.get_num_threads()
+    for processor, n_threads in [(AttnProcessor2_0, threads), (AttnProcessor, threads)] + (
+            [(AttnProcessor2_0, 1)] if device.type == "cpu" and threads > 1 else []):
+        torch.set_num_threads(n_threads)
+        try:
+            lo_runs.append(ref_null_text(ref32, image, SOURCE, invert_kw["steps"], invert_kw["inner_steps"],
+                                         early_stop=not fixed_iters, processor=processor))
+        finally:
+            torch.set_num_threads(threads)
+    zt_lo, null_lo = [z for z, _ in lo_runs], [n for _, n in lo_runs]
+    zt_hi, null_hi = ref_null_text(ref64, image, SOURCE, invert_kw["steps"], invert_kw["inner_steps"],
+                                   early_stop=not fixed_iters)
+    del ref64
+    inv_check = check_close("z_T", inv.latent_T, zt_hi, zt_lo, torch.float32) + "; " + check_close(
+        "null embeddings", inv.null_embeddings, null_hi, null_lo, torch.float32)
+
+    # -- floors: UNet forwards (batch-1 equivalents) x FLOPs of one forward / the measured matmul rate
+    from benchmarks.bench_unet import unet_flops
+    ref.unet.set_attn_processor(AttnProcessor2_0())  # count the plain forward, not the reference controller
+    with torch.inference_mode():
+        x1 = torch.randn(1, 4, s, s, device=device, dtype=dtype)
+        fwd = unet_flops(ref.unet, x1, torch.tensor([500], device=device), ref.encode([SOURCE]))
+    rate = matmul_flops_per_s(device, dtype)
+    rate32 = rate if dtype == torch.float32 else matmul_flops_per_s(device, torch.float32)
+    sample_floor = steps * 2 * len(prompts) * fwd / rate * 1e3  # [uncond, cond] x P per step
+    # per image: DDIM inversion + cond + guided (2) forwards per step, and `inner` forward+backward (~3 forwards)
+    inv_floor = inv_steps * (1 + 1 + 2 + 3 * inner) * fwd / rate32 * 1e3
+
+    # -- timing
+    gen_ours = measure(lambda: ours_generate(steps), device, warmup=warmup, repeats=repeats)
+    gen_ref = measure(lambda: ref.sample(prompts, latent, steps), device, warmup=warmup, repeats=repeats)
+    edit_ours = measure(lambda: ours_edit(steps), device, warmup=warmup, repeats=repeats)
+    edit_ref = measure(lambda: ref_edit(ref, steps), device, warmup=warmup, repeats=repeats)
+    timing_kw = dict(invert_kw, steps=inv_steps, inner_steps=inner)
+    inv_ref = measure_grad(lambda: ref_null_text(ref32, image, SOURCE, inv_steps, inner, early_stop=not fixed_iters),
+                           device, warmup=warmup, repeats=repeats)
+    iters = f"{inner} iterations per step" + ("" if fixed_iters else " at most (early stop on both sides)")
+    rows = [
+        Row(f"generation, 2 prompts, {steps} steps", "ours", gen_ours, "diffusers loop", gen_ref, sample_floor,
+            check=gen_check),
+        Row(f"P2P edit (Replace+Store+LocalBlend), {steps} steps", "ours", edit_ours, "reference way on diffusers",
+            edit_ref, sample_floor, check=edit_check),
+        Row(f"P2P edit vs uncontrolled, {steps} steps", "ours edit", edit_ours, "ours generation", gen_ours,
+            sample_floor, check="goal: edit <= 1.3x generation (speed-up >= 0.77x)"),
+    ]
+    inv_case = f"null-text inversion per image, {inv_steps} steps, {iters}"
+    variants = [("ours", {}, 1)]
+    if on_gpu and _accepts(invert_fn, "use_graph"):
+        variants = [("ours graph-captured", {"use_graph": True}, 1), ("ours eager", {"use_graph": False}, 1)]
+    if not smoke:
+        variants += [(f"ours batched x{n}", {}, n) for n in (4, 8)]
+    for name, extra, n in variants:
+        kw = dict(timing_kw, **extra)
+        if n == 1:
+            t = measure_grad(lambda: ours32.invert(image, SOURCE, **kw), device, warmup=warmup, repeats=repeats)
+        else:
+            t = measure_grad(lambda: ours32.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=warmup,
+                             repeats=repeats)
+            t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
+                       t.mem_kind)  # per image
+        rows.append(Row(inv_case, name, t, "reference loop on diffusers (fp32)", inv_ref, inv_floor,
+                        check=inv_check))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    return run_suite(only=["pipeline"], smoke=args.smoke, device=args.device, record=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""One UNet forward (one sampling step at batch B): ours against diffusers.
+
+GPU (full run): the SD 1.5 UNet with random weights, fp16, 64 x 64 latents, batch 1/2/4/8:
+ours with Triton kernels, ours on the pure-torch path, diffusers with SDPA (AttnProcessor2_0) and diffusers
+with the materialised-probability processor (AttnProcessor, what reference P2P hooks into).
+CPU smoke: the tiny preset in fp32, batch 1 and 2, torch path only (Triton on CPU runs in its interpreter,
+which times Python, not kernels).
+
+Floor: the forward's FLOPs (torch.utils.flop_counter on the diffusers UNet, batch 1, times B) over the
+device's measured dense-matmul rate: no implementation does that arithmetic faster.
+
+    python -m benchmarks.bench_unet [--smoke]     or     p2p-engine bench --only unet
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import torch
+
+from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, run_suite, save_checkpoint
+
+TIMESTEP = 500
+
+
+def _out(x) -> torch.Tensor:
+    """A UNet's output tensor, whether the module returns it bare (ours) or in an output object (diffusers)."""
+    return getattr(x, "sample", x)
+
+
+def load_diffusers_unet(path: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(f"{path}/unet", torch_dtype=dtype).to(device).eval()
+
+
+def unet_flops(dunet, sample: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> int:
+    """FLOPs of one diffusers UNet forward on these inputs (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        dunet(sample, t, encoder_hidden_states=ctx)
+    return counter.get_total_flops()
+
+
+def inputs(cfg, batch: int, device, dtype, seed: int = 0):
+    """(B, 4, h, w) latents, (B,) timesteps, (B, 77, D) context."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.unet.sample_size
+    sample = torch.randn(batch, cfg.unet.in_channels, s, s, generator=g).to(device, dtype)
+    ctx = torch.randn(batch, 77, cfg.unet.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.full((batch,), TIMESTEP, dtype=torch.int64, device=device)
+    return sample, t, ctx
+
+
+def run(device: torch.device, smoke: bool = False) -> list[Row]:
+    import p2p_engine as p2p
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    on_gpu = device.type == "cuda"
+    preset = "tiny" if smoke else "sd15"
+    dtype = torch.float16 if on_gpu and not smoke else torch.float32
+    hi = torch.float32 if dtype == torch.float16 else torch.float64  # the precision of the reference output
+    batches = (1, 2) if smoke else (1, 2, 4, 8)
+    backends = ("triton", "torch") if on_gpu else ("torch",)
+    warmup, repeats = (1, 3) if smoke else (3, 20)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(tmp, preset)
+        ours = {b: p2p.load(path, device=device, dtype=dtype, backend=b) for b in backends}
+        cfg = ours[backends[0]].config
+        d_sdpa = load_diffusers_unet(path, device, dtype)
+        d_sdpa.set_attn_processor(AttnProcessor2_0())
+        d_mat = copy.deepcopy(d_sdpa)
+        d_mat.set_attn_processor(AttnProcessor())
+        d_hi = copy.deepcopy(d_sdpa).to(hi)
+
+    # -- correctness before timing: each of ours against the baseline in higher precision, at batch 2
+    sample, t, ctx = inputs(cfg, 2, device, dtype)
+    with torch.inference_mode():
+        ref_hi = d_hi(sample.to(hi), t, encoder_hidden_states=ctx.to(hi)).sample
+        base_lo = d_sdpa(sample, t, encoder_hidden_states=ctx).sample
+        checks = {b: check_close(f"{b} vs diffusers", _out(ours[b].unet(sample, t, ctx)), ref_hi, base_lo, dtype)
+                  for b in backends}
+    del d_hi, ref_hi
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+    s1, t1, c1 = inputs(cfg, 1, device, dtype)
+    flops_b1 = unet_flops(d_sdpa, s1, t1, c1)
+    rate = matmul_flops_per_s(device, dtype)
+
+    rows = []
+    for b in batches:
+        sample, t, ctx = inputs(cfg, b, device, dtype)
+        floor_ms = flops_b1 * b / rate * 1e3
+        sdpa = measure(lambda: d_sdpa(sample, t, encoder_hidden_states=ctx), device, warmup=warmup, repeats=repeats)
+        mat = measure(lambda: d_mat(sample, t, encoder_hidden_states=ctx), device, warmup=warmup, repeats=repeats)
+        for backend in backends:
+            unet = ours[backend].unet
+            mine = measure(lambda: unet(sample, t, ctx), device, warmup=warmup, repeats=repeats)
+            rows.append(Row(f"batch {b}", f"ours {backend}", mine, "diffusers SDPA", sdpa, floor_ms,
+                            checks[backend], extra={"steps_per_s": 1e3 / mine.median}))
+            rows.append(Row(f"batch {b}", f"ours {backend}", mine, "diffusers AttnProcessor", mat, floor_ms,
+                            checks[backend]))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    return run_suite(only=["unet"], smoke=args.smoke, device=args.device, record=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

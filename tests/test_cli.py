@@ -1,0 +1,192 @@
+"""The `p2p-engine` command line, run in-process through `main([...])` on a tiny random checkpoint.
+
+Exit status contract: 0 success, 1 bad input (one clear line, no traceback, nothing written), 2 usage error.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from p2p_engine.cli import main
+
+STEPS = ["--steps", "3"]
+SIZE = 128  # the tiny preset's image side
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["random-checkpoint", str(path), "--preset", "tiny", "--seed", "0"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A photograph-like PNG: gradients and a disc, not a constant."""
+    yy, xx = np.mgrid[0:160, 0:200] / 160
+    img = np.stack([xx * 0.7, yy * 0.6 + 0.2, 0.5 + 0.0 * xx], -1)
+    img[(yy - 0.5) ** 2 + (xx - 0.6) ** 2 < 0.06] = (0.9, 0.2, 0.1)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _no_leftovers(folder: Path, expected: set[str]) -> None:
+    """Atomic writes leave no temporary files behind."""
+    assert {p.name for p in folder.iterdir()} == expected
+
+
+# -- usage
+
+@pytest.mark.parametrize("cmd", ["random-checkpoint", "edit", "invert", "maps", "bench", "run"])
+def test_help_each_subcommand(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"p2p-engine {cmd}" in capsys.readouterr().out
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "p2p_engine", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("edit", "invert", "maps", "bench", "random-checkpoint"):
+        assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["no-such-command"],
+    ["edit", "--prompt", "a cat"],  # --model missing
+    ["edit", "--model", "toy", "--reweight", "cat"],  # not WORD=SCALE
+    ["edit", "--model", "toy", "--cross-steps", "1.5"],  # outside [0, 1]
+    ["edit", "--model", "toy", "--mode", "swap"],
+    ["invert", "--model", "toy", "--image", "x.png", "--prompt", "p"],  # --out missing
+    ["maps", "--model", "toy", "--prompt", "a cat", "--res", "12"],
+])
+def test_usage_error_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+# -- user errors: exit 1, a message, no traceback, nothing written
+
+def _fails_cleanly(argv, capsys, *needles):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error:" in err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    return err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    _fails_cleanly(["edit", "--model", str(missing), "--prompt", "a cat", "--target", "a dog",
+                    "--out", str(tmp_path / "o.png"), *STEPS], capsys, str(missing), "does not exist")
+    _no_leftovers(tmp_path, set())
+
+
+def test_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not a safetensors file" * 10)
+    _fails_cleanly(["edit", "--model", str(bad), "--prompt", "a cat", "--target", "a dog",
+                    "--out", str(tmp_path / "o.png"), *STEPS], capsys, "bad.safetensors")
+    _no_leftovers(tmp_path, {"bad.safetensors"})
+
+
+def test_replace_with_different_word_counts(ckpt, tmp_path, capsys):
+    err = _fails_cleanly(["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle",
+                          "--target", "a big dog riding a bicycle", "--mode", "replace",
+                          "--out", str(tmp_path / "o.png"), *STEPS], capsys)
+    assert "refine" in err.lower()  # the engine suggests the mode that handles added words
+    _no_leftovers(tmp_path, set())
+
+
+def test_missing_image(ckpt, tmp_path, capsys):
+    _fails_cleanly(["invert", "--model", str(ckpt), "--image", str(tmp_path / "nope.png"), "--prompt", "a cat",
+                    "--out", str(tmp_path / "x.safetensors"), *STEPS], capsys, "nope.png")
+    _no_leftovers(tmp_path, set())
+
+
+def test_existing_checkpoint_not_overwritten(ckpt, capsys):
+    _fails_cleanly(["random-checkpoint", str(ckpt), "--preset", "tiny"], capsys, "already exists")
+
+
+# -- successful runs
+
+def test_random_checkpoint_layouts(ckpt, tmp_path):
+    assert (ckpt / "model_index.json").is_file() and (ckpt / "unet").is_dir()
+    single = tmp_path / "tiny.safetensors"
+    assert main(["random-checkpoint", str(single), "--preset", "tiny", "--layout", "single_file"]) == 0
+    assert single.is_file()
+
+
+def test_edit_writes_images_side_by_side(ckpt, tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    code = main(["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle",
+                 "--target", "a dog riding a bicycle", "--target", "a fox riding a bicycle",
+                 "--cross-steps", "0.8", "--self-steps", "0.4", "--blend", "cat", "dog", "fox",
+                 "--seed", "1", *STEPS, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (3 * SIZE, SIZE)  # three prompts, source first
+        tiles = np.asarray(im.convert("RGB")).reshape(SIZE, 3, SIZE, 3)
+    assert not np.array_equal(tiles[:, 0], tiles[:, 1])  # the edit changed the target
+    _no_leftovers(tmp_path, {"edit.png"})
+
+
+def test_edit_refine_with_reweight(ckpt, tmp_path, capsys):
+    out = tmp_path / "refine.png"
+    code = main(["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle",
+                 "--target", "a fluffy cat riding a bicycle", "--mode", "refine", "--reweight", "fluffy=2",
+                 "--cross-steps", "default_=0.8,fluffy=0.5", "--self-steps", "0.1,0.5", *STEPS, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (2 * SIZE, SIZE)
+
+
+def test_edit_reweight_alone(ckpt, tmp_path, capsys):
+    out = tmp_path / "rw.png"
+    code = main(["edit", "--model", str(ckpt), "--prompt", "a smiling bunny doll", "--mode", "reweight",
+                 "--reweight", "smiling=-1", *STEPS, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (2 * SIZE, SIZE)  # the prompt and its re-weighted copy
+
+
+def test_maps_writes_token_grid(ckpt, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    code = main(["maps", "--model", str(ckpt), "--prompt", "a cat riding a bicycle", "--res", "8",
+                 *STEPS, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        # the image plus one tile per token ("a", "cat", "riding", "a", "bicycle"), one row per prompt
+        assert im.width == 6 * SIZE and SIZE < im.height < 2 * SIZE
+
+
+def test_invert_then_edit(ckpt, photo, tmp_path, capsys):
+    import p2p_engine as p2p
+
+    inv_path = tmp_path / "photo.inversion.safetensors"
+    strip = tmp_path / "strip.png"
+    code = main(["invert", "--model", str(ckpt), "--image", str(photo), "--prompt", "a red ball",
+                 "--steps", "3", "--inner-steps", "2", "--out", str(inv_path), "--strip", str(strip)])
+    assert code == 0, capsys.readouterr().err
+    inv = p2p.Inversion.load(str(inv_path))
+    assert inv.prompt == "a red ball"
+    assert tuple(inv.null_embeddings.shape) == (3, 77, 32)  # steps x tokens x tiny's text width
+    with Image.open(strip) as im:
+        assert im.width >= 3 * SIZE  # input | VAE reconstruction | null-text reconstruction
+
+    out = tmp_path / "edited.png"
+    code = main(["edit", "--model", str(ckpt), "--inversion", str(inv_path), "--target", "a blue ball",
+                 "--steps", "3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (2 * SIZE, SIZE)
