@@ -1,0 +1,508 @@
+"""Dataset-scale jobs: a JSONL manifest in, one folder of files per image out; resumable and sharded.
+
+Each line of the job file is one job:
+
+    {"image": "cats/001.jpg", "prompt": "a cat on a sofa",
+     "edits": ["a dog on a sofa"],                                  # optional
+     "controller": {"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4,
+                    "equalizer": {"sofa": 2.0}},                    # optional, for the edits
+     "seed": 0}                                                     # optional
+
+Relative image paths are read from the job file's folder. A job's id is the first
+16 hex digits of sha256 over the line's canonical JSON (sorted keys, no spaces), so
+the same job keeps its folder however the file is reordered or re-spaced.
+
+Per finished job, written atomically (temporary file + rename):
+    DIR/<id>/inversion.safetensors       p2p.Inversion.save
+    DIR/<id>/edit_<k>.png                when "edits" are given: k=0 the source
+                                         reconstruction, k>=1 the edited prompts
+then one line appended to the index (DIR/index.jsonl, or DIR/index.rank<r>.jsonl
+per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end).
+
+A job counts as done when an index line says "ok" for its id with the same steps,
+inner steps and method, and every output it names exists; a second run skips done
+jobs and redoes the rest (interrupted ones, failed ones). Under torchrun each rank
+takes jobs[rank::world] of the deduplicated job list; torchrun itself starts,
+names and restarts the ranks, and the output folder is the only shared state.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+ID_LEN = 16
+MAX_TOKENS = 77
+INDEX = "index.jsonl"
+MODES = ("replace", "refine", "reweight")
+JOB_KEYS = {"image", "prompt", "edits", "controller", "seed"}
+CONTROLLER_KEYS = {"mode", "cross_steps", "self_steps", "equalizer"}
+
+
+@dataclass
+class Job:
+    line: int  # 1-based line number in the job file
+    id: str
+    spec: dict = field(default_factory=dict)  # the parsed line; empty when it did not parse
+    image: Path | None = None  # resolved image path
+    error: str | None = None  # why the line cannot run, found while parsing
+
+
+@dataclass
+class Summary:
+    total: int = 0  # distinct jobs in the file
+    ok: int = 0  # finished in this run
+    failed: int = 0  # recorded with an error in this run
+    skipped: int = 0  # already done by an earlier run
+    seconds: float = 0.0
+    index: Path | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.failed else 0
+
+
+# -- job file ---------------------------------------------------------------------------------------
+
+def job_id(spec) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:ID_LEN]
+
+
+def _check_spec(spec) -> str | None:
+    """The first thing wrong with a parsed job line, as a message naming the field; None when fine."""
+    if not isinstance(spec, dict):
+        return f"a job line must be a JSON object, got {type(spec).__name__}"
+    unknown = set(spec) - JOB_KEYS
+    if unknown:
+        return f"unknown keys {sorted(unknown)}; a job has {sorted(JOB_KEYS)}"
+    if not isinstance(spec.get("image"), str) or not spec["image"]:
+        return "'image' (a path string) is required"
+    if not isinstance(spec.get("prompt"), str):
+        return "'prompt' (a string) is required"
+    edits = spec.get("edits", [])
+    if not isinstance(edits, list) or not all(isinstance(e, str) for e in edits):
+        return "'edits' must be a list of prompt strings"
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return f"'seed' must be an integer, got {seed!r}"
+    ctrl = spec.get("controller")
+    if ctrl is None:
+        return None
+    if not isinstance(ctrl, dict):
+        return "'controller' must be an object like {\"mode\": \"replace\", \"cross_steps\": 0.8}"
+    unknown = set(ctrl) - CONTROLLER_KEYS
+    if unknown:
+        return f"unknown controller keys {sorted(unknown)}; a controller has {sorted(CONTROLLER_KEYS)}"
+    if ctrl.get("mode", "replace") not in MODES:
+        return f"controller mode must be one of {MODES}, got {ctrl.get('mode')!r}"
+    eq = ctrl.get("equalizer", {})
+    if not isinstance(eq, dict) or not all(isinstance(v, (int, float)) for v in eq.values()):
+        return "controller 'equalizer' must map words to numbers, e.g. {\"fluffy\": 2.0}"
+    if ctrl.get("mode") == "reweight" and not eq:
+        return "controller mode 'reweight' needs an 'equalizer'"
+    if ctrl.get("mode", "replace") != "reweight" and not edits:
+        return f"controller mode {ctrl.get('mode', 'replace')!r} needs at least one prompt in 'edits'"
+    return None
+
+
+def read_jobs(path) -> list[Job]:
+    """Parse a JSONL job file; bad lines become jobs carrying their error. Duplicate lines run once."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file not found: {path}")
+    jobs, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            raw = raw.strip()
+            if not raw or raw.startswith("#"):
+                continue
+            try:
+                spec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                jid = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:ID_LEN]
+                if jid not in seen:
+                    seen.add(jid)
+                    jobs.append(Job(n, jid, error=f"line {n} is not valid JSON: {e.msg} at column {e.colno}"))
+                continue
+            jid = job_id(spec)
+            if jid in seen:
+                continue
+            seen.add(jid)
+            error = _check_spec(spec)
+            if error is not None:
+                jobs.append(Job(n, jid, spec if isinstance(spec, dict) else {}, error=f"line {n}: {error}"))
+                continue
+            image = Path(spec["image"]).expanduser()
+            jobs.append(Job(n, jid, spec, image if image.is_absolute() else path.parent / image))
+    return jobs
+
+
+# -- index ------------------------------------------------------------------------------------------
+
+def _read_index(path: Path) -> list[dict]:
+    """Lines of one index file; a line cut short by a kill is skipped."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for raw in f:
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and "id" in entry:
+                    out.append(entry)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _index_files(out_dir: Path) -> list[Path]:
+    return [out_dir / INDEX, *sorted(out_dir.glob("index.rank*.jsonl"))]
+
+
+def _complete(entry: dict, out_dir: Path, settings: dict) -> bool:
+    if entry.get("status") != "ok" or any(entry.get(k) != v for k, v in settings.items()):
+        return False
+    outputs = entry.get("outputs", {})
+    files = [outputs.get("inversion"), *outputs.get("edits", [])]
+    return all(f and (out_dir / f).is_file() for f in files)
+
+
+def _done_ids(out_dir: Path, settings: dict) -> set[str]:
+    return {e["id"] for p in _index_files(out_dir) for e in _read_index(p) if _complete(e, out_dir, settings)}
+
+
+def _append(path: Path, entry: dict) -> None:
+    """One whole line per call, flushed to disk, so a kill loses at most the line being written."""
+    line = json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # the last run died mid-line: start a fresh line
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge_index(out_dir) -> Path:
+    """Fold DIR/index.jsonl and every DIR/index.rank*.jsonl into DIR/index.jsonl: one line per id, sorted by id.
+
+    For an id seen several times the last complete "ok" line wins, else the last line. Written atomically;
+    the merged rank files are removed afterwards.
+    """
+    out_dir = Path(out_dir)
+    files = _index_files(out_dir)
+    best: dict[str, dict] = {}
+    for p in files:
+        for e in _read_index(p):
+            prev = best.get(e["id"])
+            ok = e.get("status") == "ok" and _complete(e, out_dir, {})
+            if prev is None or ok or prev.get("status") != "ok":
+                best[e["id"]] = e
+    target = out_dir / INDEX
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".index.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for jid in sorted(best):
+                f.write(json.dumps(best[jid], ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    for p in files[1:]:
+        p.unlink(missing_ok=True)
+    return target
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+def release_memory(pipe=None) -> None:
+    """Give back memory the allocator cached: what a long-lived process calls between job files.
+
+    The pipeline keeps only its weights; everything a run makes is freed when it returns, so this
+    only drops Python garbage and, on CUDA, the caching allocator's free blocks.
+    """
+    gc.collect()
+    device = getattr(pipe, "device", None)
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def _controller(spec: dict):
+    import p2p_engine as p2p
+
+    c = dict(spec.get("controller") or {})
+    mode = c.pop("mode", "replace")
+    equalizer = c.pop("equalizer", {})
+    if mode == "reweight":
+        return p2p.Reweight(equalizer=equalizer, **c)
+    base = (p2p.Replace if mode == "replace" else p2p.Refine)(**c)
+    # an equalizer on a replace/refine stacks a reweight on the word edit, as the reference's controller=prev
+    return p2p.Reweight(equalizer=equalizer, prev=base, **c) if equalizer else base
+
+
+def _final_losses(losses: torch.Tensor) -> list:
+    """(steps, inner) with NaN for iterations not run -> the last loss of each step (None if none ran)."""
+    out = []
+    for row in losses.tolist():
+        ran = [v for v in row if not math.isnan(v)]
+        out.append(ran[-1] if ran else None)
+    return out
+
+
+def _prepare(pipe, job: Job) -> torch.Tensor:
+    """Read and check one job's image and prompts -> (1, 3, S, S) in [-1, 1]; raises with the reason."""
+    from .images import prepare
+
+    for p in [job.spec["prompt"], *job.spec.get("edits", [])]:
+        n = len(pipe.tokenizer(p).input_ids)
+        if n > MAX_TOKENS:
+            raise ValueError(f"prompt {p!r} has {n} tokens; the text encoder reads at most {MAX_TOKENS}: shorten it")
+    return prepare(str(job.image), pipe.config.image_size)
+
+
+def _batches(pipe, jobs: list[Job], batch_size: int, record_error):
+    """Yield lists of (job, image tensor) of up to batch_size, loading lazily so memory stays O(batch)."""
+    batch = []
+    for job in jobs:
+        try:
+            batch.append((job, _prepare(pipe, job)))
+        except Exception as e:  # one bad input must not stop the others: recorded, and the run goes on
+            record_error(job, e)
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _dist_setup(device):
+    """(rank, world, device, owns_group). Under torchrun (RANK/WORLD_SIZE set) joins the process group."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 0, 1, device, False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        # Ranks meet only at the end; shards can finish hours apart, so the barrier must wait that long.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=1))
+    return dist.get_rank(), dist.get_world_size(), device, owns
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    # tqdm's own rate is per second; dataset users think in images per minute
+    return tqdm(total=total, disable=not enabled, unit="img", desc=desc, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images "
+                           "[{elapsed}<{remaining}{postfix}]")
+
+
+def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int = 1,
+             device=None, dtype=torch.float32, backend: str = "auto", method: str = "null_text",
+             guidance: float = 7.5, progress: bool = True, max_batches: int | None = None) -> Summary:
+    """Invert (and edit) every job of a JSONL file into out_dir; see the module docstring for the layout.
+
+    Args:
+        model: a checkpoint path for p2p.load, or a loaded Pipeline to reuse (no reload, no global state).
+        max_batches: stop after this many inversion batches (the rest is left for a later run).
+    Returns a Summary; under torchrun its counts are summed over all ranks.
+    """
+    import p2p_engine as p2p
+
+    start = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    jobs = read_jobs(job_file)
+    rank, world, device, owns_group = _dist_setup(device)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
+        settings = {"steps": steps, "inner_steps": inner_steps, "method": method}
+        done = _done_ids(out_dir, settings)
+        mine = jobs[rank::world]
+        todo = [j for j in mine if j.id not in done]
+        summary = Summary(total=len(jobs), skipped=len(mine) - len(todo))
+
+        bar = _progress_bar(len(todo), progress and rank == 0,
+                            "jobs" if world == 1 else f"rank 0 of {world}")
+
+        def record(job: Job, entry: dict) -> None:
+            base = {"id": job.id, "line": job.line, "image": job.spec.get("image"), "prompt": job.spec.get("prompt"),
+                    "edits": job.spec.get("edits", []), "rank": rank, **settings}
+            _append(index, {**base, **entry})
+            bar.update()
+            minutes = bar.format_dict["elapsed"] / 60
+            if minutes > 0:
+                bar.set_postfix_str(f"{bar.n / minutes:.1f} images/min", refresh=False)
+
+        def record_error(job: Job, err) -> None:
+            msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+            summary.failed += 1
+            record(job, {"status": "error", "error": msg})
+            bar.write(f"job {job.id} (line {job.line}) failed: {msg}", file=sys.stderr)
+
+        for job in todo:
+            if job.error is not None:
+                record_error(job, job.error)
+        runnable = [j for j in todo if j.error is None]
+        own_pipe = not isinstance(model, p2p.Pipeline)
+        if runnable:
+            pipe = p2p.load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
+            for n_batch, batch in enumerate(_batches(pipe, runnable, batch_size, record_error), 1):
+                t0 = time.perf_counter()
+                try:
+                    invs = pipe.invert_batch([x for _, x in batch], [j.spec["prompt"] for j, _ in batch],
+                                             steps=steps, inner_steps=inner_steps, method=method,
+                                             guidance=guidance, progress=False)
+                except Exception as e:  # e.g. out of memory: the batch's jobs fail, the next batch may not
+                    for job, _ in batch:
+                        record_error(job, e)
+                else:
+                    per_image = (time.perf_counter() - t0) / len(batch)
+                    for (job, _), inv in zip(batch, invs):
+                        _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary)
+                if max_batches is not None and n_batch >= max_batches:
+                    break
+            if own_pipe:  # a caller's pipeline keeps its cache for the next call; ours is dropped
+                del pipe
+                release_memory()
+        bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            counts = torch.tensor([summary.ok, summary.failed, summary.skipped], dtype=torch.int64,
+                                  device=device if torch.device(device or "cpu").type == "cuda" else "cpu")
+            dist.all_reduce(counts)  # also the barrier: every rank has written its index file
+            summary.ok, summary.failed, summary.skipped = counts.tolist()
+            if rank == 0:
+                summary.index = merge_index(out_dir)
+            dist.barrier()  # others return only once the merged index exists
+            summary.index = out_dir / INDEX
+        else:
+            summary.index = merge_index(out_dir)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary) -> None:
+    """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
+    from .images import save_png_atomic
+
+    t0 = time.perf_counter()
+    folder = out_dir / job.id
+    try:
+        inv.save(folder / "inversion.safetensors")
+        outputs = {"inversion": f"{job.id}/inversion.safetensors", "edits": []}
+        edits = job.spec.get("edits", [])
+        if edits or job.spec.get("controller"):
+            prompts = [job.spec["prompt"], *(edits or [job.spec["prompt"]])]  # a reweight may edit the prompt itself
+            out = pipe.edit(prompts, controller=_controller(job.spec), inversion=inv,
+                            seed=job.spec.get("seed", 0), progress=False)
+            for k, im in enumerate(out.images):
+                name = f"{job.id}/edit_{k}.png"
+                save_png_atomic(im, out_dir / name)
+                outputs["edits"].append(name)
+    except Exception as e:
+        record_error(job, e)
+        return
+    losses = _final_losses(inv.losses)
+    summary.ok += 1
+    record(job, {"status": "ok", "outputs": outputs, "final_losses": losses,
+                 "final_loss": next((v for v in reversed(losses) if v is not None), None),
+                 "seconds": round(seconds + time.perf_counter() - t0, 4)})
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `run` subcommand to an argparse subparsers object; sets func=run_command."""
+    p = subparsers.add_parser(
+        "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
+        description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
+                    "\"controller\": {\"mode\": replace|refine|reweight, \"cross_steps\", \"self_steps\", "
+                    "\"equalizer\"}, \"seed\"}. Outputs go to DIR/<job id>/ with one line per job in "
+                    "DIR/index.jsonl. Run again to finish an interrupted run. To split the jobs over N processes "
+                    "(one per GPU) start it with `torchrun --nproc-per-node N -m p2p_engine run ...` or "
+                    "`torchrun --no-python --nproc-per-node N p2p-engine run ...`. "
+                    "Exit status 1 when some jobs failed (each recorded in the index).")
+    p.add_argument("jobs", metavar="JOBS.jsonl", help="job file, one JSON object per line")
+    p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--inner-steps", type=_positive_int, default=10,
+                   help="null-text optimisation iterations per step (default 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images inverted together (default 1)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
+                                                  "under torchrun)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--max-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run_command)
+    return p
+
+
+def run_command(args) -> int:
+    if args.model != "toy" and not Path(args.model).exists():
+        raise FileNotFoundError(f"model path {args.model!r} does not exist (give a diffusers folder, a "
+                                f".safetensors checkpoint, or 'toy')")
+    s = run_jobs(args.jobs, args.model, args.out, steps=args.steps, inner_steps=args.inner_steps,
+                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
+                 backend=args.backend, max_batches=args.max_batches)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} jobs "
+              f"in {s.seconds:.1f} s; index: {s.index}")
+    return s.exit_status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p2p_engine.jobs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"p2p-engine run: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
