@@ -1,0 +1,212 @@
+"""Train the toy Stable-Diffusion-architecture model on the procedural shapes dataset.
+
+    python -m p2p_engine.toy.train --out DIR [--vae-steps N] [--unet-steps N] [--minutes M] [--threads T]
+
+Phase 1 trains the VAE (L1 + MSE reconstruction, small KL). Phase 2 freezes it and trains the UNet and
+the text encoder jointly (epsilon prediction, SD scaled-linear schedule, 10% empty captions for CFG).
+The text encoder is trained with the UNet because a random CLIP gives the UNet nothing to attend to.
+Deterministic for a seed and step counts: seeded data stream, fixed threads, deterministic algorithms.
+`--minutes` caps wall time (then the step count, and so the result, depends on the machine's speed).
+Writes a diffusers-layout folder (weights stored in fp16) that `p2p_engine.load(DIR)` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import TOY
+from .dataset import make_batch
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
+    # Linear warmup then cosine decay to 10%: stable start, and the last steps polish.
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p)))
+
+
+def train_vae(vae, args, deadline: float) -> float:
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    lat = vae.cfg.latent_channels
+    ema = None
+    done = 0
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        if time.time() > deadline:
+            print(f"vae: time cap reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.vae_steps, args.vae_lr)
+        imgs, _ = make_batch(args.seed, step * args.vae_batch, args.vae_batch)
+        x = _to_tensor(imgs)
+        moments = vae.quant_conv(vae.encoder(x))
+        mean, logvar = moments[:, :lat], moments[:, lat:].clamp(-30, 20)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = vae.decode(z)
+        rec_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec_loss + args.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        done += 1
+        ema = rec_loss.item() if ema is None else 0.98 * ema + 0.02 * rec_loss.item()
+        if step % args.log_every == 0:
+            print(f"vae step {step:6d}  rec {rec_loss.item():.4f} (ema {ema:.4f})  kl {kl.item():.3f}", flush=True)
+    ema = float("nan") if ema is None else ema
+    print(f"vae final: steps {done}  rec ema {ema:.4f}  ({(time.time() - t0) / max(1, done):.2f} s/step)", flush=True)
+    return ema
+
+
+@torch.no_grad()
+def latent_scale(vae, args) -> float:
+    # SD's scaling_factor makes the latents unit-variance; measure it on held-out scenes (stream seed+1).
+    imgs, _ = make_batch(args.seed + 1, 0, 256)
+    z = torch.cat([vae.encode(_to_tensor(imgs[i:i + 64])) for i in range(0, 256, 64)])
+    return float(1.0 / z.std())
+
+
+def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline: float) -> float:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    acp = torch.cumprod(1 - betas, 0).float()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 7)  # caption dropout, timesteps and noise
+    ema = None
+    done = 0
+    t0 = time.time()
+    offset = 10_000_000  # UNet phase reads other scenes than the VAE phase did
+    for step in range(args.unet_steps):
+        if time.time() > deadline:
+            print(f"unet: time cap reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.unet_steps, args.unet_lr)
+        imgs, caps = make_batch(args.seed, offset + step * args.batch, args.batch)
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            z0 = vae.encode(_to_tensor(imgs)) * scale
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        ctx = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(zt, t, ctx), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done += 1
+        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        if step % args.log_every == 0:
+            print(f"unet step {step:6d}  eps mse {loss.item():.4f} (ema {ema:.4f})", flush=True)
+    ema = float("nan") if ema is None else ema
+    print(f"unet final: steps {done}  eps mse ema {ema:.4f}  ({(time.time() - t0) / max(1, done):.2f} s/step)", flush=True)
+    return ema
+
+
+def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..checkpoint import _dump, _scheduler_config, _text_config_json
+    from ..loading import text_file_key
+    from ..tokenizer import write_tokenizer
+
+    if out.exists():
+        shutil.rmtree(out)
+    _dump(out / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False})
+    _dump(out / "unet" / "config.json", cfg.unet.to_diffusers())
+    _dump(out / "vae" / "config.json", cfg.vae.to_diffusers())
+    _dump(out / "text_encoder" / "config.json", _text_config_json(cfg))
+    _dump(out / "scheduler" / "scheduler_config.json", _scheduler_config(cfg))
+    write_tokenizer(out / "tokenizer", cfg.pad_token)
+
+    def half(sd, rename=lambda k: k):
+        # fp16 storage halves the shipped size; the loader casts to the requested dtype.
+        return {rename(k): v.detach().to(torch.float16).contiguous() for k, v in sd.items()
+                if not k.endswith("position_ids")}
+
+    save_file(half(unet.state_dict()), str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(half(vae.state_dict()), str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    save_file(half(text_encoder.state_dict(), text_file_key), str(out / "text_encoder" / "model.safetensors"))
+    _dump(out / "training.json", losses)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (diffusers layout); replaced if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=None, help="shortcut: unet steps = STEPS, vae steps = STEPS // 4")
+    p.add_argument("--minutes", type=float, default=None, help="wall-time cap: 1/4 for the VAE, the rest the UNet")
+    p.add_argument("--batch", type=int, default=32, help="UNet batch")
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--kl", type=float, default=1e-6)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=100)
+    args = p.parse_args(argv)
+    if args.steps is not None:
+        args.unet_steps, args.vae_steps = args.steps, max(1, args.steps // 4)
+
+    from transformers import CLIPTextModel
+
+    from ..loading import _clip_config
+    from ..tokenizer import clip_tokenizer
+    from ..unet import UNet
+    from ..vae import VAE
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    budget = float("inf") if args.minutes is None else args.minutes * 60
+
+    cfg = TOY
+    vae = VAE(cfg.vae)
+    vae_loss = train_vae(vae, args, start + budget / 4)
+    vae.eval().requires_grad_(False)
+    scale = latent_scale(vae, args)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=round(scale, 5)))
+    print(f"latent scaling_factor {scale:.5f}", flush=True)
+
+    torch.manual_seed(args.seed + 1)
+    unet = UNet(cfg.unet)
+    text_encoder = CLIPTextModel(_clip_config(cfg.text))
+    tokenizer = clip_tokenizer(cfg.pad_token)
+    unet_loss = train_unet(unet, text_encoder, vae, tokenizer, scale, args, start + budget)
+
+    losses = {"vae_rec": vae_loss, "unet_eps_mse": unet_loss, "scaling_factor": scale,
+              "minutes": (time.time() - start) / 60, "args": vars(args)}
+    save(Path(args.out), cfg, unet.eval(), vae, text_encoder.eval(), losses)
+    print(json.dumps({k: v for k, v in losses.items() if k != "args"}), flush=True)
+    print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
