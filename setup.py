@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=["p2p_engine", "p2p_engine.kernels"],
     package_dir={"p2p_engine": "p2p_engine", "p2p_engine.kernels": "kernels"},
-    package_data={"p2p_engine": ["data/*"]},
+    package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"]},
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     install_requires=["torch", "triton", "safetensors", "transformers", "numpy", "pillow", "tqdm"],

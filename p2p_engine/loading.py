@@ -366,12 +366,58 @@ def _fill_nonpersistent(m: torch.nn.Module, part: str, device) -> None:
 
 # -- entry point -------------------------------------------------------------------------------------------------
 
+CHECKSUMS = "SHA256SUMS"
+
+
+def write_checksums(folder) -> Path:
+    """Write `folder/SHA256SUMS` ("<sha256>  <relative path>" per file, sorted) for every file in `folder`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    out = folder / CHECKSUMS
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksums(folder) -> None:
+    """Raise CheckpointError naming the first file of `folder` that is missing or differs from SHA256SUMS."""
+    folder = Path(folder)
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        raise CheckpointError(f"{folder}: {CHECKSUMS} is missing, so the files cannot be verified; "
+                              f"reinstall p2p-engine")
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, _, rel = line.partition("  ")
+        f = folder / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing from the shipped toy model; reinstall p2p-engine")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} is corrupted (its SHA-256 differs from {CHECKSUMS}); reinstall p2p-engine")
+
+
+def toy_path() -> Path:
+    """Folder of the shipped toy model (p2p_engine/data/toy), whether or not it is present."""
+    return Path(str(resources.files("p2p_engine") / "data" / "toy"))
+
+
 def _resolve(path) -> tuple[str, Path]:
     if isinstance(path, str) and path == "toy":
-        toy = Path(str(resources.files("p2p_engine") / "data" / "toy"))
+        toy = toy_path()
         if not (toy / "model_index.json").exists():
             raise CheckpointError("the toy model is not shipped in this build of p2p_engine; pass a checkpoint path, or "
                                   "make a random one with p2p.save_random_checkpoint(path, 'tiny')")
+        verify_checksums(toy)
         return "diffusers", toy
     p = Path(path)
     if p.is_dir() and (p / "model_index.json").exists():

@@ -54,6 +54,12 @@ class Pipeline:
         from .inversion import invert
         return invert(self, image, prompt, **kwargs)
 
+    def release_memory(self) -> None:
+        """Give back memory cached between calls (Python garbage; on CUDA the allocator's free blocks and
+        captured null-text graphs). The weights stay: the pipeline is ready for the next call."""
+        from .jobs import release_memory
+        release_memory(self)
+
     def invert_batch(self, images, prompts, **kwargs):
         from .inversion import invert_batch
         return invert_batch(self, images, prompts, **kwargs)

@@ -90,7 +90,8 @@ def test_six_results_one_recorded_error(setup, single_run):
 
 
 def test_pipeline_reused_across_runs(setup, single_run, tmp_path):
-    """A loaded Pipeline passed to run_jobs twice gives the same files as loading from the path."""
+    """A loaded Pipeline passed to run_jobs twice, releasing its cache in between, gives the same files as
+    loading from the path."""
     root, model = setup
     pipe = p2p.load(str(model), device="cpu")
     ref, _ = single_run
@@ -104,7 +105,7 @@ def test_pipeline_reused_across_runs(setup, single_run, tmp_path):
         for e in _index(out).values():
             a = (out / e["outputs"]["inversion"]).read_bytes()
             assert a == (ref / e["outputs"]["inversion"]).read_bytes()
-    jobs.release_memory(pipe)
+        pipe.release_memory()  # between runs: the second run must still give the same files
 
 
 def test_edit_requests_reach_pipe_edit(setup, tmp_path):

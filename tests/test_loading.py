@@ -148,3 +148,29 @@ def test_toy_not_shipped_is_clear():
         pytest.skip("the toy model is shipped in this build")
     with pytest.raises(p2p.CheckpointError, match="toy model is not shipped"):
         p2p.load("toy")
+
+
+def test_checksums_catch_a_corrupted_or_missing_file(folders, tmp_path):
+    """The shipped toy model is verified at load through SHA256SUMS; the same check on a copy of a folder."""
+    import shutil
+
+    from p2p_engine.loading import verify_checksums, write_checksums
+
+    folder = tmp_path / "m"
+    shutil.copytree(folders["tiny"], folder)
+    sums = write_checksums(folder)
+    listed = [line.split("  ", 1)[1] for line in sums.read_text().splitlines()]
+    assert "unet/diffusion_pytorch_model.safetensors" in listed and "model_index.json" in listed
+    verify_checksums(folder)  # intact: no error
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle of the tensor data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(p2p.CheckpointError, match="diffusion_pytorch_model.safetensors is corrupted"):
+        verify_checksums(folder)
+    weights.unlink()
+    with pytest.raises(p2p.CheckpointError, match="is missing"):
+        verify_checksums(folder)
+    sums.unlink()
+    with pytest.raises(p2p.CheckpointError, match="SHA256SUMS is missing"):
+        verify_checksums(folder)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import TOY
-from .dataset import make_batch
+from .dataset import SIZES, make_batch
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -37,6 +37,12 @@ def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
         return base * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p)))
+
+
+def _drop_sizes(caption: str) -> str:
+    for size in SIZES:
+        caption = caption.replace(f"a {size} ", "a ")
+    return caption
 
 
 def train_vae(vae, args, deadline: float) -> float:
@@ -100,6 +106,9 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
         imgs, caps = make_batch(args.seed, offset + step * args.batch, args.batch)
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        # Some captions lose their size words ("a red circle on ..."), so prompts without sizes work too.
+        no_size = torch.rand(args.batch, generator=gen) < args.size_word_dropout
+        caps = [_drop_sizes(c) if d else c for c, d in zip(caps, no_size.tolist())]
         ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             z0 = vae.encode(_to_tensor(imgs)) * scale
@@ -126,7 +135,7 @@ def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
     from safetensors.torch import save_file
 
     from ..checkpoint import _dump, _scheduler_config, _text_config_json
-    from ..loading import text_file_key
+    from ..loading import text_file_key, write_checksums
     from ..tokenizer import write_tokenizer
 
     if out.exists():
@@ -152,6 +161,7 @@ def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
     save_file(half(vae.state_dict()), str(out / "vae" / "diffusion_pytorch_model.safetensors"))
     save_file(half(text_encoder.state_dict(), text_file_key), str(out / "text_encoder" / "model.safetensors"))
     _dump(out / "training.json", losses)
+    write_checksums(out)  # verified by p2p.load("toy")
 
 
 def main(argv=None) -> None:
@@ -159,7 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output folder (diffusers layout); replaced if it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=2000)
-    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--steps", type=int, default=None, help="shortcut: unet steps = STEPS, vae steps = STEPS // 4")
     p.add_argument("--minutes", type=float, default=None, help="wall-time cap: 1/4 for the VAE, the rest the UNet")
     p.add_argument("--batch", type=int, default=32, help="UNet batch")
@@ -168,6 +178,7 @@ def main(argv=None) -> None:
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--size-word-dropout", type=float, default=0.3, help="captions trained without size words")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
