@@ -154,7 +154,7 @@ def test_checksums_catch_a_corrupted_or_missing_file(folders, tmp_path):
     """The shipped toy model is verified at load through SHA256SUMS; the same check on a copy of a folder."""
     import shutil
 
-    from p2p_engine.loading import verify_checksums, write_checksums
+    from p2p_engine.files import verify_checksums, write_checksums
 
     folder = tmp_path / "m"
     shutil.copytree(folders["tiny"], folder)

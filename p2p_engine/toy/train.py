@@ -135,7 +135,8 @@ def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
     from safetensors.torch import save_file
 
     from ..checkpoint import _dump, _scheduler_config, _text_config_json
-    from ..loading import text_file_key, write_checksums
+    from ..files import write_checksums
+    from ..loading import text_file_key
     from ..tokenizer import write_tokenizer
 
     if out.exists():
