@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
-from p2p_engine import jobs
+from p2p_engine import jobs, manifest
 
 STEPS, INNER, BATCH = 2, 2, 2
 PROMPTS = ["a cat", "a red car", "a dog on grass", "a blue house", "a small boat", "a tree", "a cup of tea"]
@@ -166,7 +166,7 @@ def test_edits_written(setup, tmp_path):
 KILL_AFTER_FIRST_BATCH = '''
 import os, signal, sys
 from p2p_engine import jobs
-append = jobs._append
+append = jobs._append  # the name run_jobs calls
 def killing_append(path, entry):
     append(path, entry)
     killing_append.ok += entry["status"] == "ok"
@@ -235,9 +235,9 @@ def test_job_file_errors_and_stable_ids(setup, tmp_path):
              json.dumps({"image": img, "prompt": " ".join(["cat"] * 100)})]
     f = tmp_path / "jobs.jsonl"
     f.write_text("\n".join(lines) + "\n")
-    parsed = jobs.read_jobs(f)
+    parsed = manifest.read_jobs(f)
     assert len(parsed) == 5  # the reordered duplicate runs once
-    assert parsed[0].id == jobs.job_id({"prompt": "a cat", "image": img}) and parsed[0].error is None
+    assert parsed[0].id == manifest.job_id({"prompt": "a cat", "image": img}) and parsed[0].error is None
     assert "not valid JSON" in parsed[1].error and "colour" in parsed[2].error and "swap" in parsed[3].error
     s = jobs.run_jobs(f, str(setup[1]), tmp_path / "out", steps=STEPS, inner_steps=INNER, device="cpu",
                       progress=False)

@@ -1,0 +1,185 @@
+"""The job file and the output index of `p2p_engine.jobs` (formats described there).
+
+Job ids, parsing and checking the JSONL manifest; the append-only per-rank index files, deciding which
+jobs are done, and merging the index atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ID_LEN = 16
+MAX_TOKENS = 77
+INDEX = "index.jsonl"
+MODES = ("replace", "refine", "reweight")
+JOB_KEYS = {"image", "prompt", "edits", "controller", "seed"}
+CONTROLLER_KEYS = {"mode", "cross_steps", "self_steps", "equalizer"}
+
+
+@dataclass
+class Job:
+    line: int  # 1-based line number in the job file
+    id: str
+    spec: dict = field(default_factory=dict)  # the parsed line; empty when it did not parse
+    image: Path | None = None  # resolved image path
+    error: str | None = None  # why the line cannot run, found while parsing
+
+
+# -- job file ---------------------------------------------------------------------------------------
+
+def job_id(spec) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:ID_LEN]
+
+
+def _check_spec(spec) -> str | None:
+    """The first thing wrong with a parsed job line, as a message naming the field; None when fine."""
+    if not isinstance(spec, dict):
+        return f"a job line must be a JSON object, got {type(spec).__name__}"
+    unknown = set(spec) - JOB_KEYS
+    if unknown:
+        return f"unknown keys {sorted(unknown)}; a job has {sorted(JOB_KEYS)}"
+    if not isinstance(spec.get("image"), str) or not spec["image"]:
+        return "'image' (a path string) is required"
+    if not isinstance(spec.get("prompt"), str):
+        return "'prompt' (a string) is required"
+    edits = spec.get("edits", [])
+    if not isinstance(edits, list) or not all(isinstance(e, str) for e in edits):
+        return "'edits' must be a list of prompt strings"
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return f"'seed' must be an integer, got {seed!r}"
+    ctrl = spec.get("controller")
+    if ctrl is None:
+        return None
+    if not isinstance(ctrl, dict):
+        return "'controller' must be an object like {\"mode\": \"replace\", \"cross_steps\": 0.8}"
+    unknown = set(ctrl) - CONTROLLER_KEYS
+    if unknown:
+        return f"unknown controller keys {sorted(unknown)}; a controller has {sorted(CONTROLLER_KEYS)}"
+    if ctrl.get("mode", "replace") not in MODES:
+        return f"controller mode must be one of {MODES}, got {ctrl.get('mode')!r}"
+    eq = ctrl.get("equalizer", {})
+    if not isinstance(eq, dict) or not all(isinstance(v, (int, float)) for v in eq.values()):
+        return "controller 'equalizer' must map words to numbers, e.g. {\"fluffy\": 2.0}"
+    if ctrl.get("mode") == "reweight" and not eq:
+        return "controller mode 'reweight' needs an 'equalizer'"
+    if ctrl.get("mode", "replace") != "reweight" and not edits:
+        return f"controller mode {ctrl.get('mode', 'replace')!r} needs at least one prompt in 'edits'"
+    return None
+
+
+def read_jobs(path) -> list[Job]:
+    """Parse a JSONL job file; bad lines become jobs carrying their error. Duplicate lines run once."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file not found: {path}")
+    jobs, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            raw = raw.strip()
+            if not raw or raw.startswith("#"):
+                continue
+            try:
+                spec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                jid = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:ID_LEN]
+                if jid not in seen:
+                    seen.add(jid)
+                    jobs.append(Job(n, jid, error=f"line {n} is not valid JSON: {e.msg} at column {e.colno}"))
+                continue
+            jid = job_id(spec)
+            if jid in seen:
+                continue
+            seen.add(jid)
+            error = _check_spec(spec)
+            if error is not None:
+                jobs.append(Job(n, jid, spec if isinstance(spec, dict) else {}, error=f"line {n}: {error}"))
+                continue
+            image = Path(spec["image"]).expanduser()
+            jobs.append(Job(n, jid, spec, image if image.is_absolute() else path.parent / image))
+    return jobs
+
+
+# -- index ------------------------------------------------------------------------------------------
+
+def _read_index(path: Path) -> list[dict]:
+    """Lines of one index file; a line cut short by a kill is skipped."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for raw in f:
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and "id" in entry:
+                    out.append(entry)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _index_files(out_dir: Path) -> list[Path]:
+    return [out_dir / INDEX, *sorted(out_dir.glob("index.rank*.jsonl"))]
+
+
+def _complete(entry: dict, out_dir: Path, settings: dict) -> bool:
+    if entry.get("status") != "ok" or any(entry.get(k) != v for k, v in settings.items()):
+        return False
+    outputs = entry.get("outputs", {})
+    files = [outputs.get("inversion"), *outputs.get("edits", [])]
+    return all(f and (out_dir / f).is_file() for f in files)
+
+
+def _done_ids(out_dir: Path, settings: dict) -> set[str]:
+    return {e["id"] for p in _index_files(out_dir) for e in _read_index(p) if _complete(e, out_dir, settings)}
+
+
+def _append(path: Path, entry: dict) -> None:
+    """One whole line per call, flushed to disk, so a kill loses at most the line being written."""
+    line = json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # the last run died mid-line: start a fresh line
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge_index(out_dir) -> Path:
+    """Fold DIR/index.jsonl and every DIR/index.rank*.jsonl into DIR/index.jsonl: one line per id, sorted by id.
+
+    For an id seen several times the last complete "ok" line wins, else the last line. Written atomically;
+    the merged rank files are removed afterwards.
+    """
+    out_dir = Path(out_dir)
+    files = _index_files(out_dir)
+    best: dict[str, dict] = {}
+    for p in files:
+        for e in _read_index(p):
+            prev = best.get(e["id"])
+            ok = e.get("status") == "ok" and _complete(e, out_dir, {})
+            if prev is None or ok or prev.get("status") != "ok":
+                best[e["id"]] = e
+    target = out_dir / INDEX
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".index.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for jid in sorted(best):
+                f.write(json.dumps(best[jid], ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    for p in files[1:]:
+        p.unlink(missing_ok=True)
+    return target
