@@ -86,12 +86,14 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x]
 
 
-def strip(images, labels=None, pad: int = 4):
+def strip(images, labels=None, pad: int = 4, min_height: int = 192):
     """Images side by side (e.g. input | VAE reconstruction | null-text reconstruction | edits).
 
     Args:
         images: PIL images, or a (B, 3, H, W) tensor in [-1, 1]; resized to the first one's height.
         labels: optional captions written under each picture.
+        min_height: smaller pictures (the toy model's 64 x 64) are enlarged by a whole factor, pixels kept
+            sharp, so that they can be seen and their labels fit under them.
     """
     from PIL import Image, ImageDraw
 
@@ -105,6 +107,10 @@ def strip(images, labels=None, pad: int = 4):
     h = images[0].height
     images = [im.convert("RGB") if im.height == h else im.convert("RGB").resize((round(im.width * h / im.height), h))
               for im in images]
+    if h < min_height:
+        k = -(-min_height // h)
+        images = [im.resize((im.width * k, h * k), Image.NEAREST) for im in images]
+        h *= k
     text_h = 16 if labels else 0
     width = sum(im.width for im in images) + pad * (len(images) - 1)
     out = Image.new("RGB", (width, h + text_h), (255, 255, 255))

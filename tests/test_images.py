@@ -68,8 +68,11 @@ def test_to_pil_strip_and_atomic_save(tmp_path):
     x = prepare(_img(16, 16), 16)
     back = np.asarray(to_pil(x)[0])
     assert np.array_equal(back, _img(16, 16))  # [-1, 1] round trip is exact on uint8 values
-    s = strip([to_pil(x)[0], x, Image.fromarray(_img(8, 8))], labels=["input", "vae", "nti"])
+    s = strip([to_pil(x)[0], x, Image.fromarray(_img(8, 8))], labels=["input", "vae", "nti"], min_height=16)
     assert s.height == 16 + 16 and s.width == 16 * 3 + 4 * 2
+    big = strip([x, x], labels=["a", "b"], min_height=40)  # enlarged 3x, each pixel kept as a 3 x 3 block
+    assert big.height == 48 + 16 and big.width == 48 * 2 + 4
+    assert np.array_equal(np.asarray(big)[:48:3, :48:3], back)
     save_png_atomic(s, tmp_path / "d" / "strip.png")
     assert Image.open(tmp_path / "d" / "strip.png").size == s.size
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["strip.png"]
