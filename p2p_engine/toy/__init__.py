@@ -1,8 +1,8 @@
 """The toy model: procedural shapes dataset, its analysis, and the config of the model trained on it.
 
-`TOY` is the ModelConfig the training script (`python -m p2p_engine.toy.train`) builds; the lead may
-register it as `PRESETS["toy"]` in config.py. 64 x 64 images, a VAE with downscale 4 -> 16 x 16 latents,
-so the UNet attends at 16 x 16 and 8 x 8 (cross) and in the 4 x 4 mid block.
+`TOY` is the ModelConfig the training script (`python -m p2p_engine.toy.train`) builds; the trained
+weights ship in `p2p_engine/data/toy` and load with `p2p.load("toy")`. 64 x 64 images, a VAE with
+downscale 4 -> 16 x 16 latents, so the UNet attends at 16 x 16 and 8 x 8 and in the 4 x 4 mid block.
 """
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 
