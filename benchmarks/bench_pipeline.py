@@ -19,7 +19,6 @@ Correctness gates before any timing (few steps, against the baseline in higher p
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import tempfile
 
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure, measure_grad, rel_err, run_suite, \
-    save_checkpoint
+from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure, measure_grad, rel_err, \
+    save_checkpoint, script_main
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -386,11 +385,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args(argv)
-    return run_suite(only=["pipeline"], smoke=args.smoke, device=args.device, record=True)
+    return script_main("pipeline", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ device's measured dense-matmul rate: no implementation does that arithmetic fast
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 
 import torch
 
-from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, run_suite, save_checkpoint
+from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, save_checkpoint, script_main
 
 TIMESTEP = 500
 
@@ -106,11 +105,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args(argv)
-    return run_suite(only=["unet"], smoke=args.smoke, device=args.device, record=True)
+    return script_main("unet", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

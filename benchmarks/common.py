@@ -93,21 +93,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     bound that includes everything loaded before).
     """
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        samples = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples.append((time.perf_counter() - t0) * 1e3)
-    if device.type == "cuda":
-        return Timing(samples, torch.cuda.max_memory_allocated(device), "cuda")
-    return Timing(samples, _rss_peak_bytes(), "rss")
+        return measure_grad(fn, device, warmup=warmup, repeats=repeats)
 
 
 def measure_grad(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 3) -> Timing:
@@ -372,3 +358,14 @@ def save_checkpoint(tmp: str, preset: str) -> str:
     if not os.path.exists(path):
         p2p.save_random_checkpoint(path, preset, seed=0, layout="diffusers")
     return path
+
+
+def script_main(name: str, description: str, argv=None) -> int:
+    """The command line of one benchmark script: `python benchmarks/bench_<name>.py [--smoke] [--device D]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    return run_suite(only=[name], smoke=args.smoke, device=args.device, record=True)

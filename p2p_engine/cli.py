@@ -11,14 +11,17 @@ The engine is imported inside each command, not at module level, so that
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "float16", "bfloat16")
 PRESET_NAMES = ("tiny", "tiny-v", "sd15", "sd21")
+
+
+def _save_png(image, path: Path) -> None:
+    from .images import save_png_atomic  # torch and PIL load only when a command runs, not for --help
+    save_png_atomic(image, path)
 
 
 class UserError(Exception):
@@ -121,26 +124,6 @@ def _check_out(path: str, suffix: str) -> Path:
     if out.parent and not out.parent.exists():
         raise UserError(f"the folder of --out {path!r} does not exist")
     return out
-
-
-def _save_png(image, path: Path) -> None:
-    """Write a PIL image atomically: a temporary file in the same folder, then one rename."""
-    try:
-        from .images import save_png_atomic
-    except ImportError:
-        save_png_atomic = None
-    if save_png_atomic is not None:
-        save_png_atomic(image, path)
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _side_by_side(images):

@@ -269,18 +269,10 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
 
 # -- command line -----------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `run` subcommand to an argparse subparsers object; sets func=run_command."""
+    from .cli import _positive_int
+
     p = subparsers.add_parser(
         "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
         description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
