@@ -118,7 +118,8 @@ def attention_overlap(pipe, n: int = 30, steps: int = STEPS) -> dict[int, tuple[
             h, w = blob.mask.shape
             cells = blob.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
             ious.setdefault(res, []).append(iou(m >= 0.5 * m.max(), cells))
-            inside, outside = m[cells].mean() if cells.any() else 0.0, m[~cells].mean()
+            inside = m[cells].mean() if cells.any() else 0.0
+            outside = m[~cells].mean() if not cells.all() else 0.0
             local[res] = local.get(res, 0) + bool(inside >= 1.5 * outside)
     return {res: (float(np.mean(v)), Rate(local.get(res, 0), n)) for res, v in ious.items()}
 

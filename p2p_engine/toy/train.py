@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import TOY
+from . import CONFIGS
 from .dataset import SIZES, make_batch
 
 
@@ -168,6 +168,7 @@ def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (diffusers layout); replaced if it exists")
+    p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model size (see toy/__init__.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--unet-steps", type=int, default=7000)
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
     start = time.time()
     budget = float("inf") if args.minutes is None else args.minutes * 60
 
-    cfg = TOY
+    cfg = CONFIGS[args.config]
     vae = VAE(cfg.vae)
     vae_loss = train_vae(vae, args, start + budget / 4)
     vae.eval().requires_grad_(False)
