@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("p2p_engine.unet", reason="needs the engine's UNet (p2p_engine/unet.py)")
-
-import p2p_engine as p2p  # noqa: E402
-from p2p_engine.control import word_inds  # noqa: E402
+import p2p_engine as p2p
+from p2p_engine.control import word_inds
 
 STEPS = 4
 SRC = "a cat riding a bicycle"
@@ -325,8 +323,9 @@ def test_deterministic_and_bad_inputs(pipe):
 
 # -- the fused kernels through Triton's interpreter ------------------------------------------------
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="the interpreter is off where CUDA is present; tests/test_kernel_*.py run the compiled kernels")
 def test_triton_backend_matches_reference(ckpt, pipe, ref_unet):
-    pytest.importorskip("p2p_engine.kernels")
     tpipe = p2p.load(ckpt, device="cpu", dtype=torch.float32, backend="triton")
     assert tpipe.backend == "triton"
     prompts = [SRC, TGT]
