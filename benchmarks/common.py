@@ -215,6 +215,9 @@ def banner(device: torch.device, smoke: bool) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; P2P_COMMIT where the tree travelled without .git (the GPU machine)."""
+    if os.environ.get("P2P_COMMIT"):
+        return os.environ["P2P_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=BENCH_DIR, capture_output=True,
                              text=True, timeout=10)
