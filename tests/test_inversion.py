@@ -229,3 +229,23 @@ class _no_warning:
         self._cm.__exit__(*exc)
         msgs = [str(w.message) for w in self._log if "CUDA-graph" in str(w.message)]
         assert not msgs, msgs
+
+
+def test_bfloat16_null_text_warns(tmp_path):
+    """bf16 is measured not to reach fp32's losses (see inversion._warn_bf16): asking for it says so;
+    fp16 and the non-optimising methods do not warn."""
+    import warnings
+
+    ckpt = p2p.save_random_checkpoint(tmp_path / "m", "tiny", seed=0)
+    image = photo(2)
+    bf16 = p2p.load(ckpt, device="cpu", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="bfloat16"):
+        invert(bf16, image, "a cat", steps=1, inner_steps=1, progress=False)
+    fp32 = p2p.load(ckpt, device="cpu", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="bfloat16"), torch.autocast("cpu", dtype=torch.bfloat16):
+        invert(fp32, image, "a cat", steps=1, inner_steps=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invert(bf16, image, "a cat", steps=1, method="ddim", progress=False)
+        invert(p2p.load(ckpt, device="cpu", dtype=torch.float16), image, "a cat", steps=1, inner_steps=1,
+               progress=False)
