@@ -305,6 +305,10 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
     return nulls, losses
 
 
+# The reference's early stop: step i stops once its loss < EPSILON + i * EPSILON_SLOPE.
+EPSILON, EPSILON_SLOPE = 1e-5, 2e-5
+
+
 def _warn_bf16(pipe) -> None:
     """Measured on the toy model (4 held-out scenes, reference settings, fp32 master embedding): an fp16
     UNet ends each step within 3% of fp32's loss; a bf16 one (weights or autocast) 23-25% higher, with
@@ -318,7 +322,7 @@ def _warn_bf16(pipe) -> None:
 
 def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float = 7.5,
                  method: str = "null_text", early_stop: bool = True, progress: bool = True,
-                 epsilon: float = 1e-5, epsilon_slope: float = 2e-5, use_graph: bool | None = None,
+                 epsilon: float = EPSILON, epsilon_slope: float = EPSILON_SLOPE, use_graph: bool | None = None,
                  crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[Inversion]:
     """Invert N images at once, each with its own prompt, null embeddings and early stopping.
 

@@ -25,15 +25,16 @@ VARIANTS = (("float32", torch.float32, None), ("bfloat16 weights", torch.bfloat1
             ("float32, float16 autocast", torch.float32, torch.float16))
 
 
-def final_losses(losses: torch.Tensor) -> torch.Tensor:
-    """(steps, inner) per-iteration losses, NaN after an early stop -> (steps,) the last loss of each step."""
+def final_losses(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steps, inner) per-iteration losses, NaN after an early stop -> ((steps,) the last loss of each
+    step, (steps,) the iterations it used)."""
     used = (~losses.isnan()).sum(1)
-    return losses[torch.arange(losses.shape[0]), (used - 1).clamp(min=0)]
+    return losses[torch.arange(losses.shape[0]), (used - 1).clamp(min=0)], used
 
 
 def measure(model: str, dtype: torch.dtype, autocast, images, prompts, steps: int) -> dict:
     from ..editing import decode
-    from ..inversion import invert_batch, reconstruct
+    from ..inversion import EPSILON, EPSILON_SLOPE, invert_batch, reconstruct
     from ..loading import load
 
     pipe = load(model, dtype=dtype, backend="torch")
@@ -42,9 +43,9 @@ def measure(model: str, dtype: torch.dtype, autocast, images, prompts, steps: in
     with precision():
         invs = invert_batch(pipe, images, prompts, steps=steps, progress=False)
     seconds = time.perf_counter() - t
-    last = torch.stack([final_losses(inv.losses) for inv in invs])  # (N, steps)
-    thresh = 1e-5 + torch.arange(steps) * 2e-5
-    used = torch.stack([(~inv.losses.isnan()).sum(1) for inv in invs]).float()
+    last, used = (torch.stack(x) for x in zip(*(final_losses(inv.losses) for inv in invs)))  # (N, steps) each
+    thresh = EPSILON + torch.arange(steps) * EPSILON_SLOPE
+    used = used.float()
     psnrs = []
     for img, inv in zip(images, invs):
         with precision():
