@@ -1,7 +1,8 @@
 """One UNet forward (one sampling step at batch B): ours against diffusers.
 
 GPU (full run): the SD 1.5 UNet with random weights, fp16, 64 x 64 latents, batch 1/2/4/8:
-ours with Triton kernels, ours on the pure-torch path, diffusers with SDPA (AttnProcessor2_0) and diffusers
+ours with Triton kernels (eager, and the whole forward replayed from a CUDA graph: `p2p_engine.graphs`),
+ours on the pure-torch path, diffusers with SDPA (AttnProcessor2_0) and diffusers
 with the materialised-probability processor (AttnProcessor, what reference P2P hooks into).
 CPU smoke: the tiny preset in fp32, batch 1 and 2, torch path only (Triton on CPU runs in its interpreter,
 which times Python, not kernels).
@@ -80,6 +81,13 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         base_lo = d_sdpa(sample, t, encoder_hidden_states=ctx).sample
         checks = {b: check_close(f"{b} vs diffusers", _out(ours[b].unet(sample, t, ctx)), ref_hi, base_lo, dtype)
                   for b in backends}
+    graphed = {}
+    if on_gpu:
+        graphed[2] = _graph_or_none(ours[backends[0]].unet, sample, t, ctx)
+        if graphed[2] is not None:
+            with torch.inference_mode():
+                checks["graph"] = check_close("CUDA graph vs diffusers", graphed[2](sample, t, ctx), ref_hi,
+                                              base_lo, dtype)
     del d_hi, ref_hi
     if on_gpu:
         torch.cuda.empty_cache()
@@ -101,7 +109,25 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                             checks[backend], extra={"steps_per_s": 1e3 / mine.median}))
             rows.append(Row(f"batch {b}", f"ours {backend}", mine, "diffusers AttnProcessor", mat, floor_ms,
                             checks[backend]))
+        if "graph" in checks:
+            g = graphed.get(b) or _graph_or_none(ours[backends[0]].unet, sample, t, ctx)
+            if g is not None:
+                mine = measure(lambda: g(sample, t, ctx), device, warmup=warmup, repeats=repeats)
+                rows.append(Row(f"batch {b}", f"ours {backends[0]} + CUDA graph", mine, "diffusers SDPA", sdpa,
+                                floor_ms, checks["graph"], extra={"steps_per_s": 1e3 / mine.median}))
+            graphed.pop(b, None)
     return rows
+
+
+def _graph_or_none(unet, sample, t, ctx):
+    """The forward captured in a CUDA graph, or None (with the reason printed) where capture fails: the
+    other rows of the benchmark still count."""
+    from p2p_engine.graphs import GraphedUNet
+    try:
+        return GraphedUNet(unet, sample, t, ctx)
+    except RuntimeError as e:  # capture refused an operation
+        print(f"CUDA graph capture failed, graph rows left out: {e}")
+        return None
 
 
 def main(argv=None) -> int:

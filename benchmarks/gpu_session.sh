@@ -28,9 +28,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
     | tee "$OUT/device.txt"
 
 # 1. CUDA tests: the kernel files run every case compiled on the GPU (fp16/bf16 included), and the
-#    CUDA-graph null-text loop against the eager one.
+#    CUDA-graph null-text loop and the graphed UNet forward against the eager ones.
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_cross.py tests/test_kernel_self.py \
-    "tests/test_inversion.py::test_cuda_graph_equals_eager" 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+    "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
 for spec in attention:60 unet:90 pipeline:210 load:60; do

@@ -1,12 +1,18 @@
 """Train the toy Stable-Diffusion-architecture model on the procedural shapes dataset.
 
-    python -m p2p_engine.toy.train --out DIR [--vae-steps N] [--unet-steps N] [--minutes M] [--threads T]
+    python -m p2p_engine.toy.train --out DIR [--config NAME] [--vae-steps N] [--unet-steps N] [--minutes M]
+        [--init DIR] [--pool N] [--vae-stop N] [--unet-stop N] [--threads T]
 
 Phase 1 trains the VAE (L1 + MSE reconstruction, small KL). Phase 2 freezes it and trains the UNet and
 the text encoder jointly (epsilon prediction, SD scaled-linear schedule, 10% empty captions for CFG).
 The text encoder is trained with the UNet because a random CLIP gives the UNet nothing to attend to.
 Deterministic for a seed and step counts: seeded data stream, fixed threads, deterministic algorithms.
-`--minutes` caps wall time (then the step count, and so the result, depends on the machine's speed).
+`--minutes` caps wall time (then the step count, and so the result, depends on the machine's speed);
+`--vae-stop`/`--unet-stop` end a phase after that many steps of its schedule, which replays what a cap did.
+`--init DIR` continues from an earlier output folder of the same config (its VAE and scaling factor are
+kept; pass `--vae-steps 0`). `--pool N` renders and encodes N scenes once and draws every UNet batch from
+them (reshuffled each pass): rendering and VAE-encoding each batch afresh costs about as much as the
+UNet's own step on the 2-core machine.
 Writes a diffusers-layout folder (weights stored in fp16) that `p2p_engine.load(DIR)` reads.
 """
 from __future__ import annotations
@@ -51,7 +57,7 @@ def train_vae(vae, args, deadline: float) -> float:
     ema = None
     done = 0
     t0 = time.time()
-    for step in range(args.vae_steps):
+    for step in range(min(args.vae_steps, args.vae_stop or args.vae_steps)):
         if time.time() > deadline:
             print(f"vae: time cap reached at step {step}")
             break
@@ -87,31 +93,83 @@ def latent_scale(vae, args) -> float:
     return float(1.0 / z.std())
 
 
+class LatentPool:
+    """`args.pool` scenes of stream `args.seed` from `offset`, rendered and encoded once; batch k of
+    each pass through them follows a seeded permutation, so the draw is deterministic."""
+
+    def __init__(self, vae, scale: float, args, offset: int, chunk: int = 64):
+        t0 = time.time()
+        self.batch_size, self.seed = args.batch, args.seed
+        latents, self.captions = [], []
+        for start in range(0, args.pool, chunk):
+            n = min(chunk, args.pool - start)
+            imgs, caps = make_batch(args.seed, offset + start, n)
+            with torch.no_grad():
+                latents.append(vae.encode(_to_tensor(imgs)) * scale)
+            self.captions += caps
+        self.latents = torch.cat(latents)
+        self.per_pass = args.pool // args.batch
+        self._order, self._pass = None, -1
+        print(f"pool: {args.pool} scenes encoded in {time.time() - t0:.0f} s", flush=True)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        p, k = divmod(step, self.per_pass)
+        if p != self._pass:
+            g = torch.Generator().manual_seed(self.seed * 1000 + p)
+            self._order, self._pass = torch.randperm(len(self.captions), generator=g), p
+        idx = self._order[k * self.batch_size:(k + 1) * self.batch_size]
+        return self.latents[idx], [self.captions[i] for i in idx.tolist()]
+
+
+def load_init(folder: Path, unet, vae, text_encoder) -> float:
+    """Weights of an earlier `train` output (same config) into the fresh modules; returns its scaling factor."""
+    from safetensors.torch import load_file
+
+    from ..loading import text_file_key
+
+    for part, module, name in (("unet", unet, lambda k: k), ("vae", vae, lambda k: k),
+                               ("text_encoder", text_encoder, text_file_key)):
+        fname = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        stored = load_file(str(folder / part / fname))
+        sd = module.state_dict()
+        wrong = [k for k, v in sd.items() if not k.endswith("position_ids")
+                 and (name(k) not in stored or stored[name(k)].shape != v.shape)]
+        if wrong:
+            raise ValueError(f"--init {folder}: its {part} lacks or reshapes {wrong[:3]}...; "
+                             "was it trained with another --config?")
+        module.load_state_dict({k: stored[name(k)].to(v.dtype) if name(k) in stored else v for k, v in sd.items()})
+    return float(json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
+
+
 def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline: float) -> float:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     acp = torch.cumprod(1 - betas, 0).float()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 7)  # caption dropout, timesteps and noise
+    offset = 10_000_000  # UNet phase reads other scenes than the VAE phase did
+    pool = LatentPool(vae, scale, args, offset=2 * offset) if args.pool else None
     ema = None
     done = 0
     t0 = time.time()
-    offset = 10_000_000  # UNet phase reads other scenes than the VAE phase did
-    for step in range(args.unet_steps):
+    for step in range(min(args.unet_steps, args.unet_stop or args.unet_steps)):
         if time.time() > deadline:
             print(f"unet: time cap reached at step {step}")
             break
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.unet_steps, args.unet_lr)
-        imgs, caps = make_batch(args.seed, offset + step * args.batch, args.batch)
+        if pool is None:
+            imgs, caps = make_batch(args.seed, offset + step * args.batch, args.batch)
+            with torch.no_grad():
+                z0 = vae.encode(_to_tensor(imgs)) * scale
+        else:
+            z0, caps = pool.batch(step)
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
         # Some captions lose their size words ("a red circle on ..."), so prompts without sizes work too.
         no_size = torch.rand(args.batch, generator=gen) < args.size_word_dropout
         caps = [_drop_sizes(c) if d else c for c, d in zip(caps, no_size.tolist())]
         ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            z0 = vae.encode(_to_tensor(imgs)) * scale
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
@@ -181,6 +239,10 @@ def main(argv=None) -> None:
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--size-word-dropout", type=float, default=0.3, help="captions trained without size words")
+    p.add_argument("--init", type=Path, default=None, help="continue from this earlier output folder")
+    p.add_argument("--pool", type=int, default=0, help="encode this many scenes once and train the UNet on them")
+    p.add_argument("--vae-stop", type=int, default=None, help="stop the VAE phase after this many steps")
+    p.add_argument("--unet-stop", type=int, default=None, help="stop the UNet phase after this many steps")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
@@ -202,20 +264,28 @@ def main(argv=None) -> None:
 
     cfg = CONFIGS[args.config]
     vae = VAE(cfg.vae)
+    if args.init is not None:
+        unet, text_encoder = UNet(cfg.unet), CLIPTextModel(_clip_config(cfg.text))
+        init_scale = load_init(args.init, unet, vae, text_encoder)
     vae_loss = train_vae(vae, args, start + budget / 4)
     vae.eval().requires_grad_(False)
-    scale = latent_scale(vae, args)
+    # A kept VAE keeps its scaling factor: the UNet it comes with was trained on latents scaled by it.
+    scale = init_scale if args.init is not None and args.vae_steps == 0 else latent_scale(vae, args)
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=round(scale, 5)))
     print(f"latent scaling_factor {scale:.5f}", flush=True)
 
     torch.manual_seed(args.seed + 1)
-    unet = UNet(cfg.unet)
-    text_encoder = CLIPTextModel(_clip_config(cfg.text))
+    if args.init is None:
+        unet = UNet(cfg.unet)
+        text_encoder = CLIPTextModel(_clip_config(cfg.text))
     tokenizer = clip_tokenizer(cfg.pad_token)
     unet_loss = train_unet(unet, text_encoder, vae, tokenizer, scale, args, start + budget)
 
-    losses = {"vae_rec": vae_loss, "unet_eps_mse": unet_loss, "scaling_factor": scale,
-              "minutes": (time.time() - start) / 60, "args": vars(args)}
+    losses = {"vae_rec": None if np.isnan(vae_loss) else vae_loss, "unet_eps_mse": unet_loss, "scaling_factor": scale,
+              "minutes": (time.time() - start) / 60,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.init is not None:  # the record of the run this one continued
+        losses["init"] = json.loads((args.init / "training.json").read_text())
     save(Path(args.out), cfg, unet.eval(), vae, text_encoder.eval(), losses)
     print(json.dumps({k: v for k, v in losses.items() if k != "args"}), flush=True)
     print(f"wrote {args.out}", flush=True)
