@@ -84,3 +84,20 @@ def test_null_text_inversion_reconstructs_held_out_scenes(toy):
     print(f"PSNR gap VAE - null-text {gap:.2f} dB; latent MSE DDIM+CFG / null-text {ratio:.1f}x")
     assert gap <= 1.0
     assert ratio >= 10.0
+
+
+def test_attention_by_layer_diagnosis(toy):
+    """The per-layer diagnosis behind the two misses: every cross-attention layer reported, shares are
+    fractions, no 16x16 layer locates the shape as well as the best 8x8 layer does, and the
+    hooks are gone afterwards (later generations are untouched)."""
+    from p2p_engine.unet import Attention
+
+    layers = E.attention_by_layer(toy, 4, steps=10)
+    cross = [n for n, m in toy.unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
+    assert sorted(layers) == sorted(cross)
+    for name, (res, m, share, tail) in layers.items():
+        print(f"{name}: {res}x{res} IoU {m:.2f} share {share:.3f} EOS+pad {tail:.2f}")
+        assert res in (4, 8, 16) and 0 <= m <= 1 and 0 < share < 1 and 0 < tail < 1 and share + tail <= 1 + 1e-5
+    at = lambda r: [v for v in layers.values() if v[0] == r]  # noqa: E731
+    assert max(v[1] for v in at(16)) < max(v[1] for v in at(8))
+    assert all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in toy.unet.modules())

@@ -1,6 +1,6 @@
 """Measure what the toy model's edits and inversions are worth, with the procedural analysis.
 
-    python -m p2p_engine.toy.evaluate [--model toy] [--seeds 60] [--images 4]
+    python -m p2p_engine.toy.evaluate [--model toy] [--seeds 60] [--images 4] [--layers]
 
 Prints one line per measure; `tests/test_toy_model.py` asserts the issue's thresholds on the same
 functions. Every measure is deterministic for its seeds.
@@ -124,6 +124,60 @@ def attention_overlap(pipe, n: int = 30, steps: int = STEPS) -> dict[int, tuple[
     return {res: (float(np.mean(v)), Rate(local.get(res, 0), n)) for res, v in ious.items()}
 
 
+def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[int, float, float, float]]:
+    """What each cross-attention layer does with the shape word, from forward hooks that recompute its
+    head-averaged probabilities (conditional rows, every step): layer name -> (map side, mean IoU of the
+    shape word's thresholded map with the shape as in `attention_overlap`, the shape word's mean share of
+    a query's attention per step, the share of the tokens after the prompt's last word: EOS and padding,
+    which see the whole caption through CLIP's causal mask). A diagnosis of where text acts locally."""
+    from ..control import word_inds
+    from ..unet import Attention
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, kwargs, out):
+            x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+            B, N, _ = x.shape
+            q = module.to_q(x).view(B, N, module.heads, -1).transpose(1, 2)
+            k = module.to_k(ctx).view(B, ctx.shape[1], module.heads, -1).transpose(1, 2)
+            p = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, -1).mean(1)
+            sums[name] = sums.get(name, 0) + p[B // 2:].detach()  # the guided batch is [uncond, cond]
+        return record
+
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in pipe.unet.named_modules()
+               if isinstance(m, Attention) and name.endswith("attn2")]
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    try:
+        for seed, color, shape, bg in _cases(n):
+            sums.clear()
+            text = caption(color, shape, bg)
+            img = pipe.generate([text], seed=seed, steps=steps, guidance=GUIDANCE, store=False,
+                                progress=False).images[0]
+            blob = largest_blob(_array(img))
+            if blob is None:
+                continue
+            tok = word_inds(text, shape, pipe.tokenizer)
+            tail = max(word_inds(text, text.split()[-1], pipe.tokenizer)) + 1
+            for name, total in sums.items():
+                probs = total[0] / steps
+                res = int(round(probs.shape[0] ** 0.5))
+                m = probs[:, tok].mean(-1).reshape(res, res).numpy()
+                h, w = blob.mask.shape
+                cells = blob.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
+                rows.setdefault(name, []).append((iou(m >= 0.5 * m.max(), cells), float(probs[:, tok].sum(-1).mean()),
+                                                  float(probs[:, tail:].sum(-1).mean())))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, v in rows.items():
+        a = np.array(v)
+        res = int(round(sums[name].shape[1] ** 0.5)) if name in sums else 0
+        out[name] = (res, float(a[:, 0].mean()), float(a[:, 1].mean()), float(a[:, 2].mean()))
+    return out
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
@@ -161,6 +215,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=60)
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", action="store_true", help="only the per-layer attention diagnosis (12 seeds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ..loading import load
@@ -171,6 +226,11 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     pipe = load(args.model, backend="torch")
     print(f"load: {time.perf_counter() - t:.2f} s ({first:.2f} s the first time, which imports transformers' CLIP)")
+    if args.layers:
+        for name, (res, m, share, tail) in attention_by_layer(pipe).items():
+            print(f"{name}: {res}x{res}, shape word's map IoU {m:.2f}, its share of attention {share:.3f}, "
+                  f"EOS and padding's share {tail:.2f}")
+        return
     t = time.perf_counter()
     both, color, shape = generation_follows_captions(pipe, args.seeds)
     print(f"generation follows captions: colour and shape {both}, colour {color}, shape {shape} "
