@@ -147,7 +147,7 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
 
     handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in pipe.unet.named_modules()
                if isinstance(m, Attention) and name.endswith("attn2")]
-    rows: dict[str, list[tuple[float, float, float]]] = {}
+    rows: dict[str, list[tuple[int, float, float, float]]] = {}
     try:
         for seed, color, shape, bg in _cases(n):
             sums.clear()
@@ -165,17 +165,13 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
                 m = probs[:, tok].mean(-1).reshape(res, res).numpy()
                 h, w = blob.mask.shape
                 cells = blob.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
-                rows.setdefault(name, []).append((iou(m >= 0.5 * m.max(), cells), float(probs[:, tok].sum(-1).mean()),
+                rows.setdefault(name, []).append((res, iou(m >= 0.5 * m.max(), cells),
+                                                  float(probs[:, tok].sum(-1).mean()),
                                                   float(probs[:, tail:].sum(-1).mean())))
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, v in rows.items():
-        a = np.array(v)
-        res = int(round(sums[name].shape[1] ** 0.5)) if name in sums else 0
-        out[name] = (res, float(a[:, 0].mean()), float(a[:, 1].mean()), float(a[:, 2].mean()))
-    return out
+    return {name: (v[0][0], *(float(np.mean([r[i] for r in v])) for i in (1, 2, 3))) for name, v in rows.items()}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -121,24 +121,22 @@ class LatentPool:
         return self.latents[idx], [self.captions[i] for i in idx.tolist()]
 
 
-def load_init(folder: Path, unet, vae, text_encoder) -> float:
-    """Weights of an earlier `train` output (same config) into the fresh modules; returns its scaling factor."""
+def load_init(folder: Path, part: str, module: torch.nn.Module) -> None:
+    """One part ("unet", "vae" or "text_encoder") of an earlier `train` output (same config) into `module`."""
     from safetensors.torch import load_file
 
     from ..loading import text_file_key
 
-    for part, module, name in (("unet", unet, lambda k: k), ("vae", vae, lambda k: k),
-                               ("text_encoder", text_encoder, text_file_key)):
-        fname = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        stored = load_file(str(folder / part / fname))
-        sd = module.state_dict()
-        wrong = [k for k, v in sd.items() if not k.endswith("position_ids")
-                 and (name(k) not in stored or stored[name(k)].shape != v.shape)]
-        if wrong:
-            raise ValueError(f"--init {folder}: its {part} lacks or reshapes {wrong[:3]}...; "
-                             "was it trained with another --config?")
-        module.load_state_dict({k: stored[name(k)].to(v.dtype) if name(k) in stored else v for k, v in sd.items()})
-    return float(json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
+    name = text_file_key if part == "text_encoder" else (lambda k: k)
+    fname = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    stored = load_file(str(folder / part / fname))
+    sd = module.state_dict()
+    wrong = [k for k, v in sd.items() if not k.endswith("position_ids")
+             and (name(k) not in stored or stored[name(k)].shape != v.shape)]
+    if wrong:
+        raise ValueError(f"--init {folder}: its {part} lacks or reshapes {wrong[:3]}...; "
+                         "was it trained with another --config?")
+    module.load_state_dict({k: stored[name(k)].to(v.dtype) if name(k) in stored else v for k, v in sd.items()})
 
 
 def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline: float) -> float:
@@ -265,19 +263,23 @@ def main(argv=None) -> None:
     cfg = CONFIGS[args.config]
     vae = VAE(cfg.vae)
     if args.init is not None:
-        unet, text_encoder = UNet(cfg.unet), CLIPTextModel(_clip_config(cfg.text))
-        init_scale = load_init(args.init, unet, vae, text_encoder)
+        load_init(args.init, "vae", vae)
     vae_loss = train_vae(vae, args, start + budget / 4)
     vae.eval().requires_grad_(False)
-    # A kept VAE keeps its scaling factor: the UNet it comes with was trained on latents scaled by it.
-    scale = init_scale if args.init is not None and args.vae_steps == 0 else latent_scale(vae, args)
+    if args.init is not None and args.vae_steps == 0:
+        # A kept VAE keeps its scaling factor: the UNet it comes with was trained on latents scaled by it.
+        scale = float(json.loads((args.init / "vae" / "config.json").read_text())["scaling_factor"])
+    else:
+        scale = latent_scale(vae, args)
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=round(scale, 5)))
     print(f"latent scaling_factor {scale:.5f}", flush=True)
 
     torch.manual_seed(args.seed + 1)
-    if args.init is None:
-        unet = UNet(cfg.unet)
-        text_encoder = CLIPTextModel(_clip_config(cfg.text))
+    unet = UNet(cfg.unet)
+    text_encoder = CLIPTextModel(_clip_config(cfg.text))
+    if args.init is not None:
+        load_init(args.init, "unet", unet)
+        load_init(args.init, "text_encoder", text_encoder)
     tokenizer = clip_tokenizer(cfg.pad_token)
     unet_loss = train_unet(unet, text_encoder, vae, tokenizer, scale, args, start + budget)
 
