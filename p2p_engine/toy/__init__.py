@@ -20,8 +20,8 @@ TOY = ModelConfig(
 # at its full resolution, so its 16 x 16 and 8 x 8 cross maps sit below the top level as SD's 16 x 16
 # maps do at 64 x 64 latents. Trained with `--config toy32 --vae-steps 1500 --unet-steps 6000
 # --minutes 80` (the cap stopped it at 1292 VAE + 4787 UNet steps on the 2-core machine), its shape
-# word's 16 x 16 maps reached a mean IoU of 0.51 with the shape (TOY: 0.16), but its generations
-# followed the caption in 15% of 60 seeds (TOY: 92%). Continued for 7000 more UNet steps (`--init`,
+# word's 16 x 16 maps reached a mean IoU of 0.51 with the shape (TOY's first run: 0.16), but its generations
+# followed the caption in 15% of 60 seeds (TOY's first run: 92%). Continued for 7000 more UNet steps (`--init`,
 # `--pool 32000`, 55 min) its loss fell from 0.0170 to 0.0114, yet it followed captions in only 30%, its
 # samples had smeared backgrounds and its 16 x 16 maps fell to 0.43: not a way out. See the README.
 TOY32 = ModelConfig(
