@@ -98,6 +98,17 @@ def replace_keeps_layout(pipe, n: int = 40, steps: int = STEPS, min_iou: float =
     return Rate(kept, n), Rate(kept_free, n), Rate(reached, n), float(np.mean(ious)), float(np.mean(ious_free))
 
 
+def _cells(mask: np.ndarray, res: int) -> np.ndarray:
+    """A pixel mask averaged onto a res x res grid: the cells more than half covered."""
+    h, w = mask.shape
+    return mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
+
+
+def _map_iou(m: np.ndarray, cells: np.ndarray) -> float:
+    """IoU of a map thresholded at half its maximum with the shape's cells."""
+    return iou(m >= 0.5 * m.max(), cells)
+
+
 def attention_overlap(pipe, n: int = 30, steps: int = STEPS) -> dict[int, tuple[float, Rate]]:
     """Per stored cross-map resolution: (mean IoU, localised rate) of the shape word's map against the
     generated shape's mask averaged onto the map's grid (cells more than half covered).
@@ -115,9 +126,8 @@ def attention_overlap(pipe, n: int = 30, steps: int = STEPS) -> dict[int, tuple[
             if blob is None:
                 ious.setdefault(res, []).append(0.0)
                 continue
-            h, w = blob.mask.shape
-            cells = blob.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
-            ious.setdefault(res, []).append(iou(m >= 0.5 * m.max(), cells))
+            cells = _cells(blob.mask, res)
+            ious.setdefault(res, []).append(_map_iou(m, cells))
             inside = m[cells].mean() if cells.any() else 0.0
             outside = m[~cells].mean() if not cells.all() else 0.0
             local[res] = local.get(res, 0) + bool(inside >= 1.5 * outside)
@@ -163,9 +173,7 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
                 probs = total[0] / steps
                 res = int(round(probs.shape[0] ** 0.5))
                 m = probs[:, tok].mean(-1).reshape(res, res).numpy()
-                h, w = blob.mask.shape
-                cells = blob.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
-                rows.setdefault(name, []).append((res, iou(m >= 0.5 * m.max(), cells),
+                rows.setdefault(name, []).append((res, _map_iou(m, _cells(blob.mask, res)),
                                                   float(probs[:, tok].sum(-1).mean()),
                                                   float(probs[:, tail:].sum(-1).mean())))
     finally:
