@@ -6,7 +6,9 @@ DDIMScheduler with the reference settings, and for P2P an attention processor th
 probability map and edits it in Python per layer, as the reference's controllers do.
 
 GPU (full run): SD 1.5 architecture, random weights, 512 x 512, 50 steps, fp16 for generation and edits
-(2 prompts), fp32 for inversion (the reference's precision), 10 inner iterations per step.
+(2 prompts); inversion in fp32 (the reference's precision), 10 inner iterations per step fixed, timed over
+10 DDIM steps (a GPU lease is 15 minutes): every step does the same work, so 50 steps take 5 times as long.
+With P2P_BENCH_DEADLINE set, inversion variants that would not finish in time are left out and said so.
 CPU smoke: the tiny preset, fp32, 3 steps.
 
 Correctness gates before any timing (few steps, against the baseline in higher precision):
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure, measure_grad, rel_err, \
-    save_checkpoint, script_main
+    save_checkpoint, script_main, seconds_left
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -261,8 +263,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     dtype = torch.float16 if on_gpu and not smoke else torch.float32
     hi = torch.float32 if dtype == torch.float16 else torch.float64
     steps, check_steps = (3, 3) if smoke else (50, 5)
-    inv_steps, inner = (3, 3) if smoke else (50, 10)
+    inv_steps, inner = (3, 3) if smoke else (10, 10)
     warmup, repeats = (0, 1) if smoke else (1, 3)
+    inv_repeats = 1 if smoke else 2  # each variant is warmed by a 2-step run first
     prompts = [SOURCE, TARGET]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,8 +356,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     edit_ours = measure(lambda: ours_edit(steps), device, warmup=warmup, repeats=repeats)
     edit_ref = measure(lambda: ref_edit(ref, steps), device, warmup=warmup, repeats=repeats)
     timing_kw = dict(invert_kw, steps=inv_steps, inner_steps=inner)
+    warm_kw = dict(invert_kw, steps=2, inner_steps=2)  # compiles, autotunes and captures before the clock runs
+    ref_null_text(ref32, image, SOURCE, 2, 2, early_stop=not fixed_iters)
     inv_ref = measure_grad(lambda: ref_null_text(ref32, image, SOURCE, inv_steps, inner, early_stop=not fixed_iters),
-                           device, warmup=warmup, repeats=repeats)
+                           device, warmup=0, repeats=inv_repeats)
     iters = f"{inner} iterations per step" + ("" if fixed_iters else " at most (early stop on both sides)")
     rows = [
         Row(f"generation, 2 prompts, {steps} steps", "ours", gen_ours, "diffusers loop", gen_ref, sample_floor,
@@ -370,15 +375,24 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         variants = [("ours graph-captured", {"use_graph": True}, 1), ("ours eager", {"use_graph": False}, 1)]
     if not smoke:
         variants += [(f"ours batched x{n}", {}, n) for n in (4, 8)]
+    per_image_s = inv_ref.median / 1e3  # the first guess at what one image costs; then the last variant's
     for name, extra, n in variants:
+        need = per_image_s * n * (inv_repeats + 0.5)
+        if seconds_left() < need:
+            print(f"[pipeline] {inv_case}: {name} left out, about {need:.0f} s needed and "
+                  f"{max(seconds_left(), 0):.0f} s left before P2P_BENCH_DEADLINE", flush=True)
+            continue
         kw = dict(timing_kw, **extra)
         if n == 1:
-            t = measure_grad(lambda: ours32.invert(image, SOURCE, **kw), device, warmup=warmup, repeats=repeats)
+            ours32.invert(image, SOURCE, **dict(warm_kw, **extra))
+            t = measure_grad(lambda: ours32.invert(image, SOURCE, **kw), device, warmup=0, repeats=inv_repeats)
         else:
-            t = measure_grad(lambda: ours32.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=warmup,
-                             repeats=repeats)
+            ours32.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
+            t = measure_grad(lambda: ours32.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
+                             repeats=inv_repeats)
             t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
                        t.mem_kind)  # per image
+        per_image_s = t.median / 1e3
         rows.append(Row(inv_case, name, t, "reference loop on diffusers (fp32)", inv_ref, inv_floor,
                         check=inv_check))
     return rows

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, save_checkpoint, script_main
+from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, save_checkpoint, script_main, seconds_left
 
 TIMESTEP = 500
 
@@ -98,6 +98,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     rows = []
     for b in batches:
+        if seconds_left() < 10 * b:
+            print(f"[unet] batch {b} and larger left out: {max(seconds_left(), 0):.0f} s left before "
+                  "P2P_BENCH_DEADLINE", flush=True)
+            break
         sample, t, ctx = inputs(cfg, b, device, dtype)
         floor_ms = flops_b1 * b / rate * 1e3
         sdpa = measure(lambda: d_sdpa(sample, t, encoder_hidden_states=ctx), device, warmup=warmup, repeats=repeats)

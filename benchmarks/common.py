@@ -115,6 +115,13 @@ def measure_grad(fn: Callable[[], object], device: torch.device, *, warmup: int 
     return Timing(samples, _rss_peak_bytes(), "rss")
 
 
+def seconds_left() -> float:
+    """Seconds until P2P_BENCH_DEADLINE (a Unix time that a GPU session's script sets per benchmark, so that a
+    benchmark drops its last variants rather than being killed with nothing recorded); inf when unset."""
+    deadline = os.environ.get("P2P_BENCH_DEADLINE")
+    return float("inf") if not deadline else float(deadline) - time.time()
+
+
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
     """The device's measured dense matmul rate (FLOP/s): the denominator of every floor."""
     n = 8192 if device.type == "cuda" else 512

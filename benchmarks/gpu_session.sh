@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU should run, in one call of the device tool: install the engine on the
 # GPU machine's own torch and triton, run the CUDA tests, then each benchmark under its own time limit.
-# Logs, results.csv and RESULTS.md come back under $OUT; copy the two result files into benchmarks/.
+# session.log, install.log, results.csv and RESULTS.md come back under $OUT; copy the two result files
+# into benchmarks/.
 #
 # Prepare once in the checkout (diffusers is the baseline and is not on the GPU machine; .whl/ and
 # .commit are in .gitignore):
@@ -10,33 +11,51 @@
 # then call the device tool with
 #   command: COMMIT=$(cat .commit) bash benchmarks/gpu_session.sh   (after: git rev-parse --short HEAD > .commit)
 #   carry: [".whl", ".commit"], timeout_s: 590
-# The limits below (seconds per part) add up to 9 minutes with the install; trim them to the time left.
+# The whole script keeps within TOTAL seconds (default 550): each part gets its own limit, cut to what is
+# left, and a benchmark is told its deadline (P2P_BENCH_DEADLINE) so that it leaves out its last variants
+# rather than being killed with nothing recorded.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
+LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1
 export P2P_COMMIT=${COMMIT:-unknown}
+TOTAL=${TOTAL:-550}
+START=$(date +%s)
 
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; echo "$want"; }
+say() { echo "== $* (t=$(( $(date +%s) - START )) s)" | tee -a "$LOG"; }
+
+say install
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-    || { tail -30 "$OUT/install.log"; exit 1; }
+    || { tail -30 "$OUT/install.log" | tee -a "$LOG"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    | tee "$OUT/device.txt"
+  python3 -c "import torch, triton, transformers, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"; } 2>&1 | tee -a "$LOG"
 
 # 1. CUDA tests: the kernel files run every case compiled on the GPU (fp16/bf16 included), and the
 #    CUDA-graph null-text loop and the graphed UNet forward against the eager ones.
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_cross.py tests/test_kernel_self.py \
-    "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+say cuda tests
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
+timeout "$(limit 130)" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernel_cross.py \
+    tests/test_kernel_self.py "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py \
+    2>&1 | tail -40 | tee -a "$LOG"
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
-for spec in attention:60 unet:90 pipeline:210 load:60; do
+for spec in unet:85 attention:50 pipeline:240; do  # load: its CPU figures are in RESULTS.md
     name=${spec%%:*}
-    echo "== bench $name"
-    timeout "${spec##*:}" p2p-engine bench --only "$name" 2>&1 | tee "$OUT/bench_$name.log" | tail -25
+    lim=$(limit "${spec##*:}")
+    if [ "$lim" -lt 30 ]; then say "bench $name left out: $lim s left"; continue; fi
+    say "bench $name (limit $lim s)"
+    P2P_BENCH_DEADLINE=$(( $(date +%s) + lim - 15 )) timeout "$lim" p2p-engine bench --only "$name" 2>&1 \
+        | tee -a "$LOG" | tail -30
 done
 cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT/" 2>/dev/null
+say done
 exit 0
