@@ -5,7 +5,9 @@ case per distinct layer shape (N queries, head dim D), with how many UNet layers
 - cross: ours with emit + inject (store, Refine mapper, mix, equalizer, gate) against a
   materialised-probability path (what diffusers' AttnProcessor plus a controller does: fp16 scores,
   softmax, controller edits on the (B, H, N, T) map, bmm) and against SDPA with no control at all;
-- self: ours without and with source injection against SDPA with no control.
+- cross, diagnostic rows: the store alone and the injection alone;
+- self: ours without and with source injection against SDPA with no control, and what the engine runs
+  for an injection (SDPA on the source's q, k; p2p_engine.attention).
 Each case first passes a correctness gate (ours vs the fp32 reference, within 2x torch's own fp16 drift),
 then is timed with CUDA events (warm-up, median of repeats). Peak memory is the most allocated during the
 timed calls. Floor (napkin math): max(FLOPs / measured matmul rate, bytes / measured copy bandwidth),
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, run_suite, seconds_left
+from p2p_engine.attention import attention
 from p2p_engine.kernels import cross_attention, cross_attention_reference, self_attention, self_attention_reference
 from p2p_engine.plan import CrossPlan, SelfPlan
 
@@ -125,6 +128,14 @@ def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[R
         fl = floor_ms(T, store_bytes)
         rows.append(Row(case, "fused emit+inject", fused, "materialised p + controller", mat, fl, check))
         rows.append(Row(case, "fused emit+inject", fused, "SDPA, no control", sdpa, fl, check))
+        # where the fused time goes: the store alone (atomics of 8 heads into one map), the injection alone
+        store_only = CrossPlan(num_prompts=P, store=torch.zeros(P, N, T, device=device))
+        inject_only = cross_plan(N, device)
+        inject_only.store = None
+        part = time_events(lambda: cross_attention(q, kc, vc, store_only, scale), repeats=repeats)
+        rows.append(Row(case, "fused, store only", part, "SDPA, no control", sdpa, fl, check))
+        part = time_events(lambda: cross_attention(q, kc, vc, inject_only, scale), repeats=repeats)
+        rows.append(Row(case, "fused, inject only", part, "SDPA, no control", sdpa, floor_ms(T), check))
 
         # -- self: correctness gate, then time
         inject = SelfPlan(num_prompts=P, inject=True)
@@ -139,6 +150,13 @@ def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[R
         case = f"self N={N} D={D} (x{count} layers)"
         rows.append(Row(case, "fused, no control", plain, "SDPA, no control", sdpa, floor_ms(N), check))
         rows.append(Row(case, "fused, inject", injected, "SDPA, no control", sdpa, floor_ms(N), check))
+        # what the engine runs for a self injection: SDPA on the source's q, k (p2p_engine.attention)
+        with torch.inference_mode():
+            swapped = attention(q, ks, vs, inject, is_cross=False, backend="triton")
+        engine_check = check_close("engine self inject", swapped, ref, base, dtype)
+        engine = time_events(lambda: attention(q, ks, vs, inject, is_cross=False, backend="triton"), repeats=repeats)
+        rows.append(Row(case, "engine: SDPA on source q, k, inject", engine, "SDPA, no control", sdpa, floor_ms(N),
+                        engine_check))
         del q, kc, vc, ks, vs
     for r in rows:
         r.extra["median_of"] = len(r.ours.samples_ms)

@@ -1,9 +1,11 @@
 """One UNet forward (one sampling step at batch B): ours against diffusers.
 
 GPU (full run): the SD 1.5 UNet with random weights, fp16, 64 x 64 latents, batch 1/2/4/8:
-ours with Triton kernels (eager, and the whole forward replayed from a CUDA graph: `p2p_engine.graphs`),
-ours on the pure-torch path, diffusers with SDPA (AttnProcessor2_0) and diffusers
-with the materialised-probability processor (AttnProcessor, what reference P2P hooks into).
+ours on the "triton" and "torch" backends (an uncontrolled forward runs SDPA on both, so these two rows
+differ only by noise), the whole forward replayed from a CUDA graph (`p2p_engine.graphs`), and as an
+experiment the torch path in channels-last (NHWC) memory, eager and graphed; against diffusers with SDPA
+(AttnProcessor2_0) and with the materialised-probability processor (AttnProcessor, what reference P2P
+hooks into).
 CPU smoke: the tiny preset in fp32, batch 1 and 2, torch path only (Triton on CPU runs in its interpreter,
 which times Python, not kernels).
 
@@ -81,6 +83,14 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         base_lo = d_sdpa(sample, t, encoder_hidden_states=ctx).sample
         checks = {b: check_close(f"{b} vs diffusers", _out(ours[b].unet(sample, t, ctx)), ref_hi, base_lo, dtype)
                   for b in backends}
+    cl = None
+    if on_gpu:
+        # An experiment, not the default: the torch path with NHWC convolutions (cuDNN's layout on Hopper)
+        cl = copy.deepcopy(ours["torch"].unet).to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            checks["channels-last"] = check_close(
+                "torch channels-last vs diffusers", _out(cl(sample.contiguous(memory_format=torch.channels_last),
+                                                            t, ctx)), ref_hi, base_lo, dtype)
     graphed = {}
     if on_gpu:
         graphed[2] = _graph_or_none(ours[backends[0]].unet, sample, t, ctx)
@@ -98,7 +108,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     rows = []
     for b in batches:
-        if seconds_left() < 10 * b:
+        if seconds_left() < 3 * b:
             print(f"[unet] batch {b} and larger left out: {max(seconds_left(), 0):.0f} s left before "
                   "P2P_BENCH_DEADLINE", flush=True)
             break
@@ -113,6 +123,17 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                             checks[backend], extra={"steps_per_s": 1e3 / mine.median}))
             rows.append(Row(f"batch {b}", f"ours {backend}", mine, "diffusers AttnProcessor", mat, floor_ms,
                             checks[backend]))
+        if cl is not None:
+            x_cl = sample.contiguous(memory_format=torch.channels_last)
+            mine = measure(lambda: cl(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
+            rows.append(Row(f"batch {b}", "ours torch, channels-last", mine, "diffusers SDPA", sdpa, floor_ms,
+                            checks["channels-last"], extra={"steps_per_s": 1e3 / mine.median}))
+            g = _graph_or_none(cl, x_cl, t, ctx)
+            if g is not None:
+                mine = measure(lambda: g(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
+                rows.append(Row(f"batch {b}", "ours torch, channels-last + CUDA graph", mine, "diffusers SDPA",
+                                sdpa, floor_ms, checks["channels-last"], extra={"steps_per_s": 1e3 / mine.median}))
+            del g
         if "graph" in checks:
             g = graphed.get(b) or _graph_or_none(ours[backends[0]].unet, sample, t, ctx)
             if g is not None:

@@ -1,9 +1,10 @@
 """The one attention seam: every attention layer of the UNet and VAE calls `attention`.
 
-With no plan it is plain scaled-dot-product attention. With a control plan
-(`p2p_engine.plan`) it stores, injects and re-weights maps: through the
-pure-torch references (backend "torch") or the fused Triton kernels (backend
-"triton"), which live side by side in `p2p_engine.kernels`.
+With no plan it is plain scaled-dot-product attention (SDPA), on every backend. With a
+control plan (`p2p_engine.plan`) it stores, injects and re-weights maps: cross attention
+through the pure-torch reference (backend "torch") or the fused Triton kernel (backend
+"triton"); self attention through the reference on both, since an injection there is
+SDPA on the source's queries and keys (see `attention`).
 """
 from __future__ import annotations
 
@@ -39,17 +40,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
     `upcast` (SD 2.1) computes scores and softmax in fp32 for half inputs; the plan paths
     always build their probabilities in fp32.
     """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if backend == "torch" or (plan is None and (needs_grad or q.shape[1] == 1)):
-        # The kernels have no backward: null-text inversion's uncontrolled, differentiated calls
-        # go through SDPA, which has one. Single-head (VAE) attention also stays on SDPA.
-        if plan is None:
-            return _sdpa(q, k, v, upcast)
-        kern = _kernels()
-        ref = kern.cross_attention_reference if is_cross else kern.self_attention_reference
-        return ref(q, k, v, plan, q.shape[-1] ** -0.5)
-    if backend != "triton":
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if plan is None or not (plan.injects or plan.store is not None):
+        # Uncontrolled: SDPA on every backend. It has a backward (null-text inversion differentiates these
+        # calls), and on an H200 it ran 2-8x faster than our kernels without control (benchmarks/RESULTS.md).
+        return _sdpa(q, k, v, upcast)
     kern = _kernels()
-    op = kern.cross_attention if is_cross else kern.self_attention
-    return op(q, k, v, plan, q.shape[-1] ** -0.5)
+    scale = q.shape[-1] ** -0.5
+    if backend == "torch" or not is_cross:
+        # Self attention: injection is SDPA with the targets' q, k swapped for the source's, which never
+        # forms the N x N maps and ran 2.2x faster than the Triton self kernel on an H200; a store needs
+        # the maps. The Triton self kernel stays in p2p_engine.kernels, tested and benchmarked.
+        ref = kern.cross_attention_reference if is_cross else kern.self_attention_reference
+        return ref(q, k, v, plan, scale)
+    return kern.cross_attention(q, k, v, plan, scale)

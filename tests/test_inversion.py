@@ -203,17 +203,27 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_equals_eager(tmp_path):
+    """The graph-captured loop gives the eager loop's result within float drift. The drift is measured, not
+    guessed: on a GPU both run fp32 with TF32 convolutions (cuDNN's default), and Adam magnifies rounding
+    (seen: 1.5e-3 between the two paths, H200), so each GPU result is compared with the same inversion on
+    the CPU (true fp32), and the graph may be at most twice as far from it as the eager loop, plus a hair.
+    A replay that reads a stale buffer or skips an update lands orders of magnitude further."""
     p2p.save_random_checkpoint(tmp_path / "m", "tiny", seed=0)
     gpu = p2p.load(tmp_path / "m", device="cuda", dtype=torch.float32, backend="auto")
+    cpu = p2p.load(tmp_path / "m", dtype=torch.float32, backend="torch")
     images = [prepare(photo(s), gpu.config.image_size) for s in (7, 8)]
     prompts = ["a cat", "a dog"]
     kw = dict(steps=STEPS, inner_steps=INNER, progress=False)
+    truth = invert_batch(cpu, images, prompts, **kw)
     eager = invert_batch(gpu, images, prompts, use_graph=False, **kw)
     with _no_warning():
         graph = invert_batch(gpu, images, prompts, use_graph=True, **kw)
-    for e, g in zip(eager, graph):
-        assert _rel(g.null_embeddings, e.null_embeddings) < 1e-4
-        assert torch.equal(g.losses.isnan(), e.losses.isnan())
+    for e, g, c in zip(eager, graph, truth):
+        err_eager = _rel(e.null_embeddings.cpu(), c.null_embeddings)
+        err_graph = _rel(g.null_embeddings.cpu(), c.null_embeddings)
+        assert err_graph <= 2 * err_eager + 1e-5, (err_graph, err_eager)
+        assert _rel(g.latent_T.cpu(), c.latent_T) <= 2 * _rel(e.latent_T.cpu(), c.latent_T) + 1e-5
+        assert torch.equal(g.losses.isnan().cpu(), e.losses.isnan().cpu())
 
 
 class _no_warning:
