@@ -1,10 +1,11 @@
 """The one attention seam: every attention layer of the UNet and VAE calls `attention`.
 
-With no plan it is plain scaled-dot-product attention (SDPA), on every backend. With a
-control plan (`p2p_engine.plan`) it stores, injects and re-weights maps: cross attention
-through the pure-torch reference (backend "torch") or the fused Triton kernel (backend
-"triton"); self attention through the reference on both, since an injection there is
-SDPA on the source's queries and keys (see `attention`).
+With no plan it is plain scaled-dot-product attention (SDPA), on every backend: faster
+than our kernels without control (measured). With a control plan (`p2p_engine.plan`)
+it stores, injects and re-weights maps through the pure-torch references (backend
+"torch") or the fused Triton kernels (backend "triton"), which live side by side in
+`p2p_engine.kernels`; a large self-attention injection takes SDPA on the source's
+queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N).
 """
 from __future__ import annotations
 
@@ -48,10 +49,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
         return _sdpa(q, k, v, upcast)
     kern = _kernels()
     scale = q.shape[-1] ** -0.5
-    if backend == "torch" or not is_cross:
-        # Self attention: injection is SDPA with the targets' q, k swapped for the source's, which never
-        # forms the N x N maps and ran 2.2x faster than the Triton self kernel on an H200; a store needs
-        # the maps. The Triton self kernel stays in p2p_engine.kernels, tested and benchmarked.
+    if backend == "torch":
         ref = kern.cross_attention_reference if is_cross else kern.self_attention_reference
         return ref(q, k, v, plan, scale)
-    return kern.cross_attention(q, k, v, plan, scale)
+    if is_cross:
+        return kern.cross_attention(q, k, v, plan, scale)
+    if plan.store is None and q.shape[2] > SELF_KERNEL_MAX_N:
+        # A large injecting self attention: SDPA with the targets' q, k swapped for the source's (the
+        # reference's way), which forms no N x N map either and beats our kernel there.
+        return kern.self_attention_reference(q, k, v, plan, scale)
+    return kern.self_attention(q, k, v, plan, scale)
+
+
+# Self-attention injection, SD 1.5 shapes, batch 4, fp16, H200 (benchmarks/RESULTS.md, 2026-11-26): the Triton
+# kernel took 0.053 / 0.057 / 0.100 / 0.736 ms at N = 64 / 256 / 1024 / 4096, SDPA on swapped q, k (two copies
+# and a flash-attention call) 0.068 / 0.071 / 0.105 / 0.367 ms. Above this N the engine takes SDPA.
+SELF_KERNEL_MAX_N = 1024

@@ -166,6 +166,39 @@ def test_seam_differentiated_calls_use_sdpa_on_every_backend():
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 
+def test_seam_dispatch_on_the_triton_backend(monkeypatch):
+    """What backend "triton" runs, as measured fastest on an H200: SDPA without control, the cross kernel
+    with control, the self kernel for an injection up to SELF_KERNEL_MAX_N queries and SDPA on the source's
+    q, k above it; each route gives the torch backend's values."""
+    import p2p_engine.attention as seam
+    from p2p_engine.plan import CrossPlan, SelfPlan
+
+    kern = seam._kernels()
+    calls = []
+    for name in ("cross_attention", "self_attention", "self_attention_reference"):
+        real = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(seam, "SELF_KERNEL_MAX_N", 16)
+    g = torch.Generator().manual_seed(0)
+
+    def both(q, k, v, plan, is_cross):
+        calls.clear()
+        got = attention(q, k, v, plan, is_cross=is_cross, backend="triton")
+        route = list(calls)
+        want = attention(q, k, v, plan, is_cross=is_cross, backend="torch")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return route
+
+    q = torch.randn(4, 2, 16, 8, generator=g)
+    t = torch.randn(4, 2, 5, 8, generator=g)
+    assert both(q, q, q, None, False) == []
+    assert both(q, q, q, SelfPlan(num_prompts=2), False) == []  # a plan that does nothing
+    assert both(q, q, q, SelfPlan(num_prompts=2, inject=True), False) == ["self_attention"]
+    q_big = torch.randn(4, 2, 17, 8, generator=g)
+    assert both(q_big, q_big, q_big, SelfPlan(num_prompts=2, inject=True), False) == ["self_attention_reference"]
+    assert both(q, t, t, CrossPlan(num_prompts=2, store=torch.zeros(2, 16, 5)), True) == ["cross_attention"]
+
+
 def test_seam_rejects_unknown_backend():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
