@@ -51,8 +51,8 @@ def test_generation_follows_captions(toy):
 
 
 def test_replace_changes_colour_and_keeps_layout_better_than_no_control(toy):
-    """Issue 8 asks for the layout kept (IoU >= 0.8) in 80% of seeds; this model reaches 65% over 40 seeds
-    at 50 steps (`python -m p2p_engine.toy.evaluate`; 73% over these 30), so the issue stays open on it. What is asserted: the colour
+    """Issue 8 asks for the layout kept (IoU >= 0.8) in 80% of seeds; this model reaches 60% over 40 seeds
+    at 50 steps (`python -m p2p_engine.toy.evaluate`), so the issue stays open on it. What is asserted: the colour
     changes, and control keeps the layout far more often than generating the target from the same seed."""
     kept, free, reached, m, mf = E.replace_keeps_layout(toy, 30, steps=STEPS)
     print(f"layout kept with Replace {kept} (mean IoU {m:.3f}); without control {free} (mean IoU {mf:.3f}); "
@@ -64,15 +64,14 @@ def test_replace_changes_colour_and_keeps_layout_better_than_no_control(toy):
 
 def test_cross_maps_locate_the_shape(toy):
     """Issue 8 asks for a mean IoU >= 0.5 of the shape word's thresholded 16x16 map with the shape; this
-    model's 16x16 maps (its full latent resolution) come out nearly flat (IoU ~0.15) and its 8x8 maps reach
-    ~0.4 (0.39 over 30 seeds at 50 steps, 0.37 over these 18), so the issue stays open on it. What is
-    asserted: the 8x8 maps put clearly more weight inside the shape than outside in most images (73% over
-    30 seeds at 50 steps, 72% here), and the 16x16 ones do not (so the measure tells them apart)."""
+    model reaches 0.93 over 30 seeds at 50 steps (its training pulled each object word's 16x16 maps onto the
+    object: `--attn-weight`, see the README). Asserted here at 25 steps: the threshold, and the maps put
+    clearly more weight inside the shape than outside in most images at 16x16 and 8x8."""
     overlap = E.attention_overlap(toy, 18, steps=STEPS)
     for res, (m, loc) in sorted(overlap.items(), reverse=True):
         print(f"{res}x{res}: mean IoU {m:.3f}, localised {loc}")
-    assert overlap[8][1].value >= 0.5
-    assert overlap[16][1].value < overlap[8][1].value
+    assert overlap[16][0] >= 0.5
+    assert overlap[16][1].value >= 0.8 and overlap[8][1].value >= 0.5
 
 
 def test_null_text_inversion_reconstructs_held_out_scenes(toy):
@@ -87,9 +86,9 @@ def test_null_text_inversion_reconstructs_held_out_scenes(toy):
 
 
 def test_attention_by_layer_diagnosis(toy):
-    """The per-layer diagnosis behind the two misses: every cross-attention layer reported, shares are
-    fractions, no 16x16 layer locates the shape as well as the best 8x8 layer does, and the
-    hooks are gone afterwards (later generations are untouched)."""
+    """The per-layer diagnosis: every cross-attention layer reported, shares are fractions, each of the
+    16x16 layers (the ones the attention loss trained; before it they reached 0.08-0.17) locates the shape
+    with IoU >= 0.5, and the hooks are gone afterwards (later generations are untouched)."""
     from p2p_engine.unet import Attention
 
     layers = E.attention_by_layer(toy, 4, steps=10)
@@ -99,5 +98,5 @@ def test_attention_by_layer_diagnosis(toy):
         print(f"{name}: {res}x{res} IoU {m:.2f} share {share:.3f} EOS+pad {tail:.2f}")
         assert res in (4, 8, 16) and 0 <= m <= 1 and 0 < share < 1 and 0 < tail < 1 and share + tail <= 1 + 1e-5
     at = lambda r: [v for v in layers.values() if v[0] == r]  # noqa: E731
-    assert max(v[1] for v in at(16)) < max(v[1] for v in at(8))
+    assert len(at(16)) == 3 and min(v[1] for v in at(16)) >= 0.5
     assert all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in toy.unet.modules())

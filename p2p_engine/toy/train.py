@@ -1,7 +1,7 @@
 """Train the toy Stable-Diffusion-architecture model on the procedural shapes dataset.
 
     python -m p2p_engine.toy.train --out DIR [--config NAME] [--vae-steps N] [--unet-steps N] [--minutes M]
-        [--init DIR] [--pool N] [--vae-stop N] [--unet-stop N] [--threads T]
+        [--init DIR] [--pool N] [--vae-stop N] [--unet-stop N] [--attn-weight W] [--attn-res R] [--threads T]
 
 Phase 1 trains the VAE (L1 + MSE reconstruction, small KL). Phase 2 freezes it and trains the UNet and
 the text encoder jointly (epsilon prediction, SD scaled-linear schedule, 10% empty captions for CFG).
@@ -13,6 +13,10 @@ Deterministic for a seed and step counts: seeded data stream, fixed threads, det
 kept; pass `--vae-steps 0`). `--pool N` renders and encodes N scenes once and draws every UNet batch from
 them (reshuffled each pass): rendering and VAE-encoding each batch afresh costs about as much as the
 UNet's own step on the 2-core machine.
+`--attn-weight W` adds W x an attention loss: in the cross-attention layers at `--attn-res` (16: the
+latent grid), each object word's map (size, colour, shape), normalised over space, is pulled onto the
+cells its object covers (-log of the share that falls there). The procedural scenes know every object's
+mask; the loss teaches the layers that read the words to read them where the object is.
 Writes a diffusers-layout folder (weights stored in fp16) that `p2p_engine.load(DIR)` reads.
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CONFIGS
-from .dataset import SIZES, make_batch
+from .dataset import COLORS, SHAPES, SIZES, make_batch, make_scene
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -100,25 +104,132 @@ class LatentPool:
     def __init__(self, vae, scale: float, args, offset: int, chunk: int = 64):
         t0 = time.time()
         self.batch_size, self.seed = args.batch, args.seed
-        latents, self.captions = [], []
+        latents, self.captions, self.cells = [], [], []
         for start in range(0, args.pool, chunk):
             n = min(chunk, args.pool - start)
-            imgs, caps = make_batch(args.seed, offset + start, n)
+            imgs, caps, cells = scene_batch(args.seed, offset + start, n, args.attn_res if args.attn_weight else 0)
             with torch.no_grad():
                 latents.append(vae.encode(_to_tensor(imgs)) * scale)
             self.captions += caps
+            self.cells += cells
         self.latents = torch.cat(latents)
         self.per_pass = args.pool // args.batch
         self._order, self._pass = None, -1
         print(f"pool: {args.pool} scenes encoded in {time.time() - t0:.0f} s", flush=True)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str], list]:
         p, k = divmod(step, self.per_pass)
         if p != self._pass:
             g = torch.Generator().manual_seed(self.seed * 1000 + p)
             self._order, self._pass = torch.randperm(len(self.captions), generator=g), p
-        idx = self._order[k * self.batch_size:(k + 1) * self.batch_size]
-        return self.latents[idx], [self.captions[i] for i in idx.tolist()]
+        idx = self._order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        return self.latents[idx], [self.captions[i] for i in idx], [self.cells[i] for i in idx]
+
+
+def scene_batch(seed: int, start: int, count: int, res: int) -> tuple[np.ndarray, list[str], list]:
+    """`make_batch` plus, when res > 0, each object's cells on the res x res attention grid (the cells more
+    than half covered, as the evaluation counts them; the covered ones for a shape too small for that), in
+    caption order: a list per scene of (res*res,) bool arrays."""
+    if res <= 0:
+        imgs, caps = make_batch(seed, start, count)
+        return imgs, caps, [None] * count
+    scenes = [make_scene(seed, i) for i in range(start, start + count)]
+    cells = []
+    for sc in scenes:
+        per = []
+        for o in sc.objects:
+            h, w = o.mask.shape
+            cover = o.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3))
+            per.append((cover > 0.5 if (cover > 0.5).any() else cover > 0).reshape(-1))
+        cells.append(per)
+    return np.stack([sc.image for sc in scenes]), [sc.caption for sc in scenes], cells
+
+
+class WordTargets:
+    """Token positions of each object's words (size, colour, shape) in a caption, for the attention loss.
+
+    Captions read "a [size] colour shape and ... on a ... background": words before "on" belong to the
+    objects in order, a shape word closing each object's phrase. Every word of this dataset's vocabulary
+    is split into BPE tokens alone (CLIP splits on whitespace first), so positions add up word by word."""
+
+    OBJECT_WORDS = set(SIZES) | set(COLORS) | set(SHAPES)
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._n: dict[str, int] = {}
+
+    def _tokens(self, word: str) -> int:
+        if word not in self._n:
+            self._n[word] = len(self.tokenizer(word, add_special_tokens=False).input_ids)
+        return self._n[word]
+
+    def __call__(self, caption: str) -> list[list[int]]:
+        objects: list[list[int]] = [[]]
+        pos = 1  # after the start token
+        for word in caption.split():
+            if word == "on":
+                break
+            n = self._tokens(word)
+            if word in self.OBJECT_WORDS:
+                objects[-1] += range(pos, min(pos + n, 77))
+                if word in SHAPES:
+                    objects.append([])
+            pos += n
+        return [o for o in objects if o]
+
+
+def attention_targets(captions: list[str], cells: list, words: WordTargets, res: int) -> torch.Tensor | None:
+    """(B, 77, res*res) float: for each caption's object words, the cells of that object; zeros elsewhere
+    (empty captions, padding, background words). None when nothing is supervised."""
+    target = torch.zeros(len(captions), 77, res * res)
+    for b, (cap, per) in enumerate(zip(captions, cells)):
+        if not cap or per is None:
+            continue
+        for toks, c in zip(words(cap), per):
+            target[b, toks] = torch.from_numpy(c.astype(np.float32))
+    return target if target.any() else None
+
+
+class CrossMapProbe:
+    """Forward hooks on the UNet's cross-attention layers at res x res: each call's head-averaged
+    probabilities (B, N, 77), recomputed from the layer's input with gradients (the layer itself runs SDPA,
+    which never forms them)."""
+
+    def __init__(self, unet, res: int, kind: str = "share"):
+        from ..unet import Attention
+
+        if kind not in ("share", "cover"):
+            raise ValueError(f"attention loss must be 'share' or 'cover', got {kind!r}")
+        self.res, self.kind, self.maps = res, kind, []
+        self.handles = [m.register_forward_hook(self._record, with_kwargs=True) for name, m in unet.named_modules()
+                        if isinstance(m, Attention) and name.endswith("attn2")]
+
+    def _record(self, module, args, kwargs, out):
+        x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+        B, N, _ = x.shape
+        if N != self.res * self.res:
+            return
+        q = module.to_q(x).view(B, N, module.heads, -1).transpose(1, 2)
+        k = module.to_k(ctx).view(B, ctx.shape[1], module.heads, -1).transpose(1, 2)
+        self.maps.append(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1).mean(1))
+
+    def loss(self, target: torch.Tensor) -> torch.Tensor:
+        """Mean over layers and supervised tokens, of each word's map normalised over space: "share",
+        -log(the share that falls on its object's cells), pulls the map onto the object; "cover", the
+        cross-entropy from the uniform distribution on those cells, spreads it over the whole object."""
+        w = (target.sum(-1) > 0).float()  # (B, 77)
+        total, n = 0.0, len(self.maps)
+        for p in self.maps:
+            spatial = p.transpose(1, 2)  # (B, 77, N)
+            spatial = spatial / spatial.sum(-1, keepdim=True)
+            if self.kind == "share":
+                per_token = -torch.log((spatial * target).sum(-1) + 1e-6)
+            else:
+                uniform = target / target.sum(-1, keepdim=True).clamp_min(1)
+                per_token = -(uniform * torch.log(spatial + 1e-6)).sum(-1)
+            total = total + (per_token * w).sum() / w.sum()
+        self.maps.clear()
+        return total / max(1, n)
 
 
 def load_init(folder: Path, part: str, module: torch.nn.Module) -> None:
@@ -147,7 +258,9 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
     gen = torch.Generator().manual_seed(args.seed + 7)  # caption dropout, timesteps and noise
     offset = 10_000_000  # UNet phase reads other scenes than the VAE phase did
     pool = LatentPool(vae, scale, args, offset=2 * offset) if args.pool else None
-    ema = None
+    probe = CrossMapProbe(unet, args.attn_res, args.attn_loss) if args.attn_weight else None
+    words = WordTargets(tokenizer)
+    ema = attn_ema = None
     done = 0
     t0 = time.time()
     for step in range(min(args.unet_steps, args.unet_stop or args.unet_steps)):
@@ -157,11 +270,12 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.unet_steps, args.unet_lr)
         if pool is None:
-            imgs, caps = make_batch(args.seed, offset + step * args.batch, args.batch)
+            imgs, caps, cells = scene_batch(args.seed, offset + step * args.batch, args.batch,
+                                            args.attn_res if probe else 0)
             with torch.no_grad():
                 z0 = vae.encode(_to_tensor(imgs)) * scale
         else:
-            z0, caps = pool.batch(step)
+            z0, caps, cells = pool.batch(step)
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
         # Some captions lose their size words ("a red circle on ..."), so prompts without sizes work too.
@@ -173,15 +287,23 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         ctx = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(zt, t, ctx), eps)
+        eps_loss = loss = F.mse_loss(unet(zt, t, ctx), eps)
+        if probe is not None:
+            target = attention_targets(caps, cells, words, args.attn_res)
+            if target is not None:
+                attn = probe.loss(target)
+                loss = loss + args.attn_weight * attn
+                attn_ema = attn.item() if attn_ema is None else 0.99 * attn_ema + 0.01 * attn.item()
+            probe.maps.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         done += 1
-        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        ema = eps_loss.item() if ema is None else 0.99 * ema + 0.01 * eps_loss.item()
         if step % args.log_every == 0:
-            print(f"unet step {step:6d}  eps mse {loss.item():.4f} (ema {ema:.4f})", flush=True)
+            extra = "" if attn_ema is None else f"  attention loss ema {attn_ema:.3f}"
+            print(f"unet step {step:6d}  eps mse {eps_loss.item():.4f} (ema {ema:.4f}){extra}", flush=True)
     ema = float("nan") if ema is None else ema
     print(f"unet final: steps {done}  eps mse ema {ema:.4f}  ({(time.time() - t0) / max(1, done):.2f} s/step)", flush=True)
     return ema
@@ -241,6 +363,13 @@ def main(argv=None) -> None:
     p.add_argument("--pool", type=int, default=0, help="encode this many scenes once and train the UNet on them")
     p.add_argument("--vae-stop", type=int, default=None, help="stop the VAE phase after this many steps")
     p.add_argument("--unet-stop", type=int, default=None, help="stop the UNet phase after this many steps")
+    p.add_argument("--attn-weight", type=float, default=0.0,
+                   help="weight of the attention loss: each object word's cross map at --attn-res pulled onto "
+                        "its object (0: none)")
+    p.add_argument("--attn-res", type=int, default=16, help="side of the cross-attention grid it supervises")
+    p.add_argument("--attn-loss", default="share", choices=("share", "cover"),
+                   help="share: -log of the map's share on the object; cover: cross-entropy from the uniform "
+                        "distribution on the object's cells (spreads the map over all of it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
