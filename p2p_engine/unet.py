@@ -84,6 +84,17 @@ class Attention(nn.Module):
         out = attention(q, k, v, plan, is_cross=context is not None, backend=self.backend, upcast=self.upcast)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))
 
+    def probabilities(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The head-averaged attention probabilities (B, N, M) this layer forms for `x` and `context`
+        (fp32 at least), with gradients: what the toy model's analysis and attention loss read (forward
+        itself goes through `attention`, which may never form them)."""
+        B, N, _ = x.shape
+        ctx = x if context is None else context
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k = self.to_k(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores, -1).mean(1)
+
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):

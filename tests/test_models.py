@@ -203,3 +203,22 @@ def test_seam_rejects_unknown_backend():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         attention(q, q, q, None, is_cross=False, backend="cuda")
+
+
+def test_attention_probabilities_are_what_forward_applies():
+    """Attention.probabilities (the toy analysis's and attention loss's maps): with one head, p @ v through
+    the output projection is the layer's own forward (which runs SDPA); with several, the head average of
+    per-head softmaxes computed here directly."""
+    from p2p_engine.unet import Attention
+
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 12, 16), torch.randn(2, 7, 8)
+    one = Attention(16, 1, 8, None, False)
+    p = one.probabilities(x, ctx)
+    assert p.shape == (2, 12, 7)
+    torch.testing.assert_close(one.to_out[0](p @ one.to_v(ctx)), one(x, ctx), rtol=1e-5, atol=1e-6)
+    four = Attention(16, 4, None, None, False)
+    q = four.to_q(x).view(2, 12, 4, 4).transpose(1, 2)
+    k = four.to_k(x).view(2, 12, 4, 4).transpose(1, 2)
+    want = torch.stack([torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) / 2.0, -1) for h in range(4)]).mean(0)
+    torch.testing.assert_close(four.probabilities(x), want)

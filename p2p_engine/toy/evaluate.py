@@ -148,11 +148,8 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
     def hook(name):
         def record(module, args, kwargs, out):
             x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
-            B, N, _ = x.shape
-            q = module.to_q(x).view(B, N, module.heads, -1).transpose(1, 2)
-            k = module.to_k(ctx).view(B, ctx.shape[1], module.heads, -1).transpose(1, 2)
-            p = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, -1).mean(1)
-            sums[name] = sums.get(name, 0) + p[B // 2:].detach()  # the guided batch is [uncond, cond]
+            p = module.probabilities(x, ctx)
+            sums[name] = sums.get(name, 0) + p[x.shape[0] // 2:].detach()  # the guided batch is [uncond, cond]
         return record
 
     handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in pipe.unet.named_modules()

@@ -206,12 +206,8 @@ class CrossMapProbe:
 
     def _record(self, module, args, kwargs, out):
         x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
-        B, N, _ = x.shape
-        if N != self.res * self.res:
-            return
-        q = module.to_q(x).view(B, N, module.heads, -1).transpose(1, 2)
-        k = module.to_k(ctx).view(B, ctx.shape[1], module.heads, -1).transpose(1, 2)
-        self.maps.append(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1).mean(1))
+        if x.shape[1] == self.res * self.res:
+            self.maps.append(module.probabilities(x, ctx))
 
     def loss(self, target: torch.Tensor) -> torch.Tensor:
         """Mean over layers and supervised tokens, of each word's map normalised over space: "share",
