@@ -102,3 +102,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def grid_cells(mask: np.ndarray, res: int, over: float = 0.5) -> np.ndarray:
+    """A pixel mask averaged onto a res x res grid: the cells more than `over` covered (res, res) bool."""
+    h, w = mask.shape
+    return mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > over

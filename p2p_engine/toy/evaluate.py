@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .analysis import largest_blob, iou
+from .analysis import grid_cells, largest_blob, iou
 from .dataset import COLORS, SHAPES, make_scene
 
 BACKGROUND_CYCLE = ("white", "black", "gray")
@@ -98,12 +98,6 @@ def replace_keeps_layout(pipe, n: int = 40, steps: int = STEPS, min_iou: float =
     return Rate(kept, n), Rate(kept_free, n), Rate(reached, n), float(np.mean(ious)), float(np.mean(ious_free))
 
 
-def _cells(mask: np.ndarray, res: int) -> np.ndarray:
-    """A pixel mask averaged onto a res x res grid: the cells more than half covered."""
-    h, w = mask.shape
-    return mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3)) > 0.5
-
-
 def _map_iou(m: np.ndarray, cells: np.ndarray) -> float:
     """IoU of a map thresholded at half its maximum with the shape's cells."""
     return iou(m >= 0.5 * m.max(), cells)
@@ -126,7 +120,7 @@ def attention_overlap(pipe, n: int = 30, steps: int = STEPS) -> dict[int, tuple[
             if blob is None:
                 ious.setdefault(res, []).append(0.0)
                 continue
-            cells = _cells(blob.mask, res)
+            cells = grid_cells(blob.mask, res)
             ious.setdefault(res, []).append(_map_iou(m, cells))
             inside = m[cells].mean() if cells.any() else 0.0
             outside = m[~cells].mean() if not cells.all() else 0.0
@@ -170,7 +164,7 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
                 probs = total[0] / steps
                 res = int(round(probs.shape[0] ** 0.5))
                 m = probs[:, tok].mean(-1).reshape(res, res).numpy()
-                rows.setdefault(name, []).append((res, _map_iou(m, _cells(blob.mask, res)),
+                rows.setdefault(name, []).append((res, _map_iou(m, grid_cells(blob.mask, res)),
                                                   float(probs[:, tok].sum(-1).mean()),
                                                   float(probs[:, tail:].sum(-1).mean())))
     finally:

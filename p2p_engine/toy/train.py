@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CONFIGS
+from .analysis import grid_cells
 from .dataset import COLORS, SHAPES, SIZES, make_batch, make_scene
 
 
@@ -138,9 +139,8 @@ def scene_batch(seed: int, start: int, count: int, res: int) -> tuple[np.ndarray
     for sc in scenes:
         per = []
         for o in sc.objects:
-            h, w = o.mask.shape
-            cover = o.mask.reshape(res, h // res, res, w // res).mean(axis=(1, 3))
-            per.append((cover > 0.5 if (cover > 0.5).any() else cover > 0).reshape(-1))
+            c = grid_cells(o.mask, res)
+            per.append((c if c.any() else grid_cells(o.mask, res, over=0.0)).reshape(-1))
         cells.append(per)
     return np.stack([sc.image for sc in scenes]), [sc.caption for sc in scenes], cells
 
