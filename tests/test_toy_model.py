@@ -51,12 +51,15 @@ def test_generation_follows_captions(toy):
 
 
 def test_replace_changes_colour_and_keeps_layout_better_than_no_control(toy):
-    """Issue 8 asks for the layout kept (IoU >= 0.8) in 80% of seeds; this model reaches 60% over 40 seeds
-    at 50 steps (`python -m p2p_engine.toy.evaluate`), so the issue stays open on it. What is asserted: the colour
-    changes, and control keeps the layout far more often than generating the target from the same seed."""
-    kept, free, reached, m, mf = E.replace_keeps_layout(toy, 30, steps=STEPS)
+    """Issue 8: a Replace of the colour word keeps the layout (largest blobs' IoU >= 0.8) in at least 80% of
+    seeds, while generating the target from the same seed without control does not. Run at the reference's
+    50 steps (at 25 this model keeps the layout less often: 48/60 seeds), with the toy's self-attention
+    window (`E.REPLACE_SELF_STEPS`, 0.8, chosen on seeds 0-39), on seeds 40-119, which played no part in
+    that choice: measured 69/80 kept, colour reached 79/80."""
+    kept, free, reached, m, mf = E.replace_keeps_layout(toy, 80, steps=50, first=40)
     print(f"layout kept with Replace {kept} (mean IoU {m:.3f}); without control {free} (mean IoU {mf:.3f}); "
           f"target colour reached {reached}")
+    assert kept.value >= 0.8
     assert reached.value >= 0.8
     assert free.value < 0.8
     assert kept.value >= 2 * free.value + 0.1 and m >= mf + 0.1
