@@ -107,9 +107,8 @@ def replace_keeps_layout(pipe, n: int = 40, steps: int = STEPS, min_iou: float =
             vf = iou(a.mask, f.mask) if a is not None and f is not None else 0.0
             ious_free.append(vf)
             kept_free += vf >= min_iou
-    if not free:
-        return Rate(kept, n), None, Rate(reached, n), float(np.mean(ious)), None
-    return Rate(kept, n), Rate(kept_free, n), Rate(reached, n), float(np.mean(ious)), float(np.mean(ious_free))
+    return (Rate(kept, n), Rate(kept_free, n) if free else None, Rate(reached, n), float(np.mean(ious)),
+            float(np.mean(ious_free)) if free else None)
 
 
 def _map_iou(m: np.ndarray, cells: np.ndarray) -> float:
