@@ -84,6 +84,11 @@ class Attention(nn.Module):
         out = attention(q, k, v, plan, is_cross=context is not None, backend=self.backend, upcast=self.upcast)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))
 
+    @staticmethod
+    def hook_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, context) of a call to `forward`, from a forward hook's (args, kwargs) (`with_kwargs=True`)."""
+        return args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+
     def probabilities(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The head-averaged attention probabilities (B, N, M) this layer forms for `x` and `context`
         (fp32 at least), with gradients: what the toy model's analysis and attention loss read (forward

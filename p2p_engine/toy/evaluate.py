@@ -151,7 +151,7 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
 
     def hook(name):
         def record(module, args, kwargs, out):
-            x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+            x, ctx = module.hook_inputs(args, kwargs)
             p = module.probabilities(x, ctx)
             sums[name] = sums.get(name, 0) + p[x.shape[0] // 2:].detach()  # the guided batch is [uncond, cond]
         return record

@@ -1,7 +1,8 @@
 """Train the toy Stable-Diffusion-architecture model on the procedural shapes dataset.
 
     python -m p2p_engine.toy.train --out DIR [--config NAME] [--vae-steps N] [--unet-steps N] [--minutes M]
-        [--init DIR] [--pool N] [--vae-stop N] [--unet-stop N] [--attn-weight W] [--attn-res R] [--threads T]
+        [--init DIR] [--pool N] [--vae-stop N] [--unet-stop N] [--attn-weight W] [--attn-res R]
+        [--attn-loss share|cover] [--threads T]
 
 Phase 1 trains the VAE (L1 + MSE reconstruction, small KL). Phase 2 freezes it and trains the UNet and
 the text encoder jointly (epsilon prediction, SD scaled-linear schedule, 10% empty captions for CFG).
@@ -15,7 +16,8 @@ them (reshuffled each pass): rendering and VAE-encoding each batch afresh costs 
 UNet's own step on the 2-core machine.
 `--attn-weight W` adds W x an attention loss: in the cross-attention layers at `--attn-res` (16: the
 latent grid), each object word's map (size, colour, shape), normalised over space, is pulled onto the
-cells its object covers (-log of the share that falls there). The procedural scenes know every object's
+cells its object covers (`--attn-loss share`: -log of the share that falls there; `cover`: the
+cross-entropy from the uniform distribution on those cells). The procedural scenes know every object's
 mask; the loss teaches the layers that read the words to read them where the object is.
 Writes a diffusers-layout folder (weights stored in fp16) that `p2p_engine.load(DIR)` reads.
 """
@@ -205,7 +207,7 @@ class CrossMapProbe:
                         if isinstance(m, Attention) and name.endswith("attn2")]
 
     def _record(self, module, args, kwargs, out):
-        x, ctx = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+        x, ctx = module.hook_inputs(args, kwargs)
         if x.shape[1] == self.res * self.res:
             self.maps.append(module.probabilities(x, ctx))
 
