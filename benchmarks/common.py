@@ -22,7 +22,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from p2p_engine.files import atomic_write
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_CSV = BENCH_DIR / "results.csv"
@@ -236,18 +237,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def record_results(name: str, rows: list[Row], device: torch.device, *, command: str,
            csv_path: Path = RESULTS_CSV, md_path: Path = RESULTS_MD) -> bool:
     """Append GPU rows to results.csv and put the latest table in RESULTS.md; CPU runs record nothing."""
@@ -271,7 +260,9 @@ def record_results(name: str, rows: list[Row], device: torch.device, *, command:
                         "check": r.check})
     section = (f"<!-- bench:{name} begin -->\n{markdown_table(name, rows)}\n\n"
                f"{dev}, commit {commit}, {date}, by `{command}`.\n<!-- bench:{name} end -->")
-    md_path.write_text(update_marked_section(md_path.read_text() if md_path.exists() else "", name, section))
+    text = update_marked_section(md_path.read_text() if md_path.exists() else "", name, section)
+    with atomic_write(md_path, "w") as f:
+        f.write(text)
     return True
 
 

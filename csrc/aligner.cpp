@@ -1,8 +1,10 @@
 // Token alignment for Prompt-to-Prompt: word -> token positions, the word-swap
 // mapper of Replace, and the Needleman-Wunsch alignment of Refine.
 //
-// Semantics follow the reference implementation (ptp_utils.get_word_inds,
-// seq_aligner.*) exactly, tie-breaking included; see REFERENCE.md.
+// Semantics follow the reference implementation exactly, tie-breaking included:
+// google/prompt-to-prompt, ptp_utils.py (get_word_inds) and seq_aligner.py
+// (get_replacement_mapper, get_refinement_mapper). tests/test_words.py restates them
+// in Python and compares.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -1,4 +1,4 @@
-"""Fused attention kernels driven by control plans (`p2p_engine.plan`).
+"""Fused attention kernels driven by control plans (`p2p_engine.plan`); this folder is installed as `p2p_engine.kernels`.
 
 One op per file, each with its Triton kernel, launcher and the pure-torch
 reference of the same signature (the reference is also the CPU production

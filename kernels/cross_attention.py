@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from p2p_engine.plan import CrossPlan
+from p2p_engine.plan import CrossPlan, inject_cross
 
 from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, unit_last_stride
 
@@ -56,20 +56,7 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, T)
     if injects and P > 1:
         p_src, p_tgt = p[:1], p[1:]  # (1, H, N, T), (P-1, H, N, T)
-        mapper = plan.mapper.to(ct)[:, None]  # (P-1, 1, T, T)
-        injected = p_src @ mapper  # (P-1, H, N, T)
-
-        def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(ct)[:, None, None, :]  # (P-1, 1, 1, T)
-
-        mix, eq, gate = per_token(plan.mix), per_token(plan.equalizer), per_token(plan.gate)
-        if mix is not None:
-            injected = injected * mix + p_tgt * (1 - mix)
-        if eq is not None:
-            injected = injected * eq
-        if gate is not None:
-            injected = injected * gate + p_tgt * (1 - gate)
-        p = torch.cat([p_src, injected], dim=0)
+        p = torch.cat([p_src, inject_cross(p_src, p_tgt, plan.mapper, plan.mix, plan.equalizer, plan.gate)])
     out[P:] = (p @ vc).to(q.dtype)
     return out
 

@@ -1,6 +1,6 @@
 """Prompt-to-Prompt editing engine for Stable Diffusion 1.x/2.x."""
 from .checkpoint import save_random_checkpoint
-from .control import LocalBlend, Refine, Replace, Reweight, Store
+from .controllers import LocalBlend, Refine, Replace, Reweight, Store
 from .inversion import Inversion
 from .loading import CheckpointError, load
 from .pipeline import Pipeline

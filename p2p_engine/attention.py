@@ -18,12 +18,22 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "triton")
 
 
-@functools.cache
-def _kernels():
-    # Without CUDA the kernels can only run in Triton's interpreter, which is read when the
-    # kernels are decorated (at import), so it is switched on before the first import.
+def triton_interpreter() -> bool:
+    """Switch Triton's interpreter on where there is no CUDA; returns whether the kernels run interpreted.
+
+    The one place that sets TRITON_INTERPRET. Triton reads it when a kernel is decorated, i.e. when
+    `p2p_engine.kernels` is first imported, so this must run before that import: the attention seam
+    calls it before it imports the kernels, and the tests call it before theirs. A value the user set
+    in the environment is left as it is.
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _kernels():
+    triton_interpreter()
     from . import kernels
     return kernels
 

@@ -3,25 +3,24 @@
 Every tensor is drawn from its own generator seeded by (seed, part, diffusers
 name), so the two layouts of one seed hold the same numbers whatever the write
 order, and tensors are generated and streamed to disk one at a time (an SD 1.5
-checkpoint is written with one tensor in RAM). Writes go to a temporary name in
-the destination's folder and are renamed into place only when complete.
+checkpoint is written with one tensor in RAM). Files and folders go through the
+atomic writer (`files.py`). `write_configs` writes the JSON and tokenizer files of
+a diffusers folder for any `ModelConfig`; the toy model's training uses it too.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
 from . import keymap
 from .config import PRESETS, ModelConfig
+from .files import atomic_folder, atomic_write, write_json
 from .loading import build_meta, expected_shapes
 from .tokenizer import write_tokenizer
 
@@ -44,7 +43,7 @@ def random_tensor(seed: int, part: str, name: str, shape: tuple[int, ...]) -> to
     return t / math.sqrt(math.prod(shape[1:]))
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]],
+def _write_safetensors(f: BinaryIO, entries: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]],
                        dtype: torch.dtype = torch.float32) -> None:
     """Stream a safetensors file: header from the shapes, then each tensor produced and written in turn."""
     header, offset = {}, 0
@@ -55,13 +54,12 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], Cal
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, make in entries:
-            t = make().to(dtype).contiguous()
-            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
-            f.write(t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, shape, make in entries:
+        t = make().to(dtype).contiguous()
+        assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+        f.write(t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
 
 
 def _diffusers_entries(seed, part, shapes):
@@ -119,22 +117,35 @@ def _single_file_entries(seed: int, cfg: ModelConfig, shapes) -> list:
     return sorted(entries, key=lambda e: e[0])
 
 
-def _scheduler_config(cfg: ModelConfig) -> dict:
-    # The reference DDIM settings of Stable Diffusion (scaled-linear betas 0.00085..0.012, 1000 steps).
+def scheduler_config(cfg: ModelConfig) -> dict:
+    """The DDIM scheduler config of Stable Diffusion 1.x/2.x checkpoints (scaled-linear betas 0.00085..0.012,
+    1000 steps, steps offset 1), with the model's prediction type."""
     return {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
             "prediction_type": cfg.prediction_type, "timestep_spacing": "leading"}
 
 
-def _text_config_json(cfg: ModelConfig) -> dict:
-    d = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg.text.to_transformers(),
-         "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
-    return d
+def text_config_json(cfg: ModelConfig) -> dict:
+    """transformers' `config.json` of the CLIP text encoder."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg.text.to_transformers(),
+            "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
 
 
-def _dump(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
+def write_configs(folder, cfg: ModelConfig) -> None:
+    """Every file of a diffusers folder but the weights: model_index.json, the parts' config.json, the
+    scheduler config and the tokenizer."""
+    folder = Path(folder)
+    write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False})
+    write_json(folder / "unet" / "config.json", cfg.unet.to_diffusers())
+    write_json(folder / "vae" / "config.json", cfg.vae.to_diffusers())
+    write_json(folder / "text_encoder" / "config.json", text_config_json(cfg))
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
+    write_tokenizer(folder / "tokenizer", cfg.pad_token)
 
 
 def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diffusers") -> Path:
@@ -154,46 +165,14 @@ def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diff
     if layout == "single_file":
         if path.suffix != ".safetensors":
             raise ValueError(f"a single-file checkpoint path must end in .safetensors, got {path}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        try:
-            _write_safetensors(Path(tmp), _single_file_entries(seed, cfg, shapes))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as f:
+            _write_safetensors(f, _single_file_entries(seed, cfg, shapes))
         return path
-
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual permissions
-    try:
-        _dump(tmp / "model_index.json", {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-            "feature_extractor": [None, None], "requires_safety_checker": False})
-        _dump(tmp / "unet" / "config.json", cfg.unet.to_diffusers())
-        _dump(tmp / "vae" / "config.json", cfg.vae.to_diffusers())
-        _dump(tmp / "text_encoder" / "config.json", _text_config_json(cfg))
-        _dump(tmp / "scheduler" / "scheduler_config.json", _scheduler_config(cfg))
+    with atomic_folder(path) as tmp:
+        write_configs(tmp, cfg)
         for part, rel in (("unet", "unet/diffusion_pytorch_model.safetensors"),
                           ("vae", "vae/diffusion_pytorch_model.safetensors"),
                           ("text_encoder", "text_encoder/model.safetensors")):
-            _write_safetensors(tmp / rel, _diffusers_entries(seed, part, shapes[part]))
-        write_tokenizer(tmp / "tokenizer", cfg.pad_token)
-        if path.exists():  # replace an older checkpoint only once the new one is complete
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_write(tmp / rel) as f:
+                _write_safetensors(f, _diffusers_entries(seed, part, shapes[part]))
     return path

@@ -1,7 +1,7 @@
 """The `p2p-engine` command line (also `python -m p2p_engine`).
 
-Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, and `run` (dataset jobs, defined in
-`jobs.py`).
+Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, and `run` (dataset jobs, `jobs.py`).
+The top of the package: it imports the engine's modules, and none of them imports it.
 Exit status: 0 on success, 1 when an input or job failed (one clear line on
 stderr, no traceback), 2 for a usage error (argparse's own convention).
 
@@ -11,6 +11,7 @@ The engine is imported inside each command, not at module level, so that
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,19 +29,9 @@ class UserError(Exception):
     """An input the user must fix; printed as one line, exit status 1."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The engine's errors that mean "bad input", not "bug": caught and printed without a traceback."""
-    errs: list[type[BaseException]] = [UserError, ValueError, FileNotFoundError, IsADirectoryError,
-                                       NotADirectoryError, PermissionError]
-    for mod in ("p2p_engine", "p2p_engine.loading", "p2p_engine.checkpoint"):
-        try:
-            module = __import__(mod, fromlist=["CheckpointError"])
-        except Exception:  # a part not built yet must not hide the user's real error
-            continue
-        err = getattr(module, "CheckpointError", None)
-        if isinstance(err, type) and issubclass(err, BaseException) and err not in errs:
-            errs.append(err)
-    return tuple(errs)
+# The engine's errors that mean "bad input", not "bug": printed as one line, exit status 1. Loading's
+# CheckpointError is a ValueError.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 # -- argument types: a malformed value is a usage error (exit 2), caught by argparse
@@ -126,42 +117,6 @@ def _check_out(path: str, suffix: str) -> Path:
     return out
 
 
-def _side_by_side(images):
-    """One PIL image with `images` left to right, no gaps: P images of W pixels give P * W."""
-    from PIL import Image
-    w = sum(im.width for im in images)
-    h = max(im.height for im in images)
-    canvas = Image.new("RGB", (w, h), "white")
-    x = 0
-    for im in images:
-        canvas.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return canvas
-
-
-def _progress_kwargs(fn) -> dict:
-    """Ask for the engine's progress bar where the entry point offers one (keyword `progress`)."""
-    import inspect
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if "progress" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"progress": True}
-    return {}
-
-
-def _call_with_progress(fn, *args, **kwargs):
-    extra = _progress_kwargs(fn)
-    try:
-        return fn(*args, **kwargs, **extra)
-    except TypeError as e:
-        # **kwargs forwarders may reach a callee without `progress`; retry plainly rather than fail the run.
-        if extra and "progress" in str(e):
-            return fn(*args, **kwargs)
-        raise
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
@@ -182,20 +137,19 @@ def cmd_random_checkpoint(args) -> int:
     return EXIT_OK
 
 
-def _controller(args, p2p):
-    kw = {"cross_steps": args.cross_steps, "self_steps": args.self_steps}
-    equalizer = dict(args.reweight or [])
-    if args.mode == "reweight":
-        if not equalizer:
-            raise UserError("--mode reweight needs at least one --reweight WORD=SCALE")
-        return p2p.Reweight(equalizer=equalizer, **kw)
-    base = (p2p.Replace if args.mode == "replace" else p2p.Refine)(**kw)
-    # --reweight with replace/refine stacks the reweight on the word edit, as the reference's `controller=prev`.
-    return p2p.Reweight(equalizer=equalizer, prev=base, **kw) if equalizer else base
+def _controller(args):
+    """The controller of the edit flags, through the dict form the job files use."""
+    from .controllers import from_spec
+
+    spec = {"mode": args.mode, "cross_steps": args.cross_steps, "self_steps": args.self_steps}
+    if args.reweight:
+        spec["equalizer"] = dict(args.reweight)
+    return from_spec(spec)
 
 
 def cmd_edit(args) -> int:
     import p2p_engine as p2p
+    from .images import side_by_side
 
     out_path = _check_out(args.out, ".png")
     inversion = None
@@ -203,7 +157,7 @@ def cmd_edit(args) -> int:
         if not Path(args.inversion).is_file():
             raise UserError(f"inversion file {args.inversion!r} does not exist (make one with `p2p-engine invert`)")
         inversion = p2p.Inversion.load(args.inversion)
-    prompt = args.prompt if args.prompt is not None else getattr(inversion, "prompt", None)
+    prompt = args.prompt if args.prompt is not None or inversion is None else inversion.prompt
     if prompt is None:
         raise UserError("--prompt is required (unless --inversion gives the source prompt)")
     targets = list(args.target or [])
@@ -211,16 +165,16 @@ def cmd_edit(args) -> int:
         raise UserError(f"--mode {args.mode} needs at least one --target prompt")
     prompts = [prompt] + (targets or [prompt])  # a reweight of the prompt itself edits a copy of it
 
+    controller = _controller(args)
     pipe = _load(args)
-    controller = _controller(args, p2p)
     kwargs = dict(controller=controller, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.blend:
         # one entry per prompt, source first; "cat,hat" blends several words of one prompt
         kwargs["local_blend"] = p2p.LocalBlend([w.split(",") if "," in w else w for w in args.blend])
     if inversion is not None:
         kwargs["inversion"] = inversion
-    out = _call_with_progress(pipe.edit, prompts, **kwargs)
-    _save_png(_side_by_side(out.images), out_path)
+    out = pipe.edit(prompts, progress=True, **kwargs)
+    _save_png(side_by_side(out.images), out_path)
     print(f"wrote {len(out.images)} images side by side to {out_path}")
     return EXIT_OK
 
@@ -236,8 +190,8 @@ def cmd_invert(args) -> int:
         raise UserError(f"image {args.image!r} does not exist")
 
     pipe = _load(args)
-    inv = _call_with_progress(pipe.invert, args.image, args.prompt, steps=args.steps,
-                              inner_steps=args.inner_steps, method=args.method, guidance=args.guidance)
+    inv = pipe.invert(args.image, args.prompt, steps=args.steps, inner_steps=args.inner_steps, method=args.method,
+                      guidance=args.guidance, progress=True)
     inv.save(str(out_path))
     print(f"wrote the {args.method} inversion of {args.image} to {out_path}")
     if strip_path is not None:
@@ -248,114 +202,79 @@ def cmd_invert(args) -> int:
 
 def _reconstruction_strip(pipe, args, inv):
     """input | VAE reconstruction | inversion reconstruction, as in the null-text paper's figures."""
-    import torch
-
     from .images import prepare, strip, to_pil
-    from .inversion import decode_latents, encode_image
+    from .inversion import reconstruct
 
     x = prepare(args.image, pipe.config.image_size)  # (1, 3, S, S) in [-1, 1]: what the inversion encoded
-    with torch.no_grad():
-        rec = decode_latents(pipe, encode_image(pipe, x))  # (1, 3, S, S) in [-1, 1]
-    out = _call_with_progress(pipe.edit, [inv.prompt], controller=None, steps=inv.null_embeddings.shape[0],
-                              guidance=getattr(inv, "guidance", args.guidance), inversion=inv)
-    return strip([to_pil(x)[0], to_pil(rec.float())[0], out.images[0]],
+    vae = pipe.decode_latents(pipe.encode_images(x))  # (1, 3, S, S) in [-1, 1]
+    rec = pipe.decode_latents(reconstruct(pipe, inv, progress=True))
+    return strip([to_pil(x)[0], to_pil(vae)[0], to_pil(rec)[0]],
                  ["input", "VAE reconstruction", f"{args.method} reconstruction"])
 
 
 def cmd_maps(args) -> int:
     import p2p_engine as p2p
+    from .images import heat_row, prompt_tokens, stack_rows
 
     out_path = _check_out(args.out, ".png")
     pipe = _load(args)
     prompts = list(args.prompt)
-    out = _call_with_progress(pipe.edit, prompts, controller=p2p.Store(), seed=args.seed, steps=args.steps,
-                              guidance=args.guidance)
+    out = pipe.edit(prompts, controller=p2p.Store(), seed=args.seed, steps=args.steps, guidance=args.guidance,
+                    progress=True)
     maps = out.attention.cross(res=args.res)  # (P, res, res, 77), summed over steps, averaged over heads
     ids = pipe.tokenize(prompts)  # (P, 77)
     rows = []
     for i, prompt in enumerate(prompts):
-        tokens = _prompt_tokens(pipe.tokenizer, ids[i].tolist())
-        rows.append(_heat_row(out.images[i], maps[i], tokens))
-    _save_png(_stack_rows(rows), out_path)
+        tokens = prompt_tokens(pipe.tokenizer, ids[i].tolist())
+        rows.append(heat_row(out.images[i], maps[i], tokens))
+    _save_png(stack_rows(rows), out_path)
     print(f"wrote {sum(len(r) - 1 for r in rows)} token maps at {args.res}x{args.res} to {out_path}")
     return EXIT_OK
 
 
-def _prompt_tokens(tokenizer, ids: list[int]) -> list[tuple[int, str]]:
-    """(position, text) of the prompt's own tokens: BOS, EOS and padding left out; positions count BOS."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    out = []
-    for pos, tok in enumerate(ids):
-        if pos == 0 and tok == bos:
-            continue
-        if tok == eos:
-            break
-        text = tokenizer.decode([tok]).strip() or tokenizer.convert_ids_to_tokens(tok)
-        out.append((pos, text))
-    return out
-
-
-def _heat_row(image, maps, tokens):
-    """[image, heat map of token 1 over the image, ...]; each map scaled to its own max, as the reference shows."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    h, w = base.shape[:2]
-    tiles = [(image.convert("RGB"), "image")]  # the row's first tile: the generated image itself
-    for pos, text in tokens:
-        m = maps[..., pos].float()[None, None]  # (1, 1, res, res)
-        m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
-        heat = _colormap(m.cpu().numpy())  # (H, W, 3)
-        mixed = 0.45 * base + 0.55 * heat
-        tiles.append((Image.fromarray((mixed * 255).round().astype(np.uint8)), text))
-    return tiles
-
-
-def _colormap(v):
-    """A small blue-cyan-yellow-red ramp for values in [0, 1] -> (H, W, 3) floats."""
-    import numpy as np
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return np.stack([r, g, b], axis=-1)
-
-
-def _stack_rows(rows):
-    """Labelled tiles, one prompt per row, into one picture."""
-    from PIL import Image, ImageDraw
-
-    label_h = 14
-    tile_w = max(im.width for row in rows for im, _ in row)
-    tile_h = max(im.height for row in rows for im, _ in row)
-    ncol = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (ncol * tile_w, len(rows) * (tile_h + label_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(rows):
-        y = r * (tile_h + label_h)
-        for c, (im, text) in enumerate(row):
-            canvas.paste(im, (c * tile_w, y))
-            draw.text((c * tile_w + 2, y + tile_h + 1), text[: max(1, tile_w // 6)], fill="black")
-    return canvas
-
-
-def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "common.py").is_file():
-        raise UserError("the benchmarks/ folder is not next to this installation; run from a source checkout "
-                        "(pip install -e .)")
+def _benchmarks(folder: Path | None = None):
+    """`benchmarks.common` of the source checkout this package runs from (`pip install -e .`), imported by
+    its file path: the `benchmarks/` folder sits beside `p2p_engine/` and is not installed."""
+    import importlib
     import importlib.util
+
+    folder = folder or Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (folder / "common.py").is_file():
+        raise UserError("`p2p-engine bench` runs the benchmarks/ folder of a source checkout, and this "
+                        "installation (a wheel) has none: clone the repository, run `pip install -e \".[test]\"` "
+                        "in it, and run `p2p-engine bench` from that install")
     if importlib.util.find_spec("diffusers") is None:
         raise UserError("the benchmarks compare against diffusers, which is not installed "
                         "(pip install 'p2p-engine[test]')")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.common import run_suite
+    loaded = sys.modules.get("benchmarks")
+    if loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve().parent != folder:
+        spec = importlib.util.spec_from_file_location("benchmarks", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module("benchmarks.common")
 
-    return run_suite(only=args.only, smoke=args.smoke, device=args.device, record=not args.no_record)
+
+def cmd_bench(args) -> int:
+    return _benchmarks().run_suite(only=args.only, smoke=args.smoke, device=args.device, record=not args.no_record)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .jobs import run_jobs
+
+    if args.model != "toy" and not Path(args.model).exists():
+        raise UserError(f"model path {args.model!r} does not exist (give a diffusers folder, a .safetensors "
+                        f"checkpoint, or 'toy')")
+    s = run_jobs(args.jobs, args.model, args.out, steps=args.steps, inner_steps=args.inner_steps,
+                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
+                 backend=args.backend, max_batches=args.max_batches)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} jobs "
+              f"in {s.seconds:.1f} s; index: {s.index}")
+    return s.exit_status
 
 
 # -- parser
@@ -392,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reweight", action="append", type=_reweight, metavar="WORD=SCALE",
                    help="scale a word's attention in the targets (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps (default 50; with --inversion, the inversion's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default 7.5; with --inversion, the inversion's)")
     p.add_argument("--inversion", metavar="FILE", help="edit a real image inverted by `p2p-engine invert`")
     p.add_argument("--out", default="out.png", help="output PNG")
     p.set_defaults(func=cmd_edit)
@@ -432,13 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true", help="do not append GPU results to benchmarks/results.csv")
     p.set_defaults(func=cmd_bench)
 
-    # `run JOBS.jsonl` (dataset jobs) is defined beside its implementation; absent from a build without it.
-    try:
-        from .jobs import add_run_parser
-    except ImportError:
-        add_run_parser = None
-    if add_run_parser is not None:
-        add_run_parser(sub)
+    p = sub.add_parser(
+        "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
+        description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
+                    "\"controller\": {\"mode\": replace|refine|reweight, \"cross_steps\", \"self_steps\", "
+                    "\"equalizer\"}, \"seed\"}. Outputs go to DIR/<job id>/ with one line per job in "
+                    "DIR/index.jsonl. Run again to finish an interrupted run. To split the jobs over N processes "
+                    "(one per GPU) start it with `torchrun --nproc-per-node N -m p2p_engine run ...` or "
+                    "`torchrun --no-python --nproc-per-node N p2p-engine run ...`. "
+                    "Exit status 1 when some jobs failed (each recorded in the index).")
+    p.add_argument("jobs", metavar="JOBS.jsonl", help="job file, one JSON object per line")
+    p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--inner-steps", type=_positive_int, default=10,
+                   help="null-text optimisation iterations per step (default 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images inverted together (default 1)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
+                                                  "under torchrun)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--max-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -447,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits with status 2 on a usage error
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         msg = str(e)
         if isinstance(e, OSError) and e.filename and e.filename not in msg:
             msg = f"{e.strerror or 'no such file'}: {e.filename}"

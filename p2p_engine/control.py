@@ -1,77 +1,26 @@
-"""Prompt-to-Prompt controllers and their compilation into per-step plans.
+"""Controllers compiled into per-step tables: what the UNet's attention layers see during an edit.
 
-The user-facing controllers (`Store`, `Replace`, `Refine`, `Reweight`,
-`LocalBlend`) are plain descriptions. `compile_control` turns one of them,
-once per edit, into tensors: a cross gate per step (steps, P-1, 77), the
-mapper (P-1, 77, 77), mix and equalizer (P-1, 77) and a self-replace flag per
-step. The resulting `Control` is what the UNet sees: `plan(layer, n)` only
-picks the current step's slice; the edit loop advances the step.
+`compile_control` turns a controller description (`p2p_engine.controllers`), once
+per edit, into tensors: a cross gate per UNet call (calls, P-1, 77), the mapper
+(P-1, 77, 77), mix and equalizer (P-1, 77), a self-replace window, and LocalBlend's
+word tables. The resulting `Control` is what the UNet sees: `plan(layer, n)` only
+picks the current call's slice; the sampling loop calls `end_step` after each
+scheduler step, which applies LocalBlend and advances the counter.
 
 Windows follow the reference exactly: cross windows are rounded with
 `int(f * (steps + 1))` over a (steps + 1)-row table, self windows with
-`int(f * steps)`. Prompts longer than 77 tokens are truncated with a warning,
-as the reference's tokenizer call does.
+`int(f * steps)`.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .plan import AttnLayer, CrossPlan, SelfPlan
-
-MAX_TOKENS = 77
-
-
-# -- words to token positions -------------------------------------------------------------------
-
-def word_inds(prompt: str, word: str, tokenizer) -> list[int]:
-    """Token positions (BOS counted, so starting at 1) of every occurrence of `word` in `prompt`."""
-    try:
-        from .align import word_inds as native
-    except ImportError:
-        native = None
-    if native is not None:
-        return [int(i) for i in native(prompt, word, tokenizer)]
-    # The reference's walk over decoded tokens, used until the aligner module is present.
-    split = prompt.split(" ")
-    places = [i for i, w in enumerate(split) if w == word]
-    out: list[int] = []
-    if places:
-        pieces = [tokenizer.decode([t]).strip("#") for t in tokenizer.encode(prompt)][1:-1]
-        cur, ptr = 0, 0
-        for i, piece in enumerate(pieces):
-            cur += len(piece)
-            if ptr in places:
-                out.append(i + 1)
-            if cur >= len(split[ptr]):
-                ptr, cur = ptr + 1, 0
-    return out
-
-
-def _require_word(prompt: str, word: str, tokenizer, what: str) -> list[int]:
-    inds = [i for i in word_inds(prompt, word, tokenizer) if i < MAX_TOKENS]
-    if not inds:
-        raise ValueError(f"{what}: the word {word!r} is not in the prompt {prompt!r} "
-                         "(words are matched whole, split on spaces)")
-    return inds
-
-
-def check_prompts(prompts, tokenizer) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt (the source first)")
-    for p in prompts:
-        if not isinstance(p, str):
-            raise TypeError(f"every prompt must be a str, got {type(p).__name__}")
-        n = len(tokenizer(p).input_ids)
-        if n > MAX_TOKENS:
-            warnings.warn(f"prompt {p!r} has {n} tokens; it is truncated to {MAX_TOKENS} like the reference does",
-                          stacklevel=3)
-    return prompts
+from .controllers import LocalBlend, Refine, Replace, Reweight, Store, _Edit
+from .maps import AttentionMaps
+from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
+from .words import MAX_TOKENS, refine_mappers, replace_mappers, require_word, word_inds
 
 
 # -- windows ---------------------------------------------------------------------------------------
@@ -108,7 +57,7 @@ def cross_gate(prompts, steps: int, cross_steps, tokenizer) -> torch.Tensor:
             continue
         found = False
         for j, p in enumerate(prompts[1:]):
-            inds = [i for i in word_inds(p, word, tokenizer) if i < MAX_TOKENS]
+            inds = word_inds(p, word, tokenizer)
             if inds:  # like the reference, a target without the word keeps its default window
                 put(bounds, j, inds)
                 found = True
@@ -122,72 +71,36 @@ def self_window(steps: int, self_steps) -> tuple[int, int]:
     return int(steps * start), int(steps * end)
 
 
-# -- controllers (descriptions) --------------------------------------------------------------------
+# -- tables ----------------------------------------------------------------------------------------
 
 @dataclass
-class Store:
-    """Keep attention maps only; no edit. `self_maps` also keeps self maps of layers with N <= 32*32."""
+class EditTables:
+    """A word edit (Replace, Refine, Reweight) as tensors; the formulas are `plan.inject_cross`'s."""
 
-    self_maps: bool = False
+    gate: torch.Tensor  # (calls, P-1, T): per UNet call, per target token, 1 inside its cross window
+    mapper: torch.Tensor  # (P-1, T, T)
+    mix: torch.Tensor | None  # (P-1, T)
+    equalizer: torch.Tensor | None  # (P-1, T)
+    self_window: tuple[int, int]  # UNet calls [start, end) whose self maps are the source's
+    self_max_queries: int  # only layers with at most this many queries have their self maps replaced
 
-
-@dataclass
-class _Edit:
-    cross_steps: object = 0.8
-    self_steps: object = 0.4
-    # Self replacement applies to layers with at most this many queries: 16*16 in the stable
-    # notebook (default), 32*32 in the null-text notebook.
-    self_max_queries: int = 16 * 16
-    self_maps: bool = False
-
-
-@dataclass
-class Replace(_Edit):
-    """Word swap: target cross maps become P_src @ M_j (same number of words in every prompt)."""
+    def to(self, device) -> "EditTables":
+        def f32(x):
+            return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
+        return EditTables(f32(self.gate), f32(self.mapper), f32(self.mix), f32(self.equalizer),
+                          self.self_window, self.self_max_queries)
 
 
 @dataclass
-class Refine(_Edit):
-    """Added words: aligned tokens take the source's maps, inserted tokens keep their own."""
+class BlendTables:
+    """LocalBlend as tensors: which tokens of each prompt make its mask, and when and where it runs."""
 
+    words: torch.Tensor  # (P, T) 0/1
+    subtract: torch.Tensor | None  # (P, T) 0/1
+    start: int  # blend after step callbacks number start + 1 on
+    level: int  # UNet level whose down/up cross maps are read
+    thresholds: tuple[float, float]  # (words, subtract)
 
-@dataclass
-class Reweight(_Edit):
-    """Scale the chosen words' columns of the (mapped) source maps; `prev` is a Replace or Refine."""
-
-    equalizer: dict = field(default_factory=dict)
-    prev: object = None
-
-    def __init__(self, equalizer=None, prev=None, cross_steps=0.8, self_steps=0.4,
-                 self_max_queries=16 * 16, self_maps=False):
-        super().__init__(cross_steps, self_steps, self_max_queries, self_maps)
-        self.equalizer = dict(equalizer or {})
-        self.prev = prev
-        if prev is not None and not isinstance(prev, (Replace, Refine)):
-            raise TypeError(f"Reweight(prev=...) must be a Replace or Refine, got {type(prev).__name__}")
-
-
-@dataclass
-class LocalBlend:
-    """Keep the source latent outside the chosen words' region.
-
-    words: one entry per prompt (a word or a list of words), e.g. ["cat", "dog"].
-    subtract: the same shape, or None (null-text notebook's subtraction).
-    start: fraction of the steps before blending starts (0.2 in the null-text notebook).
-    level: the UNet level whose down/up cross maps build the mask; None = latent / 4 (the
-        reference's 16x16 maps at 64x64 latents), falling back to the coarsest level with
-        down/up cross attention.
-    """
-
-    words: object
-    subtract: object = None
-    start: float = 0.0
-    threshold: float = 0.3
-    subtract_threshold: float = 0.3
-    level: int | None = None
-
-
-# -- compiled form ---------------------------------------------------------------------------------
 
 def _one_hot_mapper(mapper: torch.Tensor) -> torch.Tensor:
     """(P-1, T) index map (-1 = unaligned) -> (P-1, T, T) with column t holding a 1 at row mapper[t]."""
@@ -208,82 +121,104 @@ def _word_table(words, prompts, tokenizer, what: str) -> torch.Tensor:
     table = torch.zeros(len(prompts), MAX_TOKENS)
     for i, (p, ws) in enumerate(zip(prompts, words)):
         for w in ([ws] if isinstance(ws, str) else ws):
-            table[i, _require_word(p, w, tokenizer, what)] = 1.0
+            table[i, require_word(p, w, tokenizer, what)] = 1.0
     return table
 
 
-def _edit_tensors(ctrl, prompts, tokenizer):
+def _mapping(ctrl, prompts, tokenizer):
     """(mapper (P-1,T,T), mix (P-1,T) or None, equalizer (P-1,T) or None)."""
     n = len(prompts) - 1
     if isinstance(ctrl, Reweight):
         if ctrl.prev is not None:
-            mapper, mix, _ = _edit_tensors(ctrl.prev, prompts, tokenizer)
+            mapper, mix, _ = _mapping(ctrl.prev, prompts, tokenizer)
         else:
             mapper, mix = torch.eye(MAX_TOKENS).expand(n, -1, -1).clone(), None
         eq = torch.ones(n, MAX_TOKENS)
         for word, scale in ctrl.equalizer.items():
             for j, p in enumerate(prompts[1:]):
-                eq[j, _require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
+                eq[j, require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
         return mapper, mix, eq
-    from . import align
     if isinstance(ctrl, Replace):
-        return torch.as_tensor(align.replace_mappers(prompts, tokenizer), dtype=torch.float32), None, None
-    mapper, alphas = align.refine_mappers(prompts, tokenizer)
-    return _one_hot_mapper(torch.as_tensor(mapper)), torch.as_tensor(alphas, dtype=torch.float32), None
+        return replace_mappers(prompts, tokenizer), None, None
+    mapper, alphas = refine_mappers(prompts, tokenizer)
+    return _one_hot_mapper(mapper), alphas.float(), None
 
+
+def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int) -> EditTables:
+    gate = cross_gate(prompts, steps, ctrl.cross_steps, tokenizer)[:calls]
+    mapper, mix, eq = _mapping(ctrl, prompts, tokenizer)
+    return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), ctrl.self_max_queries)
+
+
+def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
+    """The level LocalBlend reads: `wanted`, else latent/4 (16x16 at 64x64), else the coarsest with maps."""
+    levels = sorted({l.level for l in layers or () if l.is_cross and l.place != "mid"})
+    if not levels:
+        raise ValueError("LocalBlend needs cross-attention layers outside the mid block; this UNet has none")
+    if wanted is not None:
+        if wanted not in levels:
+            raise ValueError(f"LocalBlend(level={wanted}): no down/up cross-attention at that level; "
+                             f"levels with maps: {levels}")
+        return wanted
+    return 2 if 2 in levels else levels[-1]
+
+
+def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> BlendTables:
+    if not 0.0 <= float(blend.start) <= 1.0:
+        raise ValueError(f"LocalBlend start = {blend.start!r}: a fraction of the steps in [0, 1]")
+    subtract = None if blend.subtract is None else _word_table(blend.subtract, prompts, tokenizer,
+                                                               "LocalBlend subtract")
+    return BlendTables(_word_table(blend.words, prompts, tokenizer, "LocalBlend words"), subtract,
+                       int(blend.start * steps), blend_level(layers, blend.level),
+                       (blend.threshold, blend.subtract_threshold))
+
+
+# -- the runtime object ----------------------------------------------------------------------------
 
 class Control:
-    """What the UNet calls: `plan(layer, n_queries)` returns the step's plan for that layer.
+    """What the UNet calls: `plan(layer, n_queries)` returns the current call's plan for that layer.
 
-    The edit loop calls `end_step(latents)` after each scheduler step; it applies LocalBlend
-    and advances the step counter.
+    The sampling loop calls `end_step(latents)` after each scheduler step; it applies LocalBlend
+    and advances the counter, which counts UNet calls (one per step, or steps + 1 with PNDM).
     """
 
-    def __init__(self, prompts, steps: int, device, *, gate=None, mapper=None, mix=None, equalizer=None,
-                 self_window_=(0, 0), self_max_queries=16 * 16, store=True, self_maps=False,
-                 blend=None, blend_sub=None, blend_start=0, blend_level=None, thresholds=(0.3, 0.3)):
+    def __init__(self, prompts, calls: int, device, *, edit: EditTables | None = None,
+                 blend: BlendTables | None = None, store: bool = True, self_maps: bool = False):
         self.prompts = prompts
         self.P = len(prompts)
-        self.steps = steps
+        self.calls = calls
         self.device = torch.device(device)
         self.step = 0
-        f32 = dict(device=self.device, dtype=torch.float32)
-        self.gate = gate.to(**f32).contiguous() if gate is not None else None  # (steps, P-1, T)
-        self.mapper = mapper.to(**f32).contiguous() if mapper is not None else None
-        self.mix = mix.to(**f32).contiguous() if mix is not None else None
-        self.equalizer = equalizer.to(**f32).contiguous() if equalizer is not None else None
-        # Host-side per-step flags, computed once: a step whose gate is all zero injects nothing.
-        self.cross_on = ([bool(g.any()) for g in gate] if (gate is not None and mapper is not None)
-                         else [False] * steps)
-        s0, s1 = self_window_
-        self.self_on = [mapper is not None and s0 <= i < s1 for i in range(steps)]
-        self.self_max_queries = self_max_queries
+        self.edit = edit.to(self.device) if edit is not None else None
+        self.blend = blend
+        if blend is not None:
+            f32 = dict(device=self.device, dtype=torch.float32)
+            self.blend_words = blend.words.to(**f32)
+            self.blend_sub = blend.subtract.to(**f32) if blend.subtract is not None else None
+        # Host-side flags per call, computed once: a call whose gate is all zero injects nothing.
+        e = self.edit
+        self.cross_on = [bool(g.any()) for g in e.gate] if e is not None else [False] * calls
+        self.self_on = [e is not None and e.self_window[0] <= i < e.self_window[1] for i in range(calls)]
         self.keep = store
         self.self_maps = self_maps
-        self.cross_sum: dict[int, torch.Tensor] = {}  # layer index -> (P, N, T), summed over steps
+        self.cross_sum: dict[int, torch.Tensor] = {}  # layer index -> (P, N, T), summed over calls
         self.self_sum: dict[int, torch.Tensor] = {}   # layer index -> (P, N, N)
         self.layers: dict[int, tuple[AttnLayer, int]] = {}
-        # LocalBlend
-        self.blend = blend.to(**f32) if blend is not None else None  # (P, T)
-        self.blend_sub = blend_sub.to(**f32) if blend_sub is not None else None
-        self.blend_start = blend_start
-        self.blend_level = blend_level
-        self.thresholds = thresholds
-        self.step_buf: dict[int, torch.Tensor] = {}  # blend layers: this step's maps (pre-injection)
-        self.blend_sum = None  # (P, N, T): sum over steps and blend layers of post-injection maps
-        self.blend_count = 0
+        self.step_buf: dict[int, torch.Tensor] = {}  # blend layers: this call's maps (pre-injection)
+        self.blend_sum = None  # (P, N, T): sum over calls and blend layers of post-injection maps
 
     # -- called by every attention layer ---------------------------------------------------------
     def plan(self, layer: AttnLayer, n_queries: int):
         i = self.step
         if layer.index not in self.layers:
             self.layers[layer.index] = (layer, n_queries)
+        e = self.edit
         if layer.is_cross:
             store = self._cross_buffer(layer, n_queries)
             if self.cross_on[i]:
-                return CrossPlan(self.P, store, self.mapper, self.mix, self.equalizer, self.gate[i])
+                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, e.gate[i])
             return CrossPlan(self.P, store) if store is not None else None
-        inject = self.self_on[i] and n_queries <= self.self_max_queries
+        inject = self.self_on[i] and n_queries <= e.self_max_queries
         store = None
         if self.self_maps and n_queries <= 32 * 32:
             store = self.self_sum.get(layer.index)
@@ -295,7 +230,7 @@ class Control:
         return None
 
     def _is_blend_layer(self, layer: AttnLayer) -> bool:
-        return self.blend is not None and layer.place != "mid" and layer.level == self.blend_level
+        return self.blend is not None and layer.place != "mid" and layer.level == self.blend.level
 
     def _cross_buffer(self, layer, n):
         if self._is_blend_layer(layer):
@@ -310,7 +245,7 @@ class Control:
             buf = self.cross_sum[layer.index] = torch.zeros(self.P, n, MAX_TOKENS, device=self.device)
         return buf
 
-    # -- called by the edit loop after each scheduler step ----------------------------------------
+    # -- called by the sampling loop after each scheduler step -------------------------------------
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (P, 4, h, w) after the scheduler step -> the same, blended."""
         i = self.step
@@ -323,18 +258,13 @@ class Control:
             # tensor), and LocalBlend reads that store: rebuild the injected maps for this step. The
             # injection is linear per column, so applying it to the layer sum is exact.
             if self.cross_on[i]:
+                e = self.edit
                 src, tgt = step_maps[:1], step_maps[1:]
-                inj = src @ self.mapper  # (P-1, N, T)
-                if self.mix is not None:
-                    inj = inj * self.mix[:, None] + tgt * (1 - self.mix[:, None])
-                if self.equalizer is not None:
-                    inj = inj * self.equalizer[:, None]
-                g = self.gate[i][:, None]
-                step_maps = torch.cat([src, inj * g + tgt * (1 - g)])
+                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, e.gate[i])])
             self.blend_sum = step_maps if self.blend_sum is None else self.blend_sum + step_maps
             for buf in self.step_buf.values():
                 buf.zero_()
-            if i + 1 > self.blend_start:
+            if i + 1 > self.blend.start:
                 latents = self._blend(latents)
         self.step += 1
         return latents
@@ -350,64 +280,48 @@ class Control:
 
     def _blend(self, latents):
         h, w = latents.shape[-2:]
-        hw = (-(-h // 2 ** self.blend_level), -(-w // 2 ** self.blend_level))
+        level = self.blend.level
+        hw = (-(-h // 2 ** level), -(-w // 2 ** level))
         maps = self.blend_sum.float()
-        mask = self._mask(maps, self.blend, self.thresholds[0], True, hw, (h, w))
+        mask = self._mask(maps, self.blend_words, self.blend.thresholds[0], True, hw, (h, w))
         if self.blend_sub is not None:
-            mask = mask & ~self._mask(maps, self.blend_sub, self.thresholds[1], False, hw, (h, w))
+            mask = mask & ~self._mask(maps, self.blend_sub, self.blend.thresholds[1], False, hw, (h, w))
         mask = mask.to(latents.dtype)
         return latents[:1] + mask * (latents - latents[:1])
 
-    def attention(self, latent_hw, tokenizer=None):
-        from .maps import AttentionMaps
-        return AttentionMaps(self.prompts, dict(self.layers), self.cross_sum, self.self_sum, self.steps,
+    def attention(self, latent_hw, tokenizer=None) -> AttentionMaps:
+        return AttentionMaps(self.prompts, dict(self.layers), self.cross_sum, self.self_sum, self.calls,
                              latent_hw, tokenizer)
 
 
-def blend_level(layers: list[AttnLayer], latent_size: int, wanted: int | None) -> int:
-    """The level LocalBlend reads: `wanted`, else latent/4 (16x16 at 64x64), else the coarsest with maps."""
-    levels = sorted({l.level for l in layers if l.is_cross and l.place != "mid"})
-    if not levels:
-        raise ValueError("LocalBlend needs cross-attention layers outside the mid block; this UNet has none")
-    if wanted is not None:
-        if wanted not in levels:
-            raise ValueError(f"LocalBlend(level={wanted}): no down/up cross-attention at that level; "
-                             f"levels with maps: {levels}")
-        return wanted
-    return 2 if 2 in levels else levels[-1]
-
-
 def compile_control(controller, prompts, tokenizer, steps: int, device, *, layers=None, local_blend=None,
-                    store=True) -> Control | None:
-    """Once per edit: controller description -> `Control` (or None when nothing is to be done)."""
+                    store=True, calls: int | None = None) -> Control | None:
+    """Once per edit: controller description -> `Control` (or None when nothing is to be done).
+
+    Args:
+        steps: the sampler's steps, which the windows are fractions of.
+        layers: the UNet's attention layers (`unet.attn_layers`), for LocalBlend's level.
+        calls: UNet calls of the edit, counted by the control (default `steps`).
+    """
     prompts = list(prompts)
     P = len(prompts)
-    kw = dict(store=store)
+    calls = steps if calls is None else calls
+    edit = blend = None
+    self_maps = False
     if isinstance(controller, Store):
-        kw["self_maps"] = controller.self_maps
+        self_maps = controller.self_maps
     elif controller is not None:
         if not isinstance(controller, _Edit):
             raise TypeError(f"controller must be Store, Replace, Refine or Reweight, got {type(controller).__name__}")
         if P < 2:
             raise ValueError(f"{type(controller).__name__} edits need a source and at least one target prompt, "
                              f"got {P} prompt(s)")
-        gate = cross_gate(prompts, steps, controller.cross_steps, tokenizer)[:steps]
-        window = self_window(steps, controller.self_steps)
-        mapper, mix, eq = _edit_tensors(controller, prompts, tokenizer)
-        kw.update(gate=gate, mapper=mapper, mix=mix, equalizer=eq, self_window_=window,
-                  self_max_queries=controller.self_max_queries, self_maps=controller.self_maps)
+        edit = edit_tables(controller, prompts, tokenizer, steps, calls)
+        self_maps = controller.self_maps
     if local_blend is not None:
         if P < 2:
             raise ValueError("LocalBlend needs a source and at least one target prompt")
-        if not 0.0 <= float(local_blend.start) <= 1.0:
-            raise ValueError(f"LocalBlend start = {local_blend.start!r}: a fraction of the steps in [0, 1]")
-        kw.update(blend=_word_table(local_blend.words, prompts, tokenizer, "LocalBlend words"),
-                  blend_sub=(None if local_blend.subtract is None else
-                             _word_table(local_blend.subtract, prompts, tokenizer, "LocalBlend subtract")),
-                  blend_start=int(local_blend.start * steps),
-                  thresholds=(local_blend.threshold, local_blend.subtract_threshold),
-                  blend_level=blend_level(layers, 0, local_blend.level) if layers is not None
-                  else (local_blend.level if local_blend.level is not None else 2))
+        blend = blend_tables(local_blend, prompts, tokenizer, steps, layers)
     if controller is None and local_blend is None and not store:
         return None
-    return Control(prompts, steps, device, **kw)
+    return Control(prompts, calls, device, edit=edit, blend=blend, store=store, self_maps=self_maps)

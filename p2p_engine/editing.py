@@ -1,10 +1,15 @@
-"""The Prompt-to-Prompt sampling loop: CFG over P prompts, DDIM, attention control, LocalBlend.
+"""The sampling loop: generation, Prompt-to-Prompt edits, and sampling from an inversion, all one loop.
 
 Reference loop (ptp_utils.text2image_ldm_stable): one start latent shared by
 all prompts; the batch is [uncond("") x P, cond x P]; per step one UNet call
-on the doubled latents, guidance, one DDIM step, then LocalBlend on the
+on the doubled latents, guidance, one scheduler step, then LocalBlend on the
 latents. With an `Inversion`, the start latent is its latent_T and step i
-uses null_embeddings[i] as every prompt's unconditional context.
+uses null_embeddings[i] as every prompt's unconditional context; the
+reconstruction of an inverted image is this loop with its one prompt.
+
+Precision: the UNet runs in the pipeline's dtype; the latents between steps,
+the guidance and the scheduler's arithmetic stay in the master dtype
+(`Pipeline.master_dtype`, float32), as null-text inversion optimised them.
 """
 from __future__ import annotations
 
@@ -12,86 +17,81 @@ from dataclasses import dataclass
 
 import torch
 
-from .control import check_prompts, compile_control
+from .control import compile_control
+from .images import to_pil
+from .words import check_prompts
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
 
 
 @dataclass
 class EditOutput:
     images: list  # PIL images, source first
-    latents: torch.Tensor  # (P, 4, h, w) final latents
+    latents: torch.Tensor  # (P, 4, h, w) final latents, master dtype
     attention: object  # maps.AttentionMaps or None
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
-    from PIL import Image
-    x = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x]
-
-
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list:
-    out = pipe.vae.decode(latents.to(pipe.dtype) / pipe.config.vae.scaling_factor)
-    return to_pil(getattr(out, "sample", out))
-
-
-@torch.no_grad()
-def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
          height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
          local_blend=None, inversion=None, store: bool = True, progress: bool = True,
          decode_images: bool = True) -> EditOutput:
     """Generate (controller=None) or edit P prompts, prompt 0 the source.
 
     Args:
+        steps: sampling steps (default 50; with an inversion, its own, and another number is an error).
+        guidance: classifier-free guidance scale (default 7.5; with an inversion, the one it was made with).
         latents: optional start noise (1, 4, h, w) shared by every prompt.
         inversion: an Inversion; its latent_T starts the loop and its null embeddings replace "".
         store: keep the cross maps of every layer (summed over steps) in `out.attention`.
     """
     prompts = check_prompts(prompts, pipe.tokenizer)
     P = len(prompts)
-    device, dtype = pipe.device, pipe.dtype
-    down = pipe.config.vae.downscale
-    native = pipe.config.image_size
-    height, width = height or native, width or native
-    if height % down or width % down:
-        raise ValueError(f"height and width must be multiples of {down}, got {height} x {width}")
-    h, w = height // down, width // down
+    device, master = pipe.device, pipe.master_dtype
     channels = pipe.config.unet.in_channels
-
+    null = None
     if inversion is not None:
-        if hasattr(inversion, "check_compatible"):
-            inversion.check_compatible(pipe)
-        null = inversion.null_embeddings.to(device, dtype)  # (steps, 77, D)
-        if steps != null.shape[0]:
-            steps = null.shape[0]  # the inversion fixes the schedule
-        latents = inversion.latent_T
+        inversion.check_compatible(pipe)
+        n = inversion.null_embeddings.shape[0]
+        if steps is not None and steps != n:
+            raise ValueError(f"steps={steps}, but the inversion was made with {n} steps; an edit from it runs "
+                             f"its {n} (leave steps out)")
+        if latents is not None:
+            raise ValueError("give the start latent by `latents` or by `inversion`, not both")
+        steps, latents = n, inversion.latent_T
+        guidance = inversion.guidance if guidance is None else guidance
+        null = inversion.null_embeddings.to(device, pipe.dtype)  # (steps, 77, D)
+    steps = DEFAULT_STEPS if steps is None else steps
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     if latents is None:
+        down = pipe.config.vae.downscale
+        height, width = height or pipe.config.image_size, width or pipe.config.image_size
+        if height % down or width % down:
+            raise ValueError(f"height and width must be multiples of {down}, got {height} x {width}")
         g = torch.Generator(device=device).manual_seed(seed)
-        latents = torch.randn((1, channels, h, w), generator=g, device=device, dtype=torch.float32)
-    latents = latents.to(device, dtype)
+        latents = torch.randn((1, channels, height // down, width // down), generator=g, device=device,
+                              dtype=torch.float32)
+    latents = latents.to(device, master)
     if latents.dim() != 4 or latents.shape[0] != 1:
         raise ValueError(f"latents must be (1, {channels}, h, w), shared by all prompts; got {tuple(latents.shape)}")
     h, w = latents.shape[-2:]
     latents = latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
 
     cond = pipe.encode_prompt(prompts)  # (P, 77, D)
-    uncond = pipe.encode_prompt([""]).expand(P, -1, -1) if inversion is None else None
-
-    layers = getattr(pipe.unet, "attn_layers", None)
-    control = compile_control(controller, prompts, pipe.tokenizer, steps, device, layers=layers,
+    uncond = pipe.encode_prompt([""]).expand(P, -1, -1) if null is None else None
+    control = compile_control(controller, prompts, pipe.tokenizer, steps, device, layers=pipe.unet.attn_layers,
                               local_blend=local_blend, store=store)
     sched = pipe.scheduler
-    timesteps = sched.timesteps(steps)
-    it = enumerate(timesteps.tolist())
+    timesteps = sched.timesteps(steps).tolist()
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, total=steps, desc="edit" if controller is not None else "generate")
-    for i, t in it:
-        u = null[i][None].expand(P, -1, -1) if inversion is not None else uncond
+        timesteps = tqdm(timesteps, desc="edit" if controller is not None else "sample")
+    for i, t in enumerate(timesteps):
+        u = null[i][None].expand(P, -1, -1) if null is not None else uncond
         context = torch.cat([u, cond])  # (2P, 77, D)
-        x = torch.cat([latents, latents])
-        out = pipe.unet(x, torch.tensor(t, device=device), context, control=control)
-        out = getattr(out, "sample", out)
+        x = torch.cat([latents, latents]).to(pipe.dtype)
+        out = pipe.unet(x, torch.tensor(t, device=device), context, control=control).to(master)
         out_u, out_c = out.chunk(2)
         noise = out_u + guidance * (out_c - out_u)
         latents = sched.step(noise, t, latents, steps)
@@ -99,5 +99,5 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int = 50, guid
             latents = control.end_step(latents)
 
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
-    images = decode(pipe, latents) if decode_images else []
+    images = to_pil(pipe.decode_latents(latents)) if decode_images else []
     return EditOutput(images=images, latents=latents, attention=attention)

@@ -1,14 +1,85 @@
-"""Files of a checkpoint: a safetensors reader whose errors name the file, and SHA-256 checksums.
+"""Files: the one atomic writer, a safetensors reader whose errors name the file, SHA-256 checksums.
 
-Both raise `CheckpointError`, the one error type of loading, whose message says what to fix.
+Everything the engine writes (images, inversion files, job indexes, checkpoints, benchmark records) goes
+through `atomic_write` or `atomic_folder`: the content is written under a temporary name in the
+destination's folder and renamed into place only when complete, so a reader never sees half a file and
+a crash leaves nothing behind. The file or folder gets the permissions an ordinary `open()` or `mkdir`
+would give it (0666 / 0777 less the umask), not the 0600 / 0700 of a temporary file.
+
+Reading raises `CheckpointError`, the one error type of loading, whose message says what to fix.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", **open_kwargs):
+    """`with atomic_write(path) as f: f.write(...)`: `path` appears, whole, when the block ends.
+
+    The parent folder is created if missing. On an exception inside the block, nothing is written and
+    an existing `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """`with atomic_folder(path) as tmp: ...write files under tmp...`: the folder replaces `path`, whole,
+    when the block ends (an existing folder is swapped out only then, and removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, obj) -> None:
+    """`obj` as indented JSON, atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
+# -- reading ---------------------------------------------------------------------------------------
 
 
 class CheckpointError(ValueError):
@@ -72,7 +143,8 @@ def write_checksums(folder) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
     lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     out = folder / CHECKSUMS
-    out.write_text("\n".join(lines) + "\n")
+    with atomic_write(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Image preparation as the reference's `load_512`, tensor <-> PIL, picture strips, atomic PNG writes.
+"""Image preparation as the reference's `load_512`, tensor <-> PIL, pictures (strips, heat maps), PNG files.
 
 The reference reads an image, applies crop offsets, centre-crops to a square and
 resizes to 512 with PIL's default resampling (bicubic); pixels go to [-1, 1] by
@@ -7,7 +7,6 @@ x / 127.5 - 1. Here the side is the model's native image size (512 for SD 1.5).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -124,18 +123,81 @@ def strip(images, labels=None, pad: int = 4, min_height: int = 192):
     return out
 
 
+def side_by_side(images):
+    """One PIL image with `images` left to right, no gaps: P images of W pixels give P * W."""
+    from PIL import Image
+    w = sum(im.width for im in images)
+    h = max(im.height for im in images)
+    canvas = Image.new("RGB", (w, h), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return canvas
+
+
+def prompt_tokens(tokenizer, ids: list[int]) -> list[tuple[int, str]]:
+    """(position, text) of the prompt's own tokens: BOS, EOS and padding left out; positions count BOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for pos, tok in enumerate(ids):
+        if pos == 0 and tok == bos:
+            continue
+        if tok == eos:
+            break
+        text = tokenizer.decode([tok]).strip() or tokenizer.convert_ids_to_tokens(tok)
+        out.append((pos, text))
+    return out
+
+
+def heat_row(image, maps, tokens):
+    """[image, heat map of token 1 over the image, ...]; each map scaled to its own max, as the reference shows."""
+    from PIL import Image
+
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    h, w = base.shape[:2]
+    tiles = [(image.convert("RGB"), "image")]  # the row's first tile: the generated image itself
+    for pos, text in tokens:
+        m = maps[..., pos].float()[None, None]  # (1, 1, res, res)
+        m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+        heat = _colormap(m.cpu().numpy())  # (H, W, 3)
+        mixed = 0.45 * base + 0.55 * heat
+        tiles.append((Image.fromarray((mixed * 255).round().astype(np.uint8)), text))
+    return tiles
+
+
+def _colormap(v):
+    """A small blue-cyan-yellow-red ramp for values in [0, 1] -> (H, W, 3) floats."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1)
+
+
+def stack_rows(rows):
+    """Labelled tiles, one prompt per row, into one picture."""
+    from PIL import Image, ImageDraw
+
+    label_h = 14
+    tile_w = max(im.width for row in rows for im, _ in row)
+    tile_h = max(im.height for row in rows for im, _ in row)
+    ncol = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (ncol * tile_w, len(rows) * (tile_h + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = r * (tile_h + label_h)
+        for c, (im, text) in enumerate(row):
+            canvas.paste(im, (c * tile_w, y))
+            draw.text((c * tile_w + 2, y + tile_h + 1), text[: max(1, tile_w // 6)], fill="black")
+    return canvas
+
+
 def save_png_atomic(img, path) -> None:
-    """Write a PIL image (or (1, 3, H, W) tensor) as PNG via a temp file + rename, so readers never see half a file."""
+    """Write a PIL image (or (1, 3, H, W) tensor) as PNG through the atomic writer (`files.atomic_write`)."""
+    from .files import atomic_write
+
     if isinstance(img, torch.Tensor):
         img = to_pil(img)[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")

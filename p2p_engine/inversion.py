@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .editing import edit
+from .files import atomic_write
 from .images import prepare
+from .scheduler import ddim_step
 
 METHODS = ("null_text", "negative_prompt", "ddim")
 FORMAT = "p2p_engine.inversion/1"
@@ -60,7 +62,7 @@ class Inversion:
 
     def save(self, path) -> None:
         """One safetensors file: tensors plus the settings as JSON in the header; written atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
                 "inner_steps": self.inner_steps, "guidance": self.guidance, "scheduler": self.scheduler,
@@ -68,18 +70,8 @@ class Inversion:
         tensors = {"latent_T": self.latent_T.detach().float().cpu().contiguous(),
                    "null_embeddings": self.null_embeddings.detach().float().cpu().contiguous(),
                    "losses": self.losses.detach().float().cpu().contiguous()}
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".inversion.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"p2p_inversion": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            f.write(save(tensors, metadata={"p2p_inversion": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path) -> "Inversion":
@@ -103,44 +95,18 @@ class Inversion:
                    losses=tensors["losses"], **meta)
 
 
-# -- model helpers (tolerate diffusers modules that return output objects)
-
-def _master(pipe) -> torch.dtype:
-    """The dtype of the optimised embeddings, latents and losses: float32, or float64 for a float64 model
-    (tests use one to check the batched loop's logic free of float32 rounding noise)."""
-    return torch.float64 if pipe.dtype == torch.float64 else torch.float32
-
+# -- the loops
 
 def _unet(pipe, x, t, context):
-    """Master dtype in/out around the model's dtype: the optimised embedding stays an fp32 master copy."""
-    out = pipe.unet(x.to(pipe.dtype), t, context.to(pipe.dtype))
-    return getattr(out, "sample", out).to(_master(pipe))
-
-
-@torch.no_grad()
-def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) float32 latents: the VAE mean times the scaling factor."""
-    out = pipe.vae.encode(image.to(pipe.device, pipe.dtype))
-    if hasattr(out, "latent_dist"):
-        out = out.latent_dist.mean
-    return out.to(_master(pipe)) * pipe.config.vae.scaling_factor
+    """The UNet in the model's dtype, in and out of the master dtype: the optimised embedding stays an fp32
+    master copy."""
+    return pipe.unet(x.to(pipe.dtype), t, context.to(pipe.dtype)).to(pipe.master_dtype)
 
 
 def _coeffs(sched, t: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, alpha_prev) as 0-d device tensors, so a captured step reads them from buffers."""
     prev_t = t - sched.num_train_steps // steps
     return sched.alpha(t).to(device).clone(), sched.alpha(prev_t).to(device).clone()
-
-
-def _ddim_prev(out: torch.Tensor, sample: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor, v_pred: bool):
-    """The scheduler's `step` with alphas as tensors (same arithmetic as DDIM.split/step)."""
-    if v_pred:
-        x0 = a.sqrt() * sample - (1 - a).sqrt() * out
-        eps = a.sqrt() * out + (1 - a).sqrt() * sample
-    else:
-        eps = out
-        x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
 @torch.no_grad()
@@ -218,7 +184,7 @@ class _Iteration:
         with torch.enable_grad():
             out_u = _unet(self.pipe, self.latent, self.t, p)
             noise = out_u + self.guidance * (self.out_c - out_u)
-            prev = _ddim_prev(noise, self.latent, self.a, self.a_prev, self.v_pred)
+            prev = ddim_step(noise, self.latent, self.a, self.a_prev, self.v_pred)
             loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
             (grad,) = torch.autograd.grad(loss.sum(), p)
         loss = loss.detach()
@@ -256,7 +222,7 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
     sched = pipe.scheduler
     dev = pipe.device
     n = cond.shape[0]
-    param = uncond.detach().to(_master(pipe)).clone()
+    param = uncond.detach().to(pipe.master_dtype).clone()
     latent = traj[-1]
     it = _Iteration(pipe, param, latent, guidance)
     run = None
@@ -297,7 +263,7 @@ def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0,
             # Advance with the optimised embedding: guided step from z_t.
             out_u = _unet(pipe, latent, torch.tensor(t, device=dev), it.param)
             noise = out_u + guidance * (it.out_c - out_u)
-            latent = _ddim_prev(noise, latent, a, a_prev, it.v_pred)
+            latent = ddim_step(noise, latent, a, a_prev, it.v_pred)
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -342,9 +308,9 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         epsilon, epsilon_slope = -math.inf, 0.0
     size = pipe.config.image_size
     x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
-    z0 = encode_image(pipe, x)  # (N, 4, h, w)
-    cond = pipe.encode_prompt(list(prompts)).to(_master(pipe))  # (N, 77, D)
-    uncond = pipe.encode_prompt([""]).to(_master(pipe)).expand_as(cond).contiguous()
+    z0 = pipe.encode_images(x)  # (N, 4, h, w)
+    cond = pipe.encode_prompt(list(prompts)).to(pipe.master_dtype)  # (N, 77, D)
+    uncond = pipe.encode_prompt([""]).to(pipe.master_dtype).expand_as(cond).contiguous()
     with torch.no_grad():
         traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), steps)
     n = len(prompts)
@@ -373,28 +339,9 @@ def invert(pipe, image, prompt: str, **kw) -> Inversion:
     return invert_batch(pipe, [image], [prompt], **kw)[0]
 
 
-@torch.no_grad()
-def reconstruct(pipe, inv: Inversion, prompt: str | None = None, guidance: float | None = None) -> torch.Tensor:
-    """Sample from inv.latent_T with the prompt and per-step null embeddings -> (1, 4, h, w) float32 latents."""
-    inv.check_compatible(pipe)
-    sched = pipe.scheduler
-    steps = inv.null_embeddings.shape[0]
-    guidance = inv.guidance if guidance is None else guidance
-    cond = pipe.encode_prompt([prompt or inv.prompt]).float()
-    nulls = inv.null_embeddings.to(pipe.device, torch.float32)
-    v_pred = pipe.config.prediction_type == "v_prediction"
-    latent = inv.latent_T.to(pipe.device, torch.float32)
-    for i, t in enumerate(sched.timesteps(steps).tolist()):
-        a, a_prev = _coeffs(sched, t, steps, pipe.device)
-        out = _unet(pipe, torch.cat([latent, latent]).to(pipe.dtype), torch.tensor(t, device=pipe.device),
-                    torch.cat([nulls[i:i + 1], cond]).to(pipe.dtype)).float()
-        out_u, out_c = out.chunk(2)
-        latent = _ddim_prev(out_u + guidance * (out_c - out_u), latent, a, a_prev, v_pred)
-    return latent
-
-
-@torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-    out = pipe.vae.decode(latents.to(pipe.dtype) / pipe.config.vae.scaling_factor)
-    return getattr(out, "sample", out).float()
+def reconstruct(pipe, inv: Inversion, prompt: str | None = None, guidance: float | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Sampling from the inversion with one prompt (default the inverted one): the edit loop's final latent
+    (1, 4, h, w), master dtype."""
+    return edit(pipe, [prompt or inv.prompt], inversion=inv, guidance=guidance, store=False, progress=progress,
+                decode_images=False).latents

@@ -27,8 +27,6 @@ names and restarts the ranks, and the output folder is the only shared state.
 """
 from __future__ import annotations
 
-import argparse
-import gc
 import math
 import os
 import sys
@@ -39,7 +37,12 @@ from pathlib import Path
 
 import torch
 
-from .manifest import INDEX, MAX_TOKENS, Job, _append, _done_ids, merge_index, read_jobs
+from .controllers import from_spec
+from .images import prepare, save_png_atomic
+from .loading import load
+from .manifest import INDEX, Job, _append, _done_ids, merge_index, read_jobs
+from .pipeline import Pipeline, release_memory
+from .words import MAX_TOKENS
 
 
 @dataclass
@@ -58,31 +61,6 @@ class Summary:
 
 # -- running ----------------------------------------------------------------------------------------
 
-def release_memory(pipe=None) -> None:
-    """Give back memory the allocator cached: what a long-lived process calls between job files.
-
-    The pipeline keeps only its weights; everything a run makes is freed when it returns, so this
-    only drops Python garbage and, on CUDA, the caching allocator's free blocks.
-    """
-    gc.collect()
-    device = getattr(pipe, "device", None)
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.empty_cache()
-
-
-def _controller(spec: dict):
-    import p2p_engine as p2p
-
-    c = dict(spec.get("controller") or {})
-    mode = c.pop("mode", "replace")
-    equalizer = c.pop("equalizer", {})
-    if mode == "reweight":
-        return p2p.Reweight(equalizer=equalizer, **c)
-    base = (p2p.Replace if mode == "replace" else p2p.Refine)(**c)
-    # an equalizer on a replace/refine stacks a reweight on the word edit, as the reference's controller=prev
-    return p2p.Reweight(equalizer=equalizer, prev=base, **c) if equalizer else base
-
-
 def _final_losses(losses: torch.Tensor) -> list:
     """(steps, inner) with NaN for iterations not run -> the last loss of each step (None if none ran)."""
     out = []
@@ -94,8 +72,6 @@ def _final_losses(losses: torch.Tensor) -> list:
 
 def _prepare(pipe, job: Job) -> torch.Tensor:
     """Read and check one job's image and prompts -> (1, 3, S, S) in [-1, 1]; raises with the reason."""
-    from .images import prepare
-
     for p in [job.spec["prompt"], *job.spec.get("edits", [])]:
         n = len(pipe.tokenizer(p).input_ids)
         if n > MAX_TOKENS:
@@ -157,8 +133,6 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         max_batches: stop after this many inversion batches (the rest is left for a later run).
     Returns a Summary; under torchrun its counts are summed over all ranks.
     """
-    import p2p_engine as p2p
-
     start = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -196,9 +170,9 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
             if job.error is not None:
                 record_error(job, job.error)
         runnable = [j for j in todo if j.error is None]
-        own_pipe = not isinstance(model, p2p.Pipeline)
+        own_pipe = not isinstance(model, Pipeline)
         if runnable:
-            pipe = p2p.load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
+            pipe = load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
             for n_batch, batch in enumerate(_batches(pipe, runnable, batch_size, record_error), 1):
                 t0 = time.perf_counter()
                 try:
@@ -241,8 +215,6 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
 
 def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary) -> None:
     """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
-    from .images import save_png_atomic
-
     t0 = time.perf_counter()
     folder = out_dir / job.id
     try:
@@ -251,7 +223,7 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
         edits = job.spec.get("edits", [])
         if edits or job.spec.get("controller"):
             prompts = [job.spec["prompt"], *(edits or [job.spec["prompt"]])]  # a reweight may edit the prompt itself
-            out = pipe.edit(prompts, controller=_controller(job.spec), inversion=inv,
+            out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")), inversion=inv,
                             seed=job.spec.get("seed", 0), progress=False)
             for k, im in enumerate(out.images):
                 name = f"{job.id}/edit_{k}.png"
@@ -265,63 +237,3 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
     record(job, {"status": "ok", "outputs": outputs, "final_losses": losses,
                  "final_loss": next((v for v in reversed(losses) if v is not None), None),
                  "seconds": round(seconds + time.perf_counter() - t0, 4)})
-
-
-# -- command line -----------------------------------------------------------------------------------
-
-def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `run` subcommand to an argparse subparsers object; sets func=run_command."""
-    from .cli import _positive_int
-
-    p = subparsers.add_parser(
-        "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
-        description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
-                    "\"controller\": {\"mode\": replace|refine|reweight, \"cross_steps\", \"self_steps\", "
-                    "\"equalizer\"}, \"seed\"}. Outputs go to DIR/<job id>/ with one line per job in "
-                    "DIR/index.jsonl. Run again to finish an interrupted run. To split the jobs over N processes "
-                    "(one per GPU) start it with `torchrun --nproc-per-node N -m p2p_engine run ...` or "
-                    "`torchrun --no-python --nproc-per-node N p2p-engine run ...`. "
-                    "Exit status 1 when some jobs failed (each recorded in the index).")
-    p.add_argument("jobs", metavar="JOBS.jsonl", help="job file, one JSON object per line")
-    p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--inner-steps", type=_positive_int, default=10,
-                   help="null-text optimisation iterations per step (default 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images inverted together (default 1)")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
-                                                  "under torchrun)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--max-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run_command)
-    return p
-
-
-def run_command(args) -> int:
-    if args.model != "toy" and not Path(args.model).exists():
-        raise FileNotFoundError(f"model path {args.model!r} does not exist (give a diffusers folder, a "
-                                f".safetensors checkpoint, or 'toy')")
-    s = run_jobs(args.jobs, args.model, args.out, steps=args.steps, inner_steps=args.inner_steps,
-                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
-                 backend=args.backend, max_batches=args.max_batches)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} jobs "
-              f"in {s.seconds:.1f} s; index: {s.index}")
-    return s.exit_status
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2p_engine.jobs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"p2p-engine run: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -119,11 +119,6 @@ def is_vae_attn_matrix(diffusers_key: str) -> bool:
 
 # -- text encoder ---------------------------------------------------------------------------------------------------
 
-def sd1_text_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIP text model (keys `text_model.*`) -> LDM SD 1.x names: a prefix only."""
-    return {SD1_TEXT_PREFIX + k: v for k, v in sd.items()}
-
-
 # transformers name -> OpenCLIP name (below `cond_stage_model.model.`) outside the resblocks.
 OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
                 "text_model.embeddings.position_embedding.weight": "positional_embedding",

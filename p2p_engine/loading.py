@@ -48,7 +48,7 @@ LDM_SKIPPED = ("model_ema.", "first_stage_model.loss.", "alphas_cumprod", "betas
 
 # -- modules on the meta device ------------------------------------------------------------------------------------
 
-def _clip_config(text: TextConfig):
+def clip_config(text: TextConfig):
     from transformers import CLIPTextConfig
     return CLIPTextConfig(**text.to_transformers())
 
@@ -61,7 +61,7 @@ def build_meta(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
     from .vae import VAE
 
     with torch.device("meta"):
-        return {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": CLIPTextModel(_clip_config(cfg.text))}
+        return {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": CLIPTextModel(clip_config(cfg.text))}
 
 
 def text_file_key(module_key: str) -> str:
@@ -276,7 +276,7 @@ def _conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1])
 
 
-def _materialize(modules, sources, cfg: ModelConfig, single: SafetensorsFile | None, device, dtype, expected):
+def _materialize(modules, sources, cfg: ModelConfig, single: SafetensorsFile | None, device, dtype):
     """Read every tensor once, cast and move it, assign it into the meta modules."""
     for part, m in modules.items():
         if part == "text_encoder" and cfg.family == "sd2" and single is not None:
@@ -305,8 +305,6 @@ def _fill_nonpersistent(m: torch.nn.Module, part: str, device) -> None:
         owner = m.get_submodule(owner_name) if owner_name else m
         if attr == "position_ids":
             owner.register_buffer(attr, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
-        elif hasattr(m, "init_buffers"):
-            m.init_buffers(device)
         else:
             raise RuntimeError(f"{part}: buffer {name!r} was not restored after loading (a bug of this package)")
 
@@ -377,10 +375,9 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
         sources = _single_file_sources(root, single, cfg, expected)
         tokenizer = clip_tokenizer(cfg.pad_token)
     # Everything is validated; from here on only reading can fail (a file truncated mid-data).
-    _materialize(modules, sources, cfg, single, device, dtype, expected)
+    _materialize(modules, sources, cfg, single, device, dtype)
     unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
-    if hasattr(unet, "set_backend"):
-        unet.set_backend(backend)
+    unet.set_backend(backend)
     return Pipeline(unet, vae, text, tokenizer, cfg, device=device, dtype=dtype, backend=backend)

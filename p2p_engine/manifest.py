@@ -8,16 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .controllers import from_spec
+from .files import atomic_write
+
 ID_LEN = 16
-MAX_TOKENS = 77
 INDEX = "index.jsonl"
-MODES = ("replace", "refine", "reweight")
 JOB_KEYS = {"image", "prompt", "edits", "controller", "seed"}
-CONTROLLER_KEYS = {"mode", "cross_steps", "self_steps", "equalizer"}
 
 
 @dataclass
@@ -58,18 +57,13 @@ def _check_spec(spec) -> str | None:
         return None
     if not isinstance(ctrl, dict):
         return "'controller' must be an object like {\"mode\": \"replace\", \"cross_steps\": 0.8}"
-    unknown = set(ctrl) - CONTROLLER_KEYS
-    if unknown:
-        return f"unknown controller keys {sorted(unknown)}; a controller has {sorted(CONTROLLER_KEYS)}"
-    if ctrl.get("mode", "replace") not in MODES:
-        return f"controller mode must be one of {MODES}, got {ctrl.get('mode')!r}"
-    eq = ctrl.get("equalizer", {})
-    if not isinstance(eq, dict) or not all(isinstance(v, (int, float)) for v in eq.values()):
-        return "controller 'equalizer' must map words to numbers, e.g. {\"fluffy\": 2.0}"
-    if ctrl.get("mode") == "reweight" and not eq:
-        return "controller mode 'reweight' needs an 'equalizer'"
-    if ctrl.get("mode", "replace") != "reweight" and not edits:
-        return f"controller mode {ctrl.get('mode', 'replace')!r} needs at least one prompt in 'edits'"
+    try:
+        from_spec(ctrl)
+    except (ValueError, TypeError) as e:
+        return f"controller: {e}"
+    mode = ctrl.get("mode", "replace")
+    if mode != "reweight" and not edits:
+        return f"controller mode {mode!r} needs at least one prompt in 'edits'"
     return None
 
 
@@ -170,16 +164,9 @@ def merge_index(out_dir) -> Path:
             if prev is None or ok or prev.get("status") != "ok":
                 best[e["id"]] = e
     target = out_dir / INDEX
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".index.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for jid in sorted(best):
-                f.write(json.dumps(best[jid], ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(target, "w", encoding="utf-8") as f:
+        for jid in sorted(best):
+            f.write(json.dumps(best[jid], ensure_ascii=False, allow_nan=False) + "\n")
     for p in files[1:]:
         p.unlink(missing_ok=True)
     return target

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .words import require_word
+
 
 class AttentionMaps:
     def __init__(self, prompts, layers, cross_sum, self_sum, steps: int, latent_hw, tokenizer=None):
@@ -63,8 +65,7 @@ class AttentionMaps:
 
     def word_maps(self, prompt_index: int, word: str, res: int = 16) -> torch.Tensor:
         """(res_h, res_w): the mean over the word's tokens of prompt `prompt_index`'s cross maps."""
-        from .control import _require_word
         if self.tokenizer is None:
             raise ValueError("word_maps needs the tokenizer; these maps were built without one")
-        inds = _require_word(self.prompts[prompt_index], word, self.tokenizer, "word_maps")
+        inds = require_word(self.prompts[prompt_index], word, self.tokenizer, "word_maps")
         return self.cross(res)[prompt_index][..., inds].mean(-1)

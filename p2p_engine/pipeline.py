@@ -1,9 +1,11 @@
-"""The loaded model: its parts, prompt encoding, and the entry points of the API.
+"""The loaded model: its parts, prompt and image encoding, and the entry points of the API.
 
-`Pipeline` holds no global state; editing lives in `editing.py` and inversion in
-`inversion.py`, and the methods here only forward to them.
+`Pipeline` holds no global state; sampling and editing live in `editing.py` and
+inversion in `inversion.py`, and the methods here only forward to them.
 """
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -28,6 +30,13 @@ class Pipeline:
     def family(self) -> str:
         return self.config.family
 
+    @property
+    def master_dtype(self) -> torch.dtype:
+        """The dtype of latents between steps, of the scheduler's arithmetic and of optimised embeddings:
+        float32 whatever the model's dtype (float64 for a float64 model: tests check loops with one, free
+        of float32 rounding)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77) int64 token ids, padded with the checkpoint's pad token, truncated at 77."""
         out = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -42,6 +51,19 @@ class Pipeline:
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) latents in the master dtype: the VAE mean times the
+        scaling factor, as the reference encodes a real image."""
+        out = self.vae.encode(images.to(self.device, self.dtype))
+        return out.to(self.master_dtype) * self.config.vae.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, H, W) float32 images in [-1, 1] (`images.to_pil` makes
+        pictures of them)."""
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.config.vae.scaling_factor).float()
+
     def edit(self, prompts, controller=None, **kwargs):
         from .editing import edit
         return edit(self, prompts, controller=controller, **kwargs)
@@ -54,12 +76,19 @@ class Pipeline:
         from .inversion import invert
         return invert(self, image, prompt, **kwargs)
 
-    def release_memory(self) -> None:
-        """Give back memory cached between calls (Python garbage; on CUDA the allocator's free blocks and
-        captured null-text graphs). The weights stay: the pipeline is ready for the next call."""
-        from .jobs import release_memory
-        release_memory(self)
-
     def invert_batch(self, images, prompts, **kwargs):
         from .inversion import invert_batch
         return invert_batch(self, images, prompts, **kwargs)
+
+    def release_memory(self) -> None:
+        """Give back memory cached between calls. The weights stay: the pipeline is ready for the next
+        call. What a long-lived process calls between job files."""
+        release_memory(self.device)
+
+
+def release_memory(device=None) -> None:
+    """Python garbage and, on CUDA (`device` None: wherever CUDA is present), the caching allocator's free
+    blocks. Everything a run makes is freed when it returns; this gives the cached blocks back."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()

@@ -23,6 +23,8 @@ tokens, for target j = 1 .. P-1 (row P + j), all per-token vectors over T:
   mapper = identity, mix = 1; stacked, the previous controller's mapper/mix.
 - gate = alpha_t of this step (per word windows); a step whose gate is all
   zero gets `mapper=None` (no injection at all).
+`inject_cross` is these formulas in torch: the kernels' reference and
+LocalBlend's rebuild of the injected maps both call it.
 `store` (when not None) receives, added in place, the head-averaged
 probabilities of the conditional rows *before* injection, as the reference's
 AttentionStore sees them: store[i] += mean_h p[P + i].
@@ -72,3 +74,29 @@ class AttnLayer:
     place: str  # "down" | "mid" | "up"
     is_cross: bool
     level: int  # resolution level: 0 is the full latent size, each level halves it
+
+
+def inject_cross(p_src: torch.Tensor, p_tgt: torch.Tensor, mapper: torch.Tensor, mix: torch.Tensor | None = None,
+                 equalizer: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The targets' injected cross probabilities, by the formulas above.
+
+    Args:
+        p_src: (1, *, N, T) the source's probabilities; p_tgt: (P-1, *, N, T) the targets' own, with the
+            same middle dimensions (heads, or none).
+        mapper: (P-1, T, T); mix, equalizer, gate: (P-1, T) or None (all ones).
+    Returns (P-1, *, N, T) in p_tgt's dtype.
+    """
+    mid = (1,) * (p_tgt.dim() - 3)
+
+    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(p_tgt.dtype).view(x.shape[0], *mid, 1, x.shape[-1])
+
+    injected = p_src @ mapper.to(p_tgt.dtype).view(mapper.shape[0], *mid, *mapper.shape[1:])
+    mix, equalizer, gate = per_token(mix), per_token(equalizer), per_token(gate)
+    if mix is not None:
+        injected = injected * mix + p_tgt * (1 - mix)
+    if equalizer is not None:
+        injected = injected * equalizer
+    if gate is not None:
+        injected = injected * gate + p_tgt * (1 - gate)
+    return injected

@@ -47,10 +47,6 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def pad_token_for(family: str) -> str:
-    return "!" if family == "sd2" else EOS
-
-
 def clip_tokenizer(pad_token: str = EOS):
     """A transformers CLIPTokenizer built in memory from the shipped vocabulary."""
     from transformers import CLIPTokenizer
@@ -71,15 +67,15 @@ def load_tokenizer(folder: str | os.PathLike):
 
 def write_tokenizer(folder: str | os.PathLike, pad_token: str = EOS) -> None:
     """Write a diffusers-style tokenizer folder for the real CLIP vocabulary."""
+    from .files import atomic_write, write_json
+
     vocab, merges = clip_vocab_and_merges()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
-                   "do_lower_case": True, "errors": "replace", **special}, f, indent=2)
+    write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    write_json(os.path.join(folder, "tokenizer_config.json"),
+               {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
+                "do_lower_case": True, "errors": "replace", **special})

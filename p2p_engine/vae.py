@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEConfig
-from .unet import ResnetBlock, Upsample
+from .blocks import ResnetBlock, Upsample
 
 EPS = 1e-6
 

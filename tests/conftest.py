@@ -2,14 +2,15 @@
 
 Without CUDA, Triton kernels run through Triton's interpreter, which must be
 switched on before any kernel is decorated, hence before test modules import
-`p2p_engine.kernels`.
+`p2p_engine.kernels`: `triton_interpreter` is the engine's one switch.
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from p2p_engine.attention import triton_interpreter
+
+triton_interpreter()
 
 # The CI machine has 2 cores; more threads than cores only thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -3,6 +3,7 @@
 The smoke runs use the tiny preset and a few steps; what they assert is that each benchmark's correctness gate
 passed (ours against the baseline in higher precision) and that every row carries a timing.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def test_cli_bench_cpu_says_smoke(capsys):
     assert main(["bench", "--only", "unet"]) == 0
     out = capsys.readouterr().out
     assert "NO GPU PRESENT" in out and "| batch 1 |" in out
+
+
+def test_cli_bench_from_another_folder(tmp_path):
+    """`p2p-engine bench` finds the checkout's benchmarks/ from an editable install wherever it is started
+    (no sys.path edits, no need to stand in the checkout)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "p2p_engine", "bench", "--only", "unet", "--no-record"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| batch 1 |" in r.stdout
+
+
+def test_cli_bench_without_a_checkout_says_what_to_do(tmp_path):
+    from p2p_engine.cli import UserError, _benchmarks
+    with pytest.raises(UserError, match="pip install -e"):
+        _benchmarks(tmp_path / "benchmarks")
 
 
 def test_cli_bench_unknown_name(capsys):

@@ -190,3 +190,27 @@ def test_invert_then_edit(ckpt, photo, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as im:
         assert im.size == (2 * SIZE, SIZE)
+
+
+def test_written_files_have_ordinary_permissions(ckpt, photo, tmp_path, capsys):
+    """Under umask 022 the files the engine writes are 0644 and its folders 0755, as open() and mkdir make
+    them (a temporary file's 0600 would hide them from a web server or another user)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        png, inv = tmp_path / "x.png", tmp_path / "x.inversion.safetensors"
+        assert main(["edit", "--model", "toy", "--prompt", "a big red circle on a white background",
+                     "--target", "a big blue circle on a white background", "--steps", "2", "--out", str(png)]) == 0
+        assert main(["invert", "--model", str(ckpt), "--image", str(photo), "--prompt", "a red ball",
+                     "--steps", "2", "--inner-steps", "1", "--out", str(inv)]) == 0
+        folder = tmp_path / "ck"
+        assert main(["random-checkpoint", str(folder), "--preset", "tiny"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    for f in (png, inv, folder / "unet" / "diffusion_pytorch_model.safetensors", folder / "model_index.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    for d in (folder, folder / "unet"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d

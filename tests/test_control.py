@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from p2p_engine import control as C
+from p2p_engine import controllers, words
 from p2p_engine.plan import AttnLayer, CrossPlan, SelfPlan
 from p2p_engine.tokenizer import clip_tokenizer
+from reference import ref_word_inds
 
 TOK = clip_tokenizer()
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
@@ -31,7 +33,7 @@ def ref_alpha(prompts, num_steps, cross, tokenizer):
     for k, v in cross.items():
         if k != "default_":
             for i, p in enumerate(prompts[1:]):
-                ind = C.word_inds(p, k, tokenizer)
+                ind = ref_word_inds(p, k, tokenizer)
                 if ind:
                     a = update(a, v, i, ind)
     return a
@@ -52,28 +54,28 @@ def test_self_window_rounding(steps, s, want):
 @pytest.mark.parametrize("bad", [1.5, -0.1, (0.2, 1.2), {"default_": 2.0}])
 def test_windows_outside_unit_interval_raise(bad):
     with pytest.raises(ValueError, match="0, 1"):
-        C.compile_control(C.Replace(cross_steps=bad), PROMPTS, TOK, 4, "cpu")
+        C.compile_control(controllers.Replace(cross_steps=bad), PROMPTS, TOK, 4, "cpu")
     if not isinstance(bad, dict):
         with pytest.raises(ValueError, match="0, 1"):
-            C.compile_control(C.Replace(self_steps=bad), PROMPTS, TOK, 4, "cpu")
+            C.compile_control(controllers.Replace(self_steps=bad), PROMPTS, TOK, 4, "cpu")
 
 
 def test_missing_words_are_named():
     with pytest.raises(ValueError, match="'horse'.*a dog riding a bicycle"):
-        C.compile_control(C.Reweight({"horse": 2.0}), PROMPTS, TOK, 4, "cpu")
+        C.compile_control(controllers.Reweight({"horse": 2.0}), PROMPTS, TOK, 4, "cpu")
     with pytest.raises(ValueError, match="'horse'"):
-        C.compile_control(C.Replace(cross_steps={"default_": 0.8, "horse": 0.2}), PROMPTS, TOK, 4, "cpu")
+        C.compile_control(controllers.Replace(cross_steps={"default_": 0.8, "horse": 0.2}), PROMPTS, TOK, 4, "cpu")
     with pytest.raises(ValueError, match="'horse'.*a cat riding a bicycle"):
-        C.compile_control(None, PROMPTS, TOK, 4, "cpu", local_blend=C.LocalBlend(["horse", "dog"]))
+        C.compile_control(None, PROMPTS, TOK, 4, "cpu", local_blend=controllers.LocalBlend(["horse", "dog"]))
     with pytest.raises(ValueError, match="empty"):
-        C.check_prompts([], TOK)
+        words.check_prompts([], TOK)
     with pytest.raises(ValueError, match="source and at least one target"):
-        C.compile_control(C.Replace(), PROMPTS[:1], TOK, 4, "cpu")
+        C.compile_control(controllers.Replace(), PROMPTS[:1], TOK, 4, "cpu")
 
 
 def test_long_prompt_warns_truncation():
     with pytest.warns(UserWarning, match="truncated"):
-        C.check_prompts(["cat " * 90], TOK)
+        words.check_prompts(["cat " * 90], TOK)
 
 
 def test_refine_one_hot_mapper():
@@ -86,7 +88,7 @@ def test_refine_one_hot_mapper():
 
 def test_plan_picks_step_slices():
     steps = 5
-    ctl = C.compile_control(C.Reweight({"dog": 2.0}, cross_steps=0.5, self_steps=(0.2, 0.6)), PROMPTS, TOK,
+    ctl = C.compile_control(controllers.Reweight({"dog": 2.0}, cross_steps=0.5, self_steps=(0.2, 0.6)), PROMPTS, TOK,
                             steps, "cpu")
     gate = ref_alpha(PROMPTS, steps, 0.5, TOK)
     cross = AttnLayer(0, "down", True, 0)
@@ -104,5 +106,5 @@ def test_plan_picks_step_slices():
     # a large self layer is never replaced (16*16 limit by default)
     ctl.step = 1
     assert ctl.plan(AttnLayer(2, "down", False, 0), 32 * 32) is None
-    eq = ctl.equalizer[0]
-    assert eq[C.word_inds(PROMPTS[1], "dog", TOK)].eq(2).all() and eq.sum() == 77 + 1
+    eq = ctl.edit.equalizer[0]
+    assert eq[ref_word_inds(PROMPTS[1], "dog", TOK)].eq(2).all() and eq.sum() == 77 + 1

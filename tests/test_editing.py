@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import p2p_engine as p2p
-from p2p_engine.control import word_inds
+from p2p_engine.words import word_inds
 
 STEPS = 4
 SRC = "a cat riding a bicycle"
@@ -215,12 +215,12 @@ def close(a, b):
 
 def mappers(pipe, prompts):
     """(replace mapper or None, (refine mapper, alphas)) from the aligner, which has its own tests."""
-    from p2p_engine import align
+    from p2p_engine import words
     try:
-        rep = torch.as_tensor(align.replace_mappers(prompts, pipe.tokenizer), dtype=torch.float32)
+        rep = torch.as_tensor(words.replace_mappers(prompts, pipe.tokenizer), dtype=torch.float32)
     except ValueError:  # different word counts: only Refine applies
         rep = None
-    return rep, align.refine_mappers(prompts, pipe.tokenizer)
+    return rep, words.refine_mappers(prompts, pipe.tokenizer)
 
 
 def equalizer(pipe, prompt, word, c):
@@ -338,13 +338,23 @@ def test_triton_backend_matches_reference(ckpt, pipe, ref_unet):
     close(got, ref)
 
 
+def _inversion(pipe, latent_T, null_embeddings):
+    cfg = pipe.config
+    return p2p.Inversion(latent_T=latent_T, null_embeddings=null_embeddings, prompt=SRC,
+                         losses=torch.zeros(null_embeddings.shape[0], 0), steps=null_embeddings.shape[0],
+                         family=cfg.family, text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type)
+
+
 def test_inversion_supplies_start_latent_and_null_context(pipe):
-    from types import SimpleNamespace
     s = pipe.config.latent_size
     start = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(0))
     # With the empty prompt's embedding as every step's null text, the loop is the plain one.
-    inv = SimpleNamespace(latent_T=start, null_embeddings=pipe.encode_prompt([""]).expand(STEPS, -1, -1))
+    inv = _inversion(pipe, start, pipe.encode_prompt([""]).expand(STEPS, -1, -1))
     prompts = [SRC, TGT]
-    assert torch.equal(ours(pipe, prompts, p2p.Replace(), inversion=inv), ours(pipe, prompts, p2p.Replace()))
-    other = SimpleNamespace(latent_T=start, null_embeddings=inv.null_embeddings * 0.5)
-    assert not torch.equal(ours(pipe, prompts, p2p.Replace(), inversion=other), ours(pipe, prompts, p2p.Replace()))
+    edit = dict(controller=p2p.Replace(), progress=False, decode_images=False)
+    assert torch.equal(pipe.edit(prompts, inversion=inv, **edit).latents,
+                       ours(pipe, prompts, p2p.Replace()))
+    other = _inversion(pipe, start, inv.null_embeddings * 0.5)
+    assert not torch.equal(pipe.edit(prompts, inversion=other, **edit).latents, ours(pipe, prompts, p2p.Replace()))
+    with pytest.raises(ValueError, match=f"made with {STEPS} steps"):
+        pipe.edit(prompts, inversion=inv, steps=STEPS + 1, **edit)

@@ -26,10 +26,10 @@ def test_refuses_cpu_tensors(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_replay_equals_eager(tmp_path, backend):
+def test_replay_equals_eager(tmp_path):
+    """GraphedUNet captures uncontrolled forwards, which take SDPA on every backend: one backend covers it."""
     p2p.save_random_checkpoint(tmp_path / "m", "tiny", seed=0)
-    pipe = p2p.load(tmp_path / "m", device="cuda", dtype=torch.float16, backend=backend)
+    pipe = p2p.load(tmp_path / "m", device="cuda", dtype=torch.float16)
     graphed = GraphedUNet(pipe.unet, *_inputs(pipe, 2, 0, "cuda", torch.float16))
     for seed in (1, 2):  # inputs the capture never saw: the replay must read the new ones
         x = _inputs(pipe, 2, seed, "cuda", torch.float16)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import p2p_engine as p2p
 from p2p_engine.images import prepare
-from p2p_engine.inversion import Inversion, encode_image, invert, invert_batch, reconstruct
+from p2p_engine.inversion import Inversion, invert, invert_batch, reconstruct
 
 STEPS, INNER, GUIDANCE = 5, 4, 7.5
 
@@ -47,8 +47,7 @@ def pipe64(tmp_path_factory):
 
 
 def _unet(pipe, x, t, c):
-    out = pipe.unet(x, t, c)
-    return getattr(out, "sample", out)
+    return pipe.unet(x, t, c)
 
 
 def reference_nti(pipe, image, prompt, steps, inner, guidance, eps0=1e-5, slope=2e-5):
@@ -56,7 +55,7 @@ def reference_nti(pipe, image, prompt, steps, inner, guidance, eps0=1e-5, slope=
     sched = pipe.scheduler
     ts = sched.timesteps(steps).tolist()
     with torch.no_grad():
-        z = encode_image(pipe, image)
+        z = pipe.encode_images(image)
         cond, uncond = pipe.encode_prompt([prompt]), pipe.encode_prompt([""])
         traj = [z]
         for k in range(steps):
@@ -125,7 +124,7 @@ def test_matches_reference_loop(pipe):
 
 def test_better_than_ddim_and_losses_behave(pipe):
     image = prepare(photo(1), pipe.config.image_size)
-    z0 = encode_image(pipe, image)
+    z0 = pipe.encode_images(image)
     prompt = "a red ball on grass"
     inv = invert(pipe, image, prompt, steps=STEPS, inner_steps=INNER, progress=False)
     ddim = invert(pipe, image, prompt, steps=STEPS, method="ddim", progress=False)

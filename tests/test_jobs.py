@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
-from p2p_engine import jobs, manifest
+from p2p_engine import cli, jobs, manifest
 
 STEPS, INNER, BATCH = 2, 2, 2
 PROMPTS = ["a cat", "a red car", "a dog on grass", "a blue house", "a small boat", "a tree", "a cup of tea"]
@@ -56,7 +56,7 @@ def single_run(setup):
     """One single-process CLI run over all 7 jobs: (output dir, exit status)."""
     root, model = setup
     out = root / "single"
-    status = jobs.main(["run", str(root / "jobs.jsonl"), "--model", str(model), "--out", str(out),
+    status = cli.main(["run", str(root / "jobs.jsonl"), "--model", str(model), "--out", str(out),
                         "--steps", str(STEPS), "--inner-steps", str(INNER), "--batch-size", str(BATCH),
                         "--device", "cpu"])
     return out, status
@@ -162,7 +162,7 @@ def test_edits_written(setup, tmp_path):
 
 KILL_AFTER_FIRST_BATCH = '''
 import os, signal, sys
-from p2p_engine import jobs
+from p2p_engine import cli, jobs
 append = jobs._append  # the name run_jobs calls
 def killing_append(path, entry):
     append(path, entry)
@@ -171,7 +171,7 @@ def killing_append(path, entry):
         os.kill(os.getpid(), signal.SIGKILL)
 killing_append.ok = 0
 jobs._append = killing_append
-sys.exit(jobs.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[1:]))
 '''
 
 
@@ -249,7 +249,7 @@ def test_torchrun_two_ranks_equals_single_process(setup, single_run, tmp_path):
     assert torchrun, "torchrun not found next to the Python running the tests"
     out = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "p2p_engine.jobs", "run",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "p2p_engine", "run",
                            str(root / "jobs.jsonl"), "--model", str(model), "--out", str(out), "--steps", str(STEPS),
                            "--inner-steps", str(INNER), "--batch-size", str(BATCH), "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=300)

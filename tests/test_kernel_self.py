@@ -4,12 +4,12 @@ Truth is the reference in float64 on the inputs the kernel sees; the kernel
 must come within twice torch's own error in that dtype (the reference for
 fp32, SDPA for half types, whose p is also rounded before p @ v) plus a hair.
 """
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # on a GPU the kernels are compiled, not interpreted
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from p2p_engine.attention import triton_interpreter  # noqa: E402
+
+triton_interpreter()  # on a GPU the kernels are compiled, not interpreted
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -78,7 +78,7 @@ def test_init_from_another_config_is_refused(first, tmp_path):
 def test_attention_targets_name_each_objects_words_and_cells():
     """The attention loss's targets: each object's size, colour and shape tokens (as the engine's own
     word_inds finds them) get that object's cells, and nothing else is supervised."""
-    from p2p_engine.control import word_inds
+    from p2p_engine.words import word_inds
     from p2p_engine.toy import TOY
     from p2p_engine.tokenizer import clip_tokenizer
 

@@ -83,7 +83,7 @@ def replace_keeps_layout(pipe, n: int = 40, steps: int = STEPS, min_iou: float =
     over seeds, then the two mean IoUs; layout kept means the largest blobs of source and edit overlap with
     IoU >= min_iou. free=False skips generating the target without control (its rate and IoU are then
     None)."""
-    from ..control import Replace
+    from ..controllers import Replace
 
     kept = kept_free = reached = 0
     ious, ious_free = [], []
@@ -144,7 +144,7 @@ def attention_by_layer(pipe, n: int = 12, steps: int = 25) -> dict[str, tuple[in
     shape word's thresholded map with the shape as in `attention_overlap`, the shape word's mean share of
     a query's attention per step, the share of the tokens after the prompt's last word: EOS and padding,
     which see the whole caption through CLIP's causal mask). A diagnosis of where text acts locally."""
-    from ..control import word_inds
+    from ..words import word_inds
     from ..unet import Attention
 
     sums: dict[str, torch.Tensor] = {}
@@ -194,9 +194,8 @@ def inversion_quality(pipe, n: int = 4, steps: int = STEPS, seed: int = 12345):
     Returns per-image dicts: PSNR of the VAE reconstruction, of the null-text reconstruction and of DDIM
     inversion followed by guided sampling; and the latent MSE (against the image's VAE latent) of the
     null-text and DDIM reconstructions."""
-    from ..editing import decode
-    from ..inversion import encode_image, invert_batch, reconstruct
-    from ..images import prepare
+    from ..images import prepare, to_pil
+    from ..inversion import invert_batch, reconstruct
 
     scenes = [make_scene(seed, k) for k in range(n)]
     images = [s.image for s in scenes]
@@ -206,9 +205,9 @@ def inversion_quality(pipe, n: int = 4, steps: int = STEPS, seed: int = 12345):
     rows = []
     for img, a, b in zip(images, nti, ddim):
         with torch.no_grad():
-            z0 = encode_image(pipe, prepare(img, pipe.config.image_size).to(pipe.device))
+            z0 = pipe.encode_images(prepare(img, pipe.config.image_size))
             za, zb = reconstruct(pipe, a), reconstruct(pipe, b)
-        vae_img, a_img, b_img = (_array(decode(pipe, z)[0]) for z in (z0, za, zb))
+        vae_img, a_img, b_img = (_array(to_pil(pipe.decode_latents(z))[0]) for z in (z0, za, zb))
         rows.append({"psnr_vae": psnr(img, vae_img), "psnr_nti": psnr(img, a_img), "psnr_ddim": psnr(img, b_img),
                      "mse_nti": float(((za - z0) ** 2).mean()), "mse_ddim": float(((zb - z0) ** 2).mean())})
     return rows

@@ -33,7 +33,7 @@ def final_losses(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(model: str, dtype: torch.dtype, autocast, images, prompts, steps: int) -> dict:
-    from ..editing import decode
+    from ..images import to_pil
     from ..inversion import EPSILON, EPSILON_SLOPE, invert_batch, reconstruct
     from ..loading import load
 
@@ -49,7 +49,7 @@ def measure(model: str, dtype: torch.dtype, autocast, images, prompts, steps: in
     psnrs = []
     for img, inv in zip(images, invs):
         with precision():
-            psnrs.append(psnr(img, _array(decode(pipe, reconstruct(pipe, inv))[0])))
+            psnrs.append(psnr(img, _array(to_pil(pipe.decode_latents(reconstruct(pipe, inv)))[0])))
     return {"mean": last.mean().item(), "median": last.median().item(), "max": last.max().item(),
             "early": (last < thresh).float().mean().item(), "inner": used.mean().item(),
             "psnr": float(np.mean(psnrs)), "seconds": seconds}

@@ -20,13 +20,14 @@ cells its object covers (`--attn-loss share`: -log of the share that falls there
 cross-entropy from the uniform distribution on those cells). The procedural scenes know every object's
 mask; the loss teaches the layers that read the words to read them where the object is.
 Writes a diffusers-layout folder (weights stored in fp16) that `p2p_engine.load(DIR)` reads.
+A little longer than 400 lines: it is one script, read top to bottom (data, the two phases, the attention
+loss, saving, the command line), and the parts serve no other module.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -308,37 +309,25 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
 
 
 def save(out: Path, cfg, unet, vae, text_encoder, losses: dict) -> None:
+    """The trained model as a diffusers folder (fp16 weights), replacing `out` whole once written."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import _dump, _scheduler_config, _text_config_json
-    from ..files import write_checksums
+    from ..checkpoint import write_configs
+    from ..files import atomic_folder, write_checksums, write_json
     from ..loading import text_file_key
-    from ..tokenizer import write_tokenizer
-
-    if out.exists():
-        shutil.rmtree(out)
-    _dump(out / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False})
-    _dump(out / "unet" / "config.json", cfg.unet.to_diffusers())
-    _dump(out / "vae" / "config.json", cfg.vae.to_diffusers())
-    _dump(out / "text_encoder" / "config.json", _text_config_json(cfg))
-    _dump(out / "scheduler" / "scheduler_config.json", _scheduler_config(cfg))
-    write_tokenizer(out / "tokenizer", cfg.pad_token)
 
     def half(sd, rename=lambda k: k):
         # fp16 storage halves the shipped size; the loader casts to the requested dtype.
         return {rename(k): v.detach().to(torch.float16).contiguous() for k, v in sd.items()
                 if not k.endswith("position_ids")}
 
-    save_file(half(unet.state_dict()), str(out / "unet" / "diffusion_pytorch_model.safetensors"))
-    save_file(half(vae.state_dict()), str(out / "vae" / "diffusion_pytorch_model.safetensors"))
-    save_file(half(text_encoder.state_dict(), text_file_key), str(out / "text_encoder" / "model.safetensors"))
-    _dump(out / "training.json", losses)
-    write_checksums(out)  # verified by p2p.load("toy")
+    with atomic_folder(out) as tmp:  # safetensors writes into the temporary folder, renamed when complete
+        write_configs(tmp, cfg)
+        save_file(half(unet.state_dict()), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        save_file(half(vae.state_dict()), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+        save_file(half(text_encoder.state_dict(), text_file_key), str(tmp / "text_encoder" / "model.safetensors"))
+        write_json(tmp / "training.json", losses)
+        write_checksums(tmp)  # verified by p2p.load("toy")
 
 
 def main(argv=None) -> None:
@@ -376,7 +365,7 @@ def main(argv=None) -> None:
 
     from transformers import CLIPTextModel
 
-    from ..loading import _clip_config
+    from ..loading import clip_config
     from ..tokenizer import clip_tokenizer
     from ..unet import UNet
     from ..vae import VAE
@@ -403,7 +392,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed + 1)
     unet = UNet(cfg.unet)
-    text_encoder = CLIPTextModel(_clip_config(cfg.text))
+    text_encoder = CLIPTextModel(clip_config(cfg.text))
     if args.init is not None:
         load_init(args.init, "unet", unet)
         load_init(args.init, "text_encoder", text_encoder)

@@ -1,21 +1,25 @@
-"""Word indices and token mappers for Prompt-to-Prompt (the work is done in C++, `csrc/aligner.cpp`).
+"""Words of prompts: token positions, the token mappers of Replace and Refine, prompt checks.
 
-`tokenizer` is the pipeline's CLIP tokenizer. Prompts longer than the 77-token
-window are truncated as the text encoder sees them (the reference does the
-same); words past the window have no tokens, and asking for one is an error.
+The work is done in C++ (`csrc/aligner.cpp`, the module `p2p_engine._native`);
+this is its glue. `tokenizer` is the pipeline's CLIP tokenizer. Prompts longer
+than the 77-token window are truncated as the text encoder sees them (the
+reference does the same, with a warning from `check_prompts`); words past the
+window have no tokens, and asking for one is an error.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from . import _native
 
-MAX_LEN = 77
+MAX_TOKENS = 77  # the text encoder's window, BOS and EOS included
 
 
 def _ids(text: str, tokenizer) -> list[int]:
     # BOS ... EOS, truncated to the 77-token window the text encoder sees
-    return tokenizer.encode(text, truncation=True, max_length=MAX_LEN)
+    return tokenizer.encode(text, truncation=True, max_length=MAX_TOKENS)
 
 
 def _decoded_tokens(text: str, tokenizer) -> list[str]:
@@ -32,7 +36,7 @@ def word_inds(prompt: str, word: str | int, tokenizer) -> list[int]:
     return list(_native.word_token_positions(words, _decoded_tokens(prompt, tokenizer), places))
 
 
-def replace_mapper(source: str, target: str, tokenizer, max_len: int = MAX_LEN) -> torch.Tensor:
+def replace_mapper(source: str, target: str, tokenizer, max_len: int = MAX_TOKENS) -> torch.Tensor:
     """(max_len, max_len) float: target map = source map @ mapper, for a word swap."""
     ws, wt = source.split(" "), target.split(" ")
     if len(ws) != len(wt):
@@ -49,7 +53,7 @@ def replace_mapper(source: str, target: str, tokenizer, max_len: int = MAX_LEN) 
     return torch.tensor(flat, dtype=torch.float32).view(max_len, max_len)
 
 
-def refine_mapper(source: str, target: str, tokenizer, max_len: int = MAX_LEN
+def refine_mapper(source: str, target: str, tokenizer, max_len: int = MAX_TOKENS
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mapper (max_len,) int64, alphas (max_len,) float): target token j takes source column
     mapper[j] where alphas[j] = 1; inserted tokens have mapper -1 and alpha 0; positions past
@@ -73,3 +77,29 @@ def refine_mappers(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.T
     """((P-1, 77) int64, (P-1, 77) float)."""
     pairs = [refine_mapper(prompts[0], p, tokenizer) for p in prompts[1:]]
     return torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
+
+
+def require_word(prompt: str, word: str, tokenizer, what: str) -> list[int]:
+    """`word_inds`, raising with a message naming `what` asked when the word is not in the prompt."""
+    inds = word_inds(prompt, word, tokenizer)
+    if not inds:
+        raise ValueError(f"{what}: the word {word!r} is not in the prompt {prompt!r} "
+                         "(words are matched whole, split on spaces)")
+    return inds
+
+
+def check_prompts(prompts, tokenizer) -> list[str]:
+    """A list of prompt strings, source first; warns about prompts the text encoder will truncate."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (the source first)")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"every prompt must be a str, got {type(p).__name__}")
+        n = len(tokenizer(p).input_ids)
+        if n > MAX_TOKENS:
+            warnings.warn(f"prompt {p!r} has {n} tokens; it is truncated to {MAX_TOKENS} like the reference does",
+                          stacklevel=3)
+    return prompts

@@ -1,4 +1,4 @@
-"""Aligner (csrc/aligner.cpp via p2p_engine.align) against a plain-Python re-statement of the
+"""Aligner (csrc/aligner.cpp via p2p_engine.words) against a plain-Python re-statement of the
 reference's ptp_utils.get_word_inds and seq_aligner mappers, written here independently."""
 import random
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_engine import _native, align
+from p2p_engine import _native, words
 from p2p_engine.tokenizer import clip_tokenizer
+from reference import ref_word_inds
 
 
 @pytest.fixture(scope="module")
@@ -15,23 +16,7 @@ def tok():
     return clip_tokenizer()
 
 
-# ---- reference re-statement -------------------------------------------------------------
-def ref_word_inds(text, place, tok):
-    words = text.split(" ")
-    places = [i for i, w in enumerate(words) if w == place] if isinstance(place, str) else [place]
-    out = []
-    if places:
-        dec = [tok.decode([t]).strip("#") for t in tok.encode(text)][1:-1]
-        cur, ptr = 0, 0
-        for i, d in enumerate(dec):
-            cur += len(d)
-            if ptr in places:
-                out.append(i + 1)
-            if cur >= len(words[ptr]):
-                ptr, cur = ptr + 1, 0
-    return out
-
-
+# ---- reference re-statement (ref_word_inds lives in reference.py, shared with other tests) ------
 def ref_align(x, y):
     nx, ny = len(x), len(y)
     score = np.zeros((nx + 1, ny + 1), dtype=np.int64)
@@ -106,14 +91,14 @@ def n_tokens(word, tok):
     ("日本 cat", "cat"), ("a naïve über cat", "cat"),   # characters, not UTF-8 bytes, are counted
 ])
 def test_word_inds(tok, prompt, word):
-    assert align.word_inds(prompt, word, tok) == ref_word_inds(prompt, word, tok)
+    assert words.word_inds(prompt, word, tok) == ref_word_inds(prompt, word, tok)
 
 
 def test_word_inds_values(tok):
-    assert align.word_inds("a cat and a cat", "cat", tok) == [2, 5]
+    assert words.word_inds("a cat and a cat", "cat", tok) == [2, 5]
     assert n_tokens("zorblax", tok) > 1  # the case below really is multi-token
     k = n_tokens("zorblax", tok)
-    assert align.word_inds("a zorblax sat", "zorblax", tok) == list(range(2, 2 + k))
+    assert words.word_inds("a zorblax sat", "zorblax", tok) == list(range(2, 2 + k))
 
 
 @pytest.mark.parametrize("src,tgt", [
@@ -125,7 +110,7 @@ def test_word_inds_values(tok):
     ("a cat", "a cat"),
 ])
 def test_refine_matches_reference(tok, src, tgt):
-    m, a = align.refine_mapper(src, tgt, tok)
+    m, a = words.refine_mapper(src, tgt, tok)
     rm, ra = ref_refine(src, tgt, tok)
     assert m.dtype == torch.int64 and m.shape == (77,) and a.shape == (77,)
     assert torch.equal(m, rm) and torch.equal(a, ra)
@@ -134,7 +119,7 @@ def test_refine_matches_reference(tok, src, tgt):
 
 
 def test_refine_insertion_values(tok):
-    m, a = align.refine_mapper("a cat", "a big cat", tok)
+    m, a = words.refine_mapper("a cat", "a big cat", tok)
     assert m[:5].tolist() == [0, 1, -1, 2, 3] and a[:5].tolist() == [1, 1, 0, 1, 1]
 
 
@@ -147,7 +132,7 @@ def test_refine_insertion_values(tok):
     ("a cat", "a cat"),
 ])
 def test_replace_matches_reference(tok, src, tgt):
-    m = align.replace_mapper(src, tgt, tok)
+    m = words.replace_mapper(src, tgt, tok)
     assert m.shape == (77, 77) and m.dtype == torch.float32
     assert torch.equal(m, ref_replace(src, tgt, tok))
 
@@ -155,24 +140,24 @@ def test_replace_matches_reference(tok, src, tgt):
 def test_replace_ratio(tok):
     k = n_tokens("hippopotamus", tok)
     assert k > 1
-    m = align.replace_mapper("a photo of a cat", "a photo of a hippopotamus", tok)
+    m = words.replace_mapper("a photo of a cat", "a photo of a hippopotamus", tok)
     assert torch.allclose(m[5, 5:5 + k], torch.full((k,), 1 / k))
 
 
 def test_replace_word_count_error(tok):
     with pytest.raises(ValueError, match=r"3 words.*4|Refine"):
-        align.replace_mapper("a cat sat", "a big cat sat", tok)
+        words.replace_mapper("a cat sat", "a big cat sat", tok)
     with pytest.raises(ValueError) as e:
-        align.replace_mapper("a cat sat", "a big cat sat", tok)
+        words.replace_mapper("a cat sat", "a big cat sat", tok)
     assert "3" in str(e.value) and "4" in str(e.value) and "Refine" in str(e.value)
 
 
 def test_batched(tok):
     ps = ["a photo of a cat", "a photo of a dog", "a photo of a hippopotamus"]
-    r = align.replace_mappers(ps, tok)
+    r = words.replace_mappers(ps, tok)
     assert r.shape == (2, 77, 77) and torch.equal(r[1], ref_replace(ps[0], ps[2], tok))
     ps = ["a cat", "a big cat", "a cat on a mat"]
-    m, a = align.refine_mappers(ps, tok)
+    m, a = words.refine_mappers(ps, tok)
     assert m.shape == (2, 77) and a.shape == (2, 77)
     assert torch.equal(m[1], ref_refine(ps[0], ps[2], tok)[0])
 
@@ -187,5 +172,5 @@ def test_global_align_fuzz():
 
 def test_long_prompt_truncated(tok):
     long = " ".join(["cat"] * 100)
-    m, a = align.refine_mapper(long, long + " dog", tok)
+    m, a = words.refine_mapper(long, long + " dog", tok)
     assert m.shape == (77,) and torch.equal(m, torch.arange(77))

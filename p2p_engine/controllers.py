@@ -1,0 +1,102 @@
+"""What a user asks an edit to do: the controller descriptions, and `from_spec` for dict specs.
+
+`Store`, `Replace`, `Refine`, `Reweight` and `LocalBlend` are plain dataclasses
+(windows as fractions of the steps, words as strings); `control.compile_control`
+turns them into tensors once per edit. `from_spec` builds a controller from the
+dict form the job files use and the command line builds from its flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Store:
+    """Keep attention maps only; no edit. `self_maps` also keeps self maps of layers with N <= 32*32."""
+
+    self_maps: bool = False
+
+
+@dataclass
+class _Edit:
+    cross_steps: object = 0.8
+    self_steps: object = 0.4
+    # Self replacement applies to layers with at most this many queries: 16*16 in the stable
+    # notebook (default), 32*32 in the null-text notebook.
+    self_max_queries: int = 16 * 16
+    self_maps: bool = False
+
+
+@dataclass
+class Replace(_Edit):
+    """Word swap: target cross maps become P_src @ M_j (same number of words in every prompt)."""
+
+
+@dataclass
+class Refine(_Edit):
+    """Added words: aligned tokens take the source's maps, inserted tokens keep their own."""
+
+
+@dataclass
+class Reweight(_Edit):
+    """Scale the chosen words' columns of the (mapped) source maps; `prev` is a Replace or Refine."""
+
+    equalizer: dict = field(default_factory=dict)
+    prev: object = None
+
+    def __init__(self, equalizer=None, prev=None, cross_steps=0.8, self_steps=0.4,
+                 self_max_queries=16 * 16, self_maps=False):
+        super().__init__(cross_steps, self_steps, self_max_queries, self_maps)
+        self.equalizer = dict(equalizer or {})
+        self.prev = prev
+        if prev is not None and not isinstance(prev, (Replace, Refine)):
+            raise TypeError(f"Reweight(prev=...) must be a Replace or Refine, got {type(prev).__name__}")
+
+
+@dataclass
+class LocalBlend:
+    """Keep the source latent outside the chosen words' region.
+
+    words: one entry per prompt (a word or a list of words), e.g. ["cat", "dog"].
+    subtract: the same shape, or None (null-text notebook's subtraction).
+    start: fraction of the steps before blending starts (0.2 in the null-text notebook).
+    level: the UNet level whose down/up cross maps build the mask; None = latent / 4 (the
+        reference's 16x16 maps at 64x64 latents), falling back to the coarsest level with
+        down/up cross attention.
+    """
+
+    words: object
+    subtract: object = None
+    start: float = 0.0
+    threshold: float = 0.3
+    subtract_threshold: float = 0.3
+    level: int | None = None
+
+
+MODES = ("replace", "refine", "reweight")
+SPEC_KEYS = ("mode", "cross_steps", "self_steps", "equalizer")
+
+
+def from_spec(spec: dict | None):
+    """{"mode": "replace" | "refine" | "reweight", "cross_steps": ..., "self_steps": ..., "equalizer":
+    {word: scale}} -> a controller (every key optional; mode defaults to replace). An equalizer given with
+    replace or refine stacks a Reweight on the word edit, as the reference's `controller=prev` does.
+    Raises ValueError naming the key to fix."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown controller keys {unknown}; a controller has {list(SPEC_KEYS)}")
+    mode = spec.pop("mode", "replace")
+    if mode not in MODES:
+        raise ValueError(f"controller mode must be one of {MODES}, got {mode!r}")
+    equalizer = spec.pop("equalizer", None) or {}
+    if not isinstance(equalizer, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in equalizer.values()):
+        raise ValueError(f"the equalizer must map words to numbers, e.g. {{\"fluffy\": 2.0}}; got {equalizer!r}")
+    if mode == "reweight":
+        if not equalizer:
+            raise ValueError("mode reweight needs at least one word to scale: an equalizer {word: scale} "
+                             "(on the command line, --reweight WORD=SCALE)")
+        return Reweight(equalizer=equalizer, **spec)
+    base = (Replace if mode == "replace" else Refine)(**spec)
+    return Reweight(equalizer=equalizer, prev=base, **spec) if equalizer else base
