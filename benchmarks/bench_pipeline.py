@@ -2,8 +2,9 @@
 
 The baselines are re-statements of the reference implementation (google/prompt-to-prompt) on diffusers parts
 loaded from the same random checkpoint: diffusers' UNet and VAE, transformers' CLIP text encoder, diffusers'
-DDIMScheduler with the reference settings, and for P2P an attention processor that materialises every
-probability map and edits it in Python per layer, as the reference's controllers do.
+DDIMScheduler from the checkpoint's scheduler config (steps offset 1: t = 981 .. 1, as the notebooks'
+pipelines run), and for P2P an attention processor that materialises every probability map and edits it in
+Python per layer, as the reference's controllers do.
 
 GPU (full run): SD 1.5 architecture, random weights, 512 x 512, 50 steps, fp16 for generation and edits
 (2 prompts); inversion in fp32 (the reference's precision), 10 inner iterations per step fixed, timed over
@@ -52,9 +53,7 @@ class RefModel:
         self.vae = AutoencoderKL.from_pretrained(f"{path}/vae").to(device, dtype).eval()
         self.text_encoder = CLIPTextModel.from_pretrained(f"{path}/text_encoder").to(device, dtype).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(f"{path}/tokenizer")
-        self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       clip_sample=False, set_alpha_to_one=False, steps_offset=0,
-                                       timestep_spacing="leading")
+        self.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(f"{path}/scheduler"))
         self.scaling = self.vae.config.scaling_factor
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -206,12 +205,14 @@ def ref_null_text(model: RefModel, image: np.ndarray, prompt: str, steps: int, i
             eps = model.unet(latent, t, encoder_hidden_states=cond).sample
             cur, nxt = min(t - stride, 999), t
             a, a_next = model.alphas(cur), model.alphas(nxt)
-            latent = a_next ** 0.5 * (latent - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_next) ** 0.5 * eps
+            x0 = (latent - (1 - a) ** 0.5 * eps) / a ** 0.5  # the notebook's next_step, in its order
+            latent = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
             pivots.append(latent)
 
-    def prev_step(eps, t, sample):
+    def prev_step(eps, t, sample):  # the notebook's prev_step, in its order
         a, a_prev = model.alphas(t), model.alphas(t - stride)
-        return a_prev ** 0.5 * (sample - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_prev) ** 0.5 * eps
+        x0 = (sample - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
     nulls, cur = [], pivots[-1]
     for i, t in enumerate(ts):

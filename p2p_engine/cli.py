@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from .cliargs import DTYPES, add_model_args, add_sampling_args, cross_steps, positive_int, reweight, self_steps
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DTYPES = ("float32", "float16", "bfloat16")
 PRESET_NAMES = ("tiny", "tiny-v", "sd15", "sd21")
 
 
@@ -32,66 +33,6 @@ class UserError(Exception):
 # The engine's errors that mean "bad input", not "bug": printed as one line, exit status 1. Loading's
 # CheckpointError is a ValueError.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-
-
-# -- argument types: a malformed value is a usage error (exit 2), caught by argparse
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
-    return v
-
-
-def _cross_steps(text: str):
-    """`0.8`, or per-word fractions `default_=0.8,cat=0.4` (the reference's dict form)."""
-    if "=" not in text:
-        return _fraction(text)
-    out = {}
-    for part in text.split(","):
-        word, sep, value = part.partition("=")
-        if not sep or not word.strip():
-            raise argparse.ArgumentTypeError(f"expected WORD=FRACTION pairs separated by commas, got {text!r}")
-        out[word.strip()] = _fraction(value)
-    out.setdefault("default_", 1.0)
-    return out
-
-
-def _self_steps(text: str):
-    """`0.4` (window 0..0.4) or `START,END`."""
-    if "," not in text:
-        return _fraction(text)
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected FRACTION or START,END, got {text!r}")
-    start, end = (_fraction(p) for p in parts)
-    if start > end:
-        raise argparse.ArgumentTypeError(f"self-steps start {start} is after end {end}")
-    return (start, end)
-
-
-def _reweight(text: str) -> tuple[str, float]:
-    word, sep, value = text.partition("=")
-    try:
-        scale = float(value)
-    except ValueError:
-        scale = None
-    if not sep or not word or scale is None:
-        raise argparse.ArgumentTypeError(f"expected WORD=SCALE (e.g. fluffy=2.0), got {text!r}")
-    return word, scale
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 # -- shared helpers
@@ -115,13 +56,6 @@ def _check_out(path: str, suffix: str) -> Path:
     if out.parent and not out.parent.exists():
         raise UserError(f"the folder of --out {path!r} does not exist")
     return out
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
 
 
 # -- subcommands
@@ -168,6 +102,11 @@ def cmd_edit(args) -> int:
     controller = _controller(args)
     pipe = _load(args)
     kwargs = dict(controller=controller, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    if inversion is None:
+        kwargs.update(sampler=args.sampler, steps_offset=args.steps_offset)
+    elif args.sampler != "ddim" or args.steps_offset is not None:
+        raise UserError("--sampler and --steps-offset do not apply to --inversion: an edit from an inversion "
+                        "runs DDIM on the timesteps it was made with")
     if args.blend:
         # one entry per prompt, source first; "cat,hat" blends several words of one prompt
         kwargs["local_blend"] = p2p.LocalBlend([w.split(",") if "," in w else w for w in args.blend])
@@ -191,7 +130,7 @@ def cmd_invert(args) -> int:
 
     pipe = _load(args)
     inv = pipe.invert(args.image, args.prompt, steps=args.steps, inner_steps=args.inner_steps, method=args.method,
-                      guidance=args.guidance, progress=True)
+                      guidance=args.guidance, steps_offset=args.steps_offset, progress=True)
     inv.save(str(out_path))
     print(f"wrote the {args.method} inversion of {args.image} to {out_path}")
     if strip_path is not None:
@@ -220,7 +159,7 @@ def cmd_maps(args) -> int:
     pipe = _load(args)
     prompts = list(args.prompt)
     out = pipe.edit(prompts, controller=p2p.Store(), seed=args.seed, steps=args.steps, guidance=args.guidance,
-                    progress=True)
+                    sampler=args.sampler, steps_offset=args.steps_offset, progress=True)
     maps = out.attention.cross(res=args.res)  # (P, res, res, 77), summed over steps, averaged over heads
     ids = pipe.tokenize(prompts)  # (P, 77)
     rows = []
@@ -298,36 +237,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an image with Prompt-to-Prompt; writes the images side by side",
                        description="Generate the source prompt and its edits with shared attention; writes the "
                                    "images (source first) side by side in one PNG.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", help="source prompt (default: the prompt stored in --inversion)")
     p.add_argument("--target", action="append", metavar="PROMPT", help="edited prompt (repeatable)")
     p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight"),
                    help="replace: word swap (same word count); refine: added words; reweight: scale words")
-    p.add_argument("--cross-steps", type=_cross_steps, default=0.8,
+    p.add_argument("--cross-steps", type=cross_steps, default=0.8,
                    help="fraction of steps with cross-attention injection, or default_=F,WORD=F,...")
-    p.add_argument("--self-steps", type=_self_steps, default=0.4, help="fraction of steps, or START,END")
-    p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: change only these words' region; one word per prompt, source first "
+    p.add_argument("--self-steps", type=self_steps, default=0.4, help="fraction of steps, or START,END")
+    p.add_argument("--blend", nargs="+", metavar="WORD",
+                   help="local blend: change only these words' region; one word per prompt, source first "
                         "(--blend cat dog), several as cat,hat")
-    p.add_argument("--reweight", action="append", type=_reweight, metavar="WORD=SCALE",
+    p.add_argument("--reweight", action="append", type=reweight, metavar="WORD=SCALE",
                    help="scale a word's attention in the targets (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps (default 50; with --inversion, the inversion's)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default 7.5; with --inversion, the inversion's)")
+    add_sampling_args(p)
     p.add_argument("--inversion", metavar="FILE", help="edit a real image inverted by `p2p-engine invert`")
     p.add_argument("--out", default="out.png", help="output PNG")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("invert", help="invert a real image (null-text inversion) to a .safetensors file",
                        description="Invert a real image so that `p2p-engine edit --inversion FILE` can edit it.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help="a prompt describing the image")
-    p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--inner-steps", type=_positive_int, default=10, help="null-text optimisation steps per step")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text optimisation steps per step")
     p.add_argument("--method", default="null_text", choices=("null_text", "negative_prompt", "ddim"))
     p.add_argument("--guidance", type=float, default=7.5)
+    add_sampling_args(p, samplers=False)
     p.add_argument("--out", required=True, metavar="FILE.safetensors")
     p.add_argument("--strip", metavar="PNG", help="also write input | VAE reconstruction | inversion reconstruction")
     p.set_defaults(func=cmd_invert)
@@ -335,12 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("maps", help="save a picture grid of per-token cross-attention maps",
                        description="Generate the prompts, store their cross-attention maps, and write one row per "
                                    "prompt: the image, then each token's heat map over it, labelled by token.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--res", type=int, default=16, choices=(8, 16, 32, 64), help="map resolution")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
+    add_sampling_args(p)
     p.add_argument("--out", default="maps.png", help="output PNG")
     p.set_defaults(func=cmd_maps)
 
@@ -365,15 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobs", metavar="JOBS.jsonl", help="job file, one JSON object per line")
     p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--inner-steps", type=_positive_int, default=10,
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--inner-steps", type=positive_int, default=10,
                    help="null-text optimisation iterations per step (default 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images inverted together (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images inverted together (default 1)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
                                                   "under torchrun)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--max-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-batches", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
     return parser
 

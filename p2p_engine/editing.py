@@ -1,11 +1,14 @@
 """The sampling loop: generation, Prompt-to-Prompt edits, and sampling from an inversion, all one loop.
 
 Reference loop (ptp_utils.text2image_ldm_stable): one start latent shared by
-all prompts; the batch is [uncond("") x P, cond x P]; per step one UNet call
+all prompts; the batch is [uncond("") x P, cond x P]; per UNet call one forward
 on the doubled latents, guidance, one scheduler step, then LocalBlend on the
-latents. With an `Inversion`, the start latent is its latent_T and step i
-uses null_embeddings[i] as every prompt's unconditional context; the
-reconstruction of an inverted image is this loop with its one prompt.
+latents. The sampler (`samplers.py`: DDIM by default, PNDM as the stable
+notebook, DPM-Solver++) gives the calls' timesteps and steps. With an
+`Inversion`, the loop is DDIM on the inversion's timesteps, the start latent is
+its latent_T and step i uses null_embeddings[i] as every prompt's
+unconditional context; the reconstruction of an inverted image is this loop
+with its one prompt.
 
 Precision: the UNet runs in the pipeline's dtype; the latents between steps,
 the guidance and the scheduler's arithmetic stay in the master dtype
@@ -19,6 +22,7 @@ import torch
 
 from .control import compile_control
 from .images import to_pil
+from .samplers import make_sampler
 from .words import check_prompts
 
 DEFAULT_STEPS = 50
@@ -34,14 +38,16 @@ class EditOutput:
 
 @torch.no_grad()
 def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-         height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
-         local_blend=None, inversion=None, store: bool = True, progress: bool = True,
-         decode_images: bool = True) -> EditOutput:
+         sampler: str = "ddim", steps_offset: int | None = None, height: int | None = None, width: int | None = None,
+         latents: torch.Tensor | None = None, local_blend=None, inversion=None, store: bool = True,
+         progress: bool = True, decode_images: bool = True) -> EditOutput:
     """Generate (controller=None) or edit P prompts, prompt 0 the source.
 
     Args:
         steps: sampling steps (default 50; with an inversion, its own, and another number is an error).
         guidance: classifier-free guidance scale (default 7.5; with an inversion, the one it was made with).
+        sampler: "ddim", "pndm" (PLMS, steps + 1 UNet calls) or "dpmsolver++"; windows are fractions of steps.
+        steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
         latents: optional start noise (1, 4, h, w) shared by every prompt.
         inversion: an Inversion; its latent_T starts the loop and its null embeddings replace "".
         store: keep the cross maps of every layer (summed over steps) in `out.attention`.
@@ -50,16 +56,21 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
     P = len(prompts)
     device, master = pipe.device, pipe.master_dtype
     channels = pipe.config.unet.in_channels
-    null = None
+    null = timesteps = None
     if inversion is not None:
         inversion.check_compatible(pipe)
         n = inversion.null_embeddings.shape[0]
         if steps is not None and steps != n:
             raise ValueError(f"steps={steps}, but the inversion was made with {n} steps; an edit from it runs "
                              f"its {n} (leave steps out)")
+        if sampler != "ddim":
+            raise ValueError(f"sampler={sampler!r}: inversions are defined on DDIM, and an edit from one follows "
+                             f"its DDIM trajectory; leave sampler out (or give 'ddim')")
+        if steps_offset is not None:
+            raise ValueError("steps_offset: the inversion fixes the timesteps it was made with; leave it out")
         if latents is not None:
             raise ValueError("give the start latent by `latents` or by `inversion`, not both")
-        steps, latents = n, inversion.latent_T
+        steps, latents, timesteps = n, inversion.latent_T, inversion.timesteps
         guidance = inversion.guidance if guidance is None else guidance
         null = inversion.null_embeddings.to(device, pipe.dtype)  # (steps, 77, D)
     steps = DEFAULT_STEPS if steps is None else steps
@@ -80,21 +91,21 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
 
     cond = pipe.encode_prompt(prompts)  # (P, 77, D)
     uncond = pipe.encode_prompt([""]).expand(P, -1, -1) if null is None else None
+    smp = make_sampler(sampler, pipe.scheduler, steps, device, steps_offset=steps_offset, timesteps=timesteps)
     control = compile_control(controller, prompts, pipe.tokenizer, steps, device, layers=pipe.unet.attn_layers,
-                              local_blend=local_blend, store=store)
-    sched = pipe.scheduler
-    timesteps = sched.timesteps(steps).tolist()
+                              local_blend=local_blend, store=store, calls=len(smp.timesteps))
+    calls = smp.timesteps
     if progress:
         from tqdm.auto import tqdm
-        timesteps = tqdm(timesteps, desc="edit" if controller is not None else "sample")
-    for i, t in enumerate(timesteps):
+        calls = tqdm(calls, desc="edit" if controller is not None else "sample")
+    for i, t in enumerate(calls):
         u = null[i][None].expand(P, -1, -1) if null is not None else uncond
         context = torch.cat([u, cond])  # (2P, 77, D)
         x = torch.cat([latents, latents]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), context, control=control).to(master)
         out_u, out_c = out.chunk(2)
         noise = out_u + guidance * (out_c - out_u)
-        latents = sched.step(noise, t, latents, steps)
+        latents = smp.step(i, noise, latents)
         if control is not None:
             latents = control.end_step(latents)
 

@@ -26,10 +26,12 @@ import torch
 from .editing import edit
 from .files import atomic_write
 from .images import prepare
-from .scheduler import ddim_step
+from .scheduler import ddim_step, leading_timesteps
 
 METHODS = ("null_text", "negative_prompt", "ddim")
 FORMAT = "p2p_engine.inversion/1"
+# The settings of `Inversion.scheduler` an edit from it must share with the pipeline's schedule.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "set_alpha_to_one")
 
 
 @dataclass
@@ -46,6 +48,19 @@ class Inversion:
     family: str = "sd1"
     text_dim: int = 768
     prediction_type: str = "epsilon"
+    # The sampling timesteps (descending) the inversion was made for; an edit from it runs these. None: the
+    # timesteps of files written before they were recorded, which this engine made at 980 .. 0 ("leading"
+    # spacing, no offset).
+    timesteps: list[int] | None = None
+
+    def __post_init__(self):
+        if self.timesteps is None:
+            self.timesteps = leading_timesteps(self.scheduler.get("num_train_timesteps", 1000),
+                                               self.null_embeddings.shape[0], 0)
+        self.timesteps = [int(t) for t in self.timesteps]
+        if len(self.timesteps) != self.null_embeddings.shape[0]:
+            raise ValueError(f"an inversion of {self.null_embeddings.shape[0]} steps needs as many timesteps, "
+                             f"got {len(self.timesteps)}")
 
     def check_compatible(self, pipe) -> None:
         """Raise if this inversion was made with a model of another family or context width."""
@@ -59,6 +74,11 @@ class Inversion:
         c = pipe.config.unet.in_channels
         if self.latent_T.shape[1] != c:
             raise ValueError(f"inversion latent has {self.latent_T.shape[1]} channels, the UNet expects {c}")
+        mine = pipe.scheduler.settings()
+        for key in SCHEDULE_KEYS:
+            if key in self.scheduler and self.scheduler[key] != mine[key]:
+                raise ValueError(f"this inversion was made with a noise schedule of {key} = {self.scheduler[key]!r}; "
+                                 f"the pipeline's is {mine[key]!r}. Invert the image again with this model.")
 
     def save(self, path) -> None:
         """One safetensors file: tensors plus the settings as JSON in the header; written atomically."""
@@ -66,7 +86,8 @@ class Inversion:
 
         meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
                 "inner_steps": self.inner_steps, "guidance": self.guidance, "scheduler": self.scheduler,
-                "family": self.family, "text_dim": self.text_dim, "prediction_type": self.prediction_type}
+                "family": self.family, "text_dim": self.text_dim, "prediction_type": self.prediction_type,
+                "timesteps": self.timesteps}
         tensors = {"latent_T": self.latent_T.detach().float().cpu().contiguous(),
                    "null_embeddings": self.null_embeddings.detach().float().cpu().contiguous(),
                    "losses": self.losses.detach().float().cpu().contiguous()}
@@ -110,13 +131,14 @@ def _coeffs(sched, t: int, steps: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def ddim_invert(pipe, z0: torch.Tensor, cond: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Guidance-1 DDIM inversion. z0 (N, 4, h, w), cond (N, 77, D) -> [z*_0, ..., z*_T] (steps + 1 entries)."""
+def ddim_invert(pipe, z0: torch.Tensor, cond: torch.Tensor, timesteps: list[int]) -> list[torch.Tensor]:
+    """Guidance-1 DDIM inversion up the sampling timesteps (descending, e.g. 981 .. 1) from their end.
+    z0 (N, 4, h, w), cond (N, 77, D) -> [z*_0, ..., z*_T] (steps + 1 entries)."""
     sched = pipe.scheduler
-    ts = sched.timesteps(steps).flip(0).tolist()  # 0, 20, ... 980
+    steps = len(timesteps)
     traj = [z0]
     z = z0
-    for t in ts:
+    for t in reversed(timesteps):  # 1, 21, ... 981
         out = _unet(pipe, z, torch.tensor(t, device=pipe.device), cond)
         z = sched.inversion_step(out, t, z, steps)
         traj.append(z)
@@ -216,19 +238,18 @@ def _graph_iteration(it: _Iteration):
     return g.replay
 
 
-def _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance, eps0, eps_slope, use_graph, progress):
-    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond (N, 77, D) fp32.
+def _null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress):
+    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond (N, 77, D) fp32; ts the sampling timesteps.
     Returns null embeddings (steps, N, 77, D) and losses (steps, inner_steps, N)."""
     sched = pipe.scheduler
     dev = pipe.device
-    n = cond.shape[0]
+    n, steps = cond.shape[0], len(ts)
     param = uncond.detach().to(pipe.master_dtype).clone()
     latent = traj[-1]
     it = _Iteration(pipe, param, latent, guidance)
     run = None
     nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), dtype=param.dtype, device=dev)
     losses = torch.full((steps, inner_steps, n), float("nan"), dtype=param.dtype, device=dev)
-    ts = sched.timesteps(steps).tolist()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -276,24 +297,26 @@ EPSILON, EPSILON_SLOPE = 1e-5, 2e-5
 
 
 def _warn_bf16(pipe) -> None:
-    """Measured on the toy model (4 held-out scenes, reference settings, fp32 master embedding): an fp16
-    UNet ends each step within 3% of fp32's loss; a bf16 one (weights or autocast) 23-25% higher, with
-    fewer steps stopping early. So bf16 is not offered for the optimisation: say so when it is asked."""
+    """Measured on toy models (4 held-out scenes, reference settings, fp32 master embedding; the table in
+    p2p_engine/toy/README.md): an fp16 UNet ends each step within 4% of fp32's loss; a bf16 one (weights or
+    autocast) 11-25% higher, with fewer steps stopping early. So bf16 is not offered for the optimisation:
+    say so when it is asked."""
     dev = pipe.device.type
     autocast_bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
     if pipe.dtype == torch.bfloat16 or autocast_bf16:
-        warnings.warn("null-text inversion in bfloat16 ends with higher losses than float32 (about 25% on the "
-                      "toy model); load the model in float16 or float32 for inversion", stacklevel=3)
+        warnings.warn("null-text inversion in bfloat16 ends with higher losses than float32 (11-25% on the "
+                      "toy models); load the model in float16 or float32 for inversion", stacklevel=3)
 
 
 def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float = 7.5,
                  method: str = "null_text", early_stop: bool = True, progress: bool = True,
                  epsilon: float = EPSILON, epsilon_slope: float = EPSILON_SLOPE, use_graph: bool | None = None,
-                 crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[Inversion]:
+                 crop: tuple[int, int, int, int] = (0, 0, 0, 0), steps_offset: int | None = None) -> list[Inversion]:
     """Invert N images at once, each with its own prompt, null embeddings and early stopping.
 
     Args:
         images: paths, PIL images, (H, W, 3) uint8 arrays, or prepared (1, 3, S, S) tensors in [-1, 1].
+        steps_offset: overrides the checkpoint's for "leading" timesteps (the inversion records the ones used).
         epsilon, epsilon_slope: early stop when a step's loss < epsilon + i * epsilon_slope (reference values).
         use_graph: capture the inner iteration in a CUDA graph; default: when the device is CUDA.
         crop: (left, right, top, bottom) offsets applied before the centre crop, as `load_512`.
@@ -306,19 +329,20 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         raise ValueError(f"invert_batch got {len(images)} images but {len(prompts)} prompts")
     if not early_stop:
         epsilon, epsilon_slope = -math.inf, 0.0
+    ts = pipe.scheduler.timesteps(steps, steps_offset)  # the sampling timesteps, 981 .. 1 for SD at 50 steps
     size = pipe.config.image_size
     x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
     z0 = pipe.encode_images(x)  # (N, 4, h, w)
     cond = pipe.encode_prompt(list(prompts)).to(pipe.master_dtype)  # (N, 77, D)
     uncond = pipe.encode_prompt([""]).to(pipe.master_dtype).expand_as(cond).contiguous()
     with torch.no_grad():
-        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), steps)
+        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), ts)
     n = len(prompts)
     if method == "null_text":
         _warn_bf16(pipe)
         if use_graph is None:
             use_graph = pipe.device.type == "cuda"
-        nulls, losses = _null_optimize(pipe, traj, cond, uncond, steps, inner_steps, guidance,
+        nulls, losses = _null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance,
                                        epsilon, epsilon_slope, use_graph, progress)
     else:
         src = cond if method == "negative_prompt" else uncond
@@ -330,7 +354,7 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
     return [Inversion(latent_T=zT[k:k + 1].clone(), null_embeddings=nulls[:, k].clone(), prompt=prompts[k],
                       losses=losses[:, :, k].clone(), method=method, steps=steps, inner_steps=inner_steps,
                       guidance=guidance, scheduler=pipe.scheduler.settings(), family=cfg.family,
-                      text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type)
+                      text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type, timesteps=ts)
             for k in range(n)]
 
 

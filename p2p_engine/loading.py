@@ -32,6 +32,7 @@ import torch
 from . import keymap
 from .config import PRESETS, SUPPORTED_FAMILIES, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .files import CheckpointError, SafetensorsFile, verify_checksums
+from .scheduler import SchedulerConfig
 
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -196,11 +197,24 @@ def _diffusers_config(root: Path, prediction_type: str | None) -> ModelConfig:
     t = _read_json(root / "text_encoder" / "config.json")
     names = {f.name for f in dataclasses.fields(TextConfig)}
     text = TextConfig(**{k: v for k, v in t.items() if k in names})
-    sched = root / "scheduler" / "scheduler_config.json"
-    pred = prediction_type or (_read_json(sched).get("prediction_type", "epsilon") if sched.exists() else "epsilon")
+    sched = _schedule(root)
+    pred = prediction_type or sched.prediction_type
     family = "sd2" if unet.use_linear_projection else "sd1"
     return ModelConfig(family=family, unet=unet, vae=vae, text=text, prediction_type=pred,
                        pad_token="!" if family == "sd2" else "<|endoftext|>")
+
+
+def _schedule(root: Path, prediction_type: str | None = None) -> SchedulerConfig:
+    """The folder's scheduler config (`scheduler/scheduler_config.json`), or SD's standard one without it."""
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        sched = SchedulerConfig()
+    else:
+        try:
+            sched = SchedulerConfig.from_diffusers(_read_json(path))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    return sched if prediction_type is None else dataclasses.replace(sched, prediction_type=prediction_type)
 
 
 def _diffusers_sources(root: Path, expected):
@@ -362,6 +376,7 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
     layout, root = _resolve(path)
     if layout == "diffusers":
         cfg = _diffusers_config(root, prediction_type)
+        schedule = _schedule(root, cfg.prediction_type)
         modules = build_meta(cfg)
         expected = expected_shapes(modules)
         sources = _diffusers_sources(root, expected)
@@ -370,6 +385,7 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
     else:
         single = SafetensorsFile(root)
         cfg = detect_config(single.shapes, str(root), prediction_type)
+        schedule = SchedulerConfig(prediction_type=cfg.prediction_type)  # SD 1.x/2.x's standard config
         modules = build_meta(cfg)
         expected = expected_shapes(modules)
         sources = _single_file_sources(root, single, cfg, expected)
@@ -380,4 +396,4 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     unet.set_backend(backend)
-    return Pipeline(unet, vae, text, tokenizer, cfg, device=device, dtype=dtype, backend=backend)
+    return Pipeline(unet, vae, text, tokenizer, cfg, device=device, dtype=dtype, backend=backend, schedule=schedule)

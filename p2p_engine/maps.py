@@ -1,7 +1,8 @@
 """Stored attention maps of one edit, retrievable per resolution and per word.
 
 Cross maps are kept for every layer at every resolution (8/16/32/64 at SD
-sizes; the reference keeps <= 32 and shows 16), summed over steps and averaged
+sizes; the reference keeps <= 32 and shows 16), summed over UNet calls (one per
+step, steps + 1 with PNDM; `steps` is their number, as the reference's cur_step) and averaged
 over heads: (P, N, 77) per layer, the maps of the conditional rows before
 injection. Self maps (P, N, N) for N <= 32*32 only when asked for.
 
@@ -30,7 +31,7 @@ class AttentionMaps:
         self.layers = layers  # layer index -> (AttnLayer, n_queries)
         self._cross = cross_sum  # layer index -> (P, N, 77)
         self._self = self_sum  # layer index -> (P, N, N)
-        self.steps = steps
+        self.steps = steps  # UNet calls summed into the maps
         self.latent_hw = tuple(latent_hw)
         self.tokenizer = tokenizer
 

@@ -10,12 +10,12 @@ import gc
 import torch
 
 from .config import ModelConfig
-from .scheduler import DDIM
+from .scheduler import DDIM, SchedulerConfig
 
 
 class Pipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, config: ModelConfig, *,
-                 device: torch.device, dtype: torch.dtype, backend: str):
+                 device: torch.device, dtype: torch.dtype, backend: str, schedule: SchedulerConfig | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -24,7 +24,8 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend
-        self.scheduler = DDIM(prediction_type=config.prediction_type)
+        # the checkpoint's noise schedule and timestep settings (scheduler.py); its samplers are in samplers.py
+        self.scheduler = DDIM(schedule or SchedulerConfig(prediction_type=config.prediction_type))
 
     @property
     def family(self) -> str:

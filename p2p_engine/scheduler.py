@@ -1,50 +1,138 @@
-"""DDIM sampling and inversion steps (eta = 0) with the reference settings.
+"""The noise schedule a checkpoint was trained with, its timesteps, and the DDIM arithmetic.
 
-1000 training steps, `scaled_linear` betas from 0.00085 to 0.012, no sample
-clipping, the final alpha is alphas_cumprod[0] (`set_alpha_to_one=False`),
-"leading" timestep spacing with no offset: 50 steps give t = 980, 960, ... 0.
-Every coefficient can be taken as a tensor so that a whole step is capturable.
+`SchedulerConfig` is what a diffusers folder's `scheduler/scheduler_config.json`
+says (read as diffusers reads it: a key the file leaves out takes the value the
+scheduler class would default to), or, for single files, the family's standard
+config: Stable Diffusion 1.x and 2.x ship DDIM/PNDM configs with scaled-linear
+betas 0.00085..0.012, 1000 training steps, the final alpha alpha_cumprod[0]
+(`set_alpha_to_one=False`) and "leading" timesteps with `steps_offset` 1, so 50
+steps are t = 981, 961, ... 1 (the notebooks, diffusers' pipelines and
+PIE-Bench run these). `steps_offset=0` gives this engine's earlier 980 .. 0.
+
+`DDIM` holds the alphas and the DDIM step and inversion step (eta = 0) of the
+reference; every coefficient can be a tensor, so a whole step is capturable.
+The other samplers (PNDM, DPM-Solver++) live in `samplers.py` on the same alphas.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+BETA_SCHEDULES = ("scaled_linear", "linear")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Keys of a scheduler config that change the noise schedule or the sampler's arithmetic beyond what the
+# engine implements, with the value that is harmless. Anything else a config holds (its class name, PNDM's
+# skip_prk_steps, Euler's interpolation type, clip_sample, which diffusers' Stable Diffusion pipelines turn
+# off) does not enter the engine's samplers.
+UNSUPPORTED = {"rescale_betas_zero_snr": False, "thresholding": False, "use_karras_sigmas": False,
+               "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+    # None: what the sampler's diffusers class defaults to ("leading" for DDIM and PNDM, "linspace" for
+    # DPM-Solver++), as `Scheduler.from_config` leaves it when the file has no such key.
+    timestep_spacing: str | None = "leading"
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES and self.trained_betas is None:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; the engine knows "
+                             f"{BETA_SCHEDULES} and trained_betas")
+        if self.timestep_spacing not in SPACINGS + (None,):
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "SchedulerConfig":
+        """From a `scheduler_config.json`. A missing `steps_offset` is 1: diffusers' Stable Diffusion pipelines
+        set it to 1 on any scheduler they are given. Raises ValueError naming an unsupported setting."""
+        for key, ok in UNSUPPORTED.items():
+            if d.get(key, ok) != ok:
+                raise ValueError(f"scheduler config sets {key}={d[key]!r}, which the engine's samplers do not "
+                                 f"implement; set it to {ok!r} or remove it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if kw.get("trained_betas") is not None:
+            kw["trained_betas"] = tuple(float(b) for b in kw["trained_betas"])
+        kw.setdefault("timestep_spacing", None)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["trained_betas"] is not None:
+            d["trained_betas"] = list(d["trained_betas"])
+        return d
+
+    def betas(self) -> torch.Tensor:
+        """(num_train_timesteps,) float32, computed as diffusers computes them (bit for bit)."""
+        n = self.num_train_timesteps
+        if self.trained_betas is not None:
+            return torch.tensor(self.trained_betas, dtype=torch.float32)
+        if self.beta_schedule == "linear":
+            return torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        return torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=torch.float32) ** 2
+
+
+def leading_timesteps(num_train_timesteps: int, steps: int, steps_offset: int) -> list[int]:
+    """"leading" spacing: (steps - 1) * r + offset, ..., r + offset, offset with r = num_train // steps."""
+    ratio = num_train_timesteps // steps
+    return [int(i * ratio + steps_offset) for i in reversed(range(steps))]
 
 
 class DDIM:
-    def __init__(self, num_train_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 prediction_type: str = "epsilon"):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.num_train_steps = num_train_steps
-        self.prediction_type = prediction_type
-        self.beta_start, self.beta_end = beta_start, beta_end
-        # Computed in fp32 like diffusers, so that the same coefficients come out bit for bit.
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_steps, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.final_alpha_cumprod = self.alphas_cumprod[0]
+    """The alphas of a schedule, its DDIM timesteps, and the reference's DDIM step and inversion step."""
+
+    def __init__(self, config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+        self.num_train_steps = self.config.num_train_timesteps
+        self.prediction_type = self.config.prediction_type
+        self.alphas_cumprod = torch.cumprod(1.0 - self.config.betas(), dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def settings(self) -> dict:
-        return {"num_train_steps": self.num_train_steps, "prediction_type": self.prediction_type,
-                "beta_start": self.beta_start, "beta_end": self.beta_end}
+        """The schedule as a dict (saved with an inversion)."""
+        return self.config.to_dict()
 
-    def timesteps(self, steps: int) -> torch.Tensor:
-        """(steps,) int64, descending: 980, 960, ... 0 for 50 steps."""
-        if not 1 <= steps <= self.num_train_steps:
-            raise ValueError(f"steps must be in [1, {self.num_train_steps}], got {steps}")
-        ratio = self.num_train_steps // steps
-        return (torch.arange(steps, dtype=torch.int64) * ratio).flip(0)
+    def timesteps(self, steps: int, steps_offset: int | None = None) -> list[int]:
+        """The DDIM timesteps, descending, as diffusers' DDIMScheduler.set_timesteps gives them (981 .. 1 at
+        50 steps for SD). `steps_offset` overrides the config's (it applies to "leading" spacing)."""
+        n = self.num_train_steps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in [1, {n}], got {steps}")
+        spacing = self.config.timestep_spacing or "leading"
+        if steps_offset is not None and spacing != "leading":
+            raise ValueError(f"steps_offset applies to 'leading' timesteps; this checkpoint's scheduler spaces "
+                             f"them {spacing!r}")
+        if spacing == "leading":
+            return leading_timesteps(n, steps, self.config.steps_offset if steps_offset is None else steps_offset)
+        if spacing == "trailing":
+            return [int(t) - 1 for t in np.round(np.arange(n, 0, -n / steps)).astype(np.int64)]
+        return [int(t) for t in np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)]
 
     def alpha(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def step(self, model_out: torch.Tensor, t: int, sample: torch.Tensor, steps: int) -> torch.Tensor:
-        """One sampling step from t to t - 1000 // steps."""
+        """One sampling step from t to t - num_train // steps."""
         a = self.alpha(t).to(sample.device)
         a_prev = self.alpha(t - self.num_train_steps // steps).to(sample.device)
         return ddim_step(model_out, sample, a, a_prev, self.prediction_type == "v_prediction")
 
     def inversion_step(self, model_out: torch.Tensor, t: int, sample: torch.Tensor, steps: int) -> torch.Tensor:
-        """One inversion step from t - 1000 // steps up to t, using the output predicted at t
+        """One inversion step from t - num_train // steps up to t, using the output predicted at t
         (the reference's `next_step`)."""
         cur_t = min(t - self.num_train_steps // steps, self.num_train_steps - 1)
         a = self.alpha(cur_t).to(sample.device)

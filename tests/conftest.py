@@ -6,11 +6,25 @@ switched on before any kernel is decorated, hence before test modules import
 """
 import os
 
+import pytest
 import torch
 
+import p2p_engine as p2p
 from p2p_engine.attention import triton_interpreter
 
 triton_interpreter()
 
 # The CI machine has 2 cores; more threads than cores only thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny preset's random checkpoint (seed 0) as a diffusers folder, for tests that only read it."""
+    return p2p.save_random_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_ckpt):
+    """`tiny_ckpt` loaded in float32 on the CPU with the pure-torch backend; tests must not modify it."""
+    return p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="torch")

@@ -214,3 +214,27 @@ def test_written_files_have_ordinary_permissions(ckpt, photo, tmp_path, capsys):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     for d in (folder, folder / "unet"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+
+
+def test_edit_samplers_and_offset(ckpt, photo, tmp_path, capsys):
+    """--sampler and --steps-offset reach the sampling loop (each gives a different picture); with
+    --inversion they are refused, since an edit from an inversion runs its DDIM timesteps."""
+    base = ["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle", "--target", "a dog riding a bicycle",
+            *STEPS]
+    pictures = {}
+    for name, extra in (("ddim", []), ("pndm", ["--sampler", "pndm"]), ("dpm", ["--sampler", "dpmsolver++"]),
+                        ("offset0", ["--steps-offset", "0"])):
+        out = tmp_path / f"{name}.png"
+        assert main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        with Image.open(out) as im:
+            pictures[name] = np.asarray(im.convert("RGB"))
+    names = list(pictures)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not np.array_equal(pictures[a], pictures[b]), (a, b)
+    inv = tmp_path / "p.inversion.safetensors"
+    assert main(["invert", "--model", str(ckpt), "--image", str(photo), "--prompt", "a red ball", "--steps", "2",
+                 "--inner-steps", "1", "--steps-offset", "0", "--out", str(inv)]) == 0
+    _fails_cleanly(["edit", "--model", str(ckpt), "--inversion", str(inv), "--target", "a blue ball", "--sampler",
+                    "pndm", "--out", str(tmp_path / "no.png")], capsys, "--sampler")
+    assert not (tmp_path / "no.png").exists()

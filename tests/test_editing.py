@@ -3,15 +3,18 @@
 The reference side is diffusers' UNet2DConditionModel loaded from the same tiny
 checkpoint, an attention processor that materialises the probabilities and
 hands them to controllers written here the way the notebooks write them
-(layer counting, cur_step, in-place edits of the stored maps), and diffusers'
-DDIMScheduler with the reference settings.
+(layer counting, cur_step per UNet call, in-place edits of the stored maps), and
+diffusers' scheduler built from the checkpoint's own scheduler config (steps
+offset 1: t = 981 .. 1 at 50 steps): DDIM, or PNDM with PLMS steps as the stable
+notebook samples (N steps are N + 1 UNet calls, so cur_step reaches N and the
+cross alpha table's N + 1 rows are all used).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import p2p_engine as p2p
-from p2p_engine.words import word_inds
+from reference import ref_word_inds as word_inds
 
 STEPS = 4
 SRC = "a cat riding a bicycle"
@@ -20,19 +23,9 @@ LONG = "a cat riding a red bicycle"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return p2p.save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return p2p.load(ckpt, device="cpu", dtype=torch.float32, backend="torch")
-
-
-@pytest.fixture(scope="module")
-def ref_unet(ckpt):
+def ref_unet(tiny_ckpt):
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel.from_pretrained(ckpt / "unet").eval().requires_grad_(False)
+    return UNet2DConditionModel.from_pretrained(tiny_ckpt / "unet").eval().requires_grad_(False)
 
 
 # -- the reference, restated ------------------------------------------------------------------
@@ -183,15 +176,21 @@ class RefBlend:
         return x_t[:1] + mask * (x_t - x_t[:1])
 
 
-def ref_run(pipe, unet, prompts, ctrl, seed=0, steps=STEPS, guidance=7.5, size=None):
+@pytest.fixture(scope="module")
+def sched_config(tiny_ckpt):
     from diffusers import DDIMScheduler
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler.load_config(tiny_ckpt / "scheduler")
+
+
+def ref_run(tiny_pipe, unet, config, prompts, ctrl, seed=0, steps=STEPS, guidance=7.5, size=None, pndm=False):
+    """The notebooks' loop; `config` the checkpoint's scheduler config (DDIM, or PNDM's PLMS steps)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+    sched = PNDMScheduler.from_config(config, skip_prk_steps=True) if pndm else DDIMScheduler.from_config(config)
     sched.set_timesteps(steps)
     register(unet, ctrl)
     P = len(prompts)
-    ctx = torch.cat([pipe.encode_prompt([""] * P), pipe.encode_prompt(prompts)])
-    s = size or pipe.config.latent_size
+    ctx = torch.cat([tiny_pipe.encode_prompt([""] * P), tiny_pipe.encode_prompt(prompts)])
+    s = size or tiny_pipe.config.latent_size
     g = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, 4, s, s), generator=g).expand(P, -1, -1, -1).clone()
     with torch.no_grad():
@@ -203,8 +202,8 @@ def ref_run(pipe, unet, prompts, ctrl, seed=0, steps=STEPS, guidance=7.5, size=N
     return latents
 
 
-def ours(pipe, prompts, controller, **kw):
-    return pipe.edit(prompts, controller=controller, steps=STEPS, seed=0, progress=False,
+def ours(tiny_pipe, prompts, controller, **kw):
+    return tiny_pipe.edit(prompts, controller=controller, steps=STEPS, seed=0, progress=False,
                      decode_images=False, **kw).latents
 
 
@@ -213,94 +212,125 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def mappers(pipe, prompts):
+def mappers(tiny_pipe, prompts):
     """(replace mapper or None, (refine mapper, alphas)) from the aligner, which has its own tests."""
     from p2p_engine import words
     try:
-        rep = torch.as_tensor(words.replace_mappers(prompts, pipe.tokenizer), dtype=torch.float32)
+        rep = torch.as_tensor(words.replace_mappers(prompts, tiny_pipe.tokenizer), dtype=torch.float32)
     except ValueError:  # different word counts: only Refine applies
         rep = None
-    return rep, words.refine_mappers(prompts, pipe.tokenizer)
+    return rep, words.refine_mappers(prompts, tiny_pipe.tokenizer)
 
 
-def equalizer(pipe, prompt, word, c):
+def equalizer(tiny_pipe, prompt, word, c):
     eq = torch.ones(1, 77)
-    eq[:, word_inds(prompt, word, pipe.tokenizer)] = c
+    eq[:, word_inds(prompt, word, tiny_pipe.tokenizer)] = c
     return eq
 
 
 # -- comparisons with the reference -------------------------------------------------------------
 
-def test_replace_matches_reference(pipe, ref_unet):
+def test_replace_matches_reference(tiny_pipe, ref_unet, sched_config):
     prompts = [SRC, TGT]
-    M, _ = mappers(pipe, prompts)
-    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.5))
-    close(ours(pipe, prompts, p2p.Replace(cross_steps=0.8, self_steps=0.5, self_max_queries=16 * 16)), ref)
+    M, _ = mappers(tiny_pipe, prompts)
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.5))
+    close(ours(tiny_pipe, prompts, p2p.Replace(cross_steps=0.8, self_steps=0.5, self_max_queries=16 * 16)), ref)
 
 
-def test_refine_matches_reference(pipe, ref_unet):
+def test_refine_matches_reference(tiny_pipe, ref_unet, sched_config):
     prompts = [SRC, LONG]
-    _, (m, a) = mappers(pipe, prompts)
-    ref = ref_run(pipe, ref_unet, prompts, RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(),
-                                                      prompts, STEPS, (0.0, 0.6), (0.25, 0.75)))
-    close(ours(pipe, prompts, p2p.Refine(cross_steps=(0.0, 0.6), self_steps=(0.25, 0.75))), ref)
+    _, (m, a) = mappers(tiny_pipe, prompts)
+    ctrl = RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(), prompts, STEPS, (0.0, 0.6), (0.25, 0.75))
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, ctrl)
+    close(ours(tiny_pipe, prompts, p2p.Refine(cross_steps=(0.0, 0.6), self_steps=(0.25, 0.75))), ref)
 
 
-def test_reweight_matches_reference(pipe, ref_unet):
+def test_reweight_matches_reference(tiny_pipe, ref_unet, sched_config):
     prompts = [SRC, SRC]
-    eq = equalizer(pipe, SRC, "cat", 3.0)
-    ref = ref_run(pipe, ref_unet, prompts, RefReweight(eq, None, prompts, STEPS, 0.8, 0.4))
-    close(ours(pipe, prompts, p2p.Reweight({"cat": 3.0})), ref)
+    eq = equalizer(tiny_pipe, SRC, "cat", 3.0)
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReweight(eq, None, prompts, STEPS, 0.8, 0.4))
+    close(ours(tiny_pipe, prompts, p2p.Reweight({"cat": 3.0})), ref)
 
 
-def test_reweight_on_refine_matches_reference(pipe, ref_unet):
+def test_reweight_on_refine_matches_reference(tiny_pipe, ref_unet, sched_config):
     prompts = [SRC, LONG]
-    _, (m, a) = mappers(pipe, prompts)
+    _, (m, a) = mappers(tiny_pipe, prompts)
     prev = RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(), prompts, STEPS, 0.8, 0.4)
-    eq = equalizer(pipe, LONG, "red", 4.0)
-    ref = ref_run(pipe, ref_unet, prompts, RefReweight(eq, prev, prompts, STEPS, 0.8, 0.4))
-    close(ours(pipe, prompts, p2p.Reweight({"red": 4.0}, prev=p2p.Refine())), ref)
+    eq = equalizer(tiny_pipe, LONG, "red", 4.0)
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReweight(eq, prev, prompts, STEPS, 0.8, 0.4))
+    close(ours(tiny_pipe, prompts, p2p.Reweight({"red": 4.0}, prev=p2p.Refine())), ref)
 
 
-def test_local_blend_matches_reference(pipe, ref_unet):
+def test_local_blend_matches_reference(tiny_pipe, ref_unet, sched_config):
     prompts = [SRC, TGT]
-    M, _ = mappers(pipe, prompts)
+    M, _ = mappers(tiny_pipe, prompts)
     alpha = torch.zeros(2, 1, 1, 1, 1, 77)
     for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
-        alpha[i, :, :, :, :, word_inds(p, w, pipe.tokenizer)] = 1
-    res = pipe.config.latent_size // 2  # tiny: no down/up cross layers at latent/4, so latent/2
+        alpha[i, :, :, :, :, word_inds(p, w, tiny_pipe.tokenizer)] = 1
+    res = tiny_pipe.config.latent_size // 2  # tiny: no down/up cross layers at latent/4, so latent/2
     blend = RefBlend(alpha, res, start=int(0.25 * STEPS))
-    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.4, blend=blend))
-    got = ours(pipe, prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25))
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.4, blend=blend))
+    got = ours(tiny_pipe, prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25))
     close(got, ref)
-    assert not torch.equal(got, ours(pipe, prompts, p2p.Replace())), "the blend changed nothing"
+    assert not torch.equal(got, ours(tiny_pipe, prompts, p2p.Replace())), "the blend changed nothing"
+
+
+@pytest.mark.parametrize("steps", [STEPS, 7])
+def test_pndm_replace_with_blend_matches_stable_notebook(tiny_pipe, ref_unet, sched_config, steps):
+    """The stable notebook: PNDM (PLMS) sampling, the controller counting UNet calls (steps + 1 of them), its
+    LocalBlend after every scheduler step."""
+    prompts = [SRC, TGT]
+    M, _ = mappers(tiny_pipe, prompts)
+    alpha = torch.zeros(2, 1, 1, 1, 1, 77)
+    for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
+        alpha[i, :, :, :, :, word_inds(p, w, tiny_pipe.tokenizer)] = 1
+    blend = RefBlend(alpha, tiny_pipe.config.latent_size // 2, start=0)
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, steps, 0.8, 0.4, blend=blend),
+                  steps=steps, pndm=True)
+    got = tiny_pipe.edit(prompts, controller=p2p.Replace(cross_steps=0.8, self_steps=0.4),
+                    local_blend=p2p.LocalBlend(["cat", "dog"]), sampler="pndm", steps=steps, seed=0, progress=False,
+                    decode_images=False).latents
+    close(got, ref)
+    ddim = tiny_pipe.edit(prompts, controller=p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"]), steps=steps,
+                     seed=0, progress=False, decode_images=False).latents
+    assert (got - ddim).abs().max() > 1e-2  # PNDM is not DDIM here
+
+
+def test_pndm_refine_matches_stable_notebook(tiny_pipe, ref_unet, sched_config):
+    prompts = [SRC, LONG]
+    _, (m, a) = mappers(tiny_pipe, prompts)
+    ctrl = RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(), prompts, STEPS, (0.2, 1.0), (0.0, 0.8))
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, ctrl, pndm=True)
+    got = tiny_pipe.edit(prompts, controller=p2p.Refine(cross_steps=(0.2, 1.0), self_steps=(0.0, 0.8)), sampler="pndm",
+                    steps=STEPS, seed=0, progress=False, decode_images=False).latents
+    close(got, ref)
 
 
 # -- invariants ----------------------------------------------------------------------------------
 
-def test_identical_prompts_reproduce_source(pipe):
-    lat = ours(pipe, [SRC, SRC], p2p.Replace())
+def test_identical_prompts_reproduce_source(tiny_pipe):
+    lat = ours(tiny_pipe, [SRC, SRC], p2p.Replace())
     assert torch.equal(lat[0], lat[1])
 
 
-def test_reweight_scale_one_is_noop(pipe):
+def test_reweight_scale_one_is_noop(tiny_pipe):
     prompts = [SRC, LONG]
-    assert torch.equal(ours(pipe, prompts, p2p.Reweight({"red": 1.0}, prev=p2p.Refine())),
-                       ours(pipe, prompts, p2p.Refine()))
+    assert torch.equal(ours(tiny_pipe, prompts, p2p.Reweight({"red": 1.0}, prev=p2p.Refine())),
+                       ours(tiny_pipe, prompts, p2p.Refine()))
 
 
-def test_zero_windows_give_uncontrolled_target(pipe):
+def test_zero_windows_give_uncontrolled_target(tiny_pipe):
     prompts = [SRC, TGT]
-    plain = ours(pipe, prompts, None)
-    assert torch.equal(ours(pipe, prompts, p2p.Replace(cross_steps=0.0, self_steps=0.0)), plain)
-    alone = pipe.generate([TGT], steps=STEPS, progress=False, decode_images=False).latents
+    plain = ours(tiny_pipe, prompts, None)
+    assert torch.equal(ours(tiny_pipe, prompts, p2p.Replace(cross_steps=0.0, self_steps=0.0)), plain)
+    alone = tiny_pipe.generate([TGT], steps=STEPS, progress=False, decode_images=False).latents
     close(plain[1:], alone)  # batch 1 vs 2 rounds differently; only fp32 drift is allowed
 
 
-def test_stored_cross_maps_are_distributions(pipe):
-    out = pipe.edit([SRC, TGT], controller=p2p.Store(self_maps=True), steps=STEPS, progress=False)
+def test_stored_cross_maps_are_distributions(tiny_pipe):
+    out = tiny_pipe.edit([SRC, TGT], controller=p2p.Store(self_maps=True), steps=STEPS, progress=False)
     att = out.attention
-    assert len(out.images) == 2 and out.images[0].size == (pipe.config.image_size,) * 2
+    assert len(out.images) == 2 and out.images[0].size == (tiny_pipe.config.image_size,) * 2
     for res in att.resolutions:
         m = att.cross(res)
         assert m.shape[:3] == (2, res, res) and m.shape[-1] == 77
@@ -310,51 +340,53 @@ def test_stored_cross_maps_are_distributions(pipe):
     torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
 
 
-def test_deterministic_and_bad_inputs(pipe):
-    assert torch.equal(ours(pipe, [SRC], None), ours(pipe, [SRC], None))
+def test_deterministic_and_bad_inputs(tiny_pipe):
+    assert torch.equal(ours(tiny_pipe, [SRC], None), ours(tiny_pipe, [SRC], None))
     with pytest.raises(ValueError, match="empty"):
-        pipe.edit([], steps=STEPS, progress=False)
+        tiny_pipe.edit([], steps=STEPS, progress=False)
     with pytest.raises(ValueError, match="'horse'"):
-        pipe.edit([SRC, TGT], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "horse"]), steps=STEPS,
+        tiny_pipe.edit([SRC, TGT], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "horse"]), steps=STEPS,
                   progress=False)
     with pytest.raises(ValueError, match="0, 1"):
-        pipe.edit([SRC, TGT], p2p.Replace(cross_steps=1.2), steps=STEPS, progress=False)
+        tiny_pipe.edit([SRC, TGT], p2p.Replace(cross_steps=1.2), steps=STEPS, progress=False)
 
 
 # -- the fused kernels through Triton's interpreter ------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="the interpreter is off where CUDA is present; tests/test_kernel_*.py run the compiled kernels")
-def test_triton_backend_matches_reference(ckpt, pipe, ref_unet):
-    tpipe = p2p.load(ckpt, device="cpu", dtype=torch.float32, backend="triton")
+def test_triton_backend_matches_reference(tiny_ckpt, tiny_pipe, ref_unet, sched_config):
+    tpipe = p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="triton")
     assert tpipe.backend == "triton"
     prompts = [SRC, TGT]
-    M, _ = mappers(pipe, prompts)
+    M, _ = mappers(tiny_pipe, prompts)
     # Kept small for the interpreter: 8x8 latents (64 px), 2 steps, both windows covering step 0 only.
-    ref = ref_run(pipe, ref_unet, prompts, RefReplace(M, prompts, 2, 0.5, 0.5), steps=2, size=8)
+    ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, 2, 0.5, 0.5), steps=2, size=8)
     got = tpipe.edit(prompts, controller=p2p.Replace(cross_steps=0.5, self_steps=0.5), steps=2, seed=0,
-                     height=8 * pipe.config.vae.downscale, width=8 * pipe.config.vae.downscale,
+                     height=8 * tiny_pipe.config.vae.downscale, width=8 * tiny_pipe.config.vae.downscale,
                      progress=False, decode_images=False).latents
     close(got, ref)
 
 
-def _inversion(pipe, latent_T, null_embeddings):
-    cfg = pipe.config
+def _inversion(tiny_pipe, latent_T, null_embeddings):
+    cfg = tiny_pipe.config
     return p2p.Inversion(latent_T=latent_T, null_embeddings=null_embeddings, prompt=SRC,
                          losses=torch.zeros(null_embeddings.shape[0], 0), steps=null_embeddings.shape[0],
-                         family=cfg.family, text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type)
+                         family=cfg.family, text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type,
+                         timesteps=tiny_pipe.scheduler.timesteps(null_embeddings.shape[0]))
 
 
-def test_inversion_supplies_start_latent_and_null_context(pipe):
-    s = pipe.config.latent_size
+def test_inversion_supplies_start_latent_and_null_context(tiny_pipe):
+    s = tiny_pipe.config.latent_size
     start = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(0))
     # With the empty prompt's embedding as every step's null text, the loop is the plain one.
-    inv = _inversion(pipe, start, pipe.encode_prompt([""]).expand(STEPS, -1, -1))
+    inv = _inversion(tiny_pipe, start, tiny_pipe.encode_prompt([""]).expand(STEPS, -1, -1))
     prompts = [SRC, TGT]
     edit = dict(controller=p2p.Replace(), progress=False, decode_images=False)
-    assert torch.equal(pipe.edit(prompts, inversion=inv, **edit).latents,
-                       ours(pipe, prompts, p2p.Replace()))
-    other = _inversion(pipe, start, inv.null_embeddings * 0.5)
-    assert not torch.equal(pipe.edit(prompts, inversion=other, **edit).latents, ours(pipe, prompts, p2p.Replace()))
+    assert torch.equal(tiny_pipe.edit(prompts, inversion=inv, **edit).latents,
+                       ours(tiny_pipe, prompts, p2p.Replace()))
+    other = _inversion(tiny_pipe, start, inv.null_embeddings * 0.5)
+    assert not torch.equal(tiny_pipe.edit(prompts, inversion=other, **edit).latents,
+                           ours(tiny_pipe, prompts, p2p.Replace()))
     with pytest.raises(ValueError, match=f"made with {STEPS} steps"):
-        pipe.edit(prompts, inversion=inv, steps=STEPS + 1, **edit)
+        tiny_pipe.edit(prompts, inversion=inv, steps=STEPS + 1, **edit)

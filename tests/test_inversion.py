@@ -1,4 +1,8 @@
-"""Null-text inversion against an eager re-statement of the reference loop (null_text_w_ptp.ipynb)."""
+"""Null-text inversion against an eager re-statement of the reference loop (null_text_w_ptp.ipynb).
+
+The re-statement takes its timesteps and alphas from diffusers' DDIMScheduler built from the checkpoint's
+scheduler config (steps offset 1, as the notebook's StableDiffusionPipeline forces: t = 981 .. 1 at 50 steps)
+and writes the notebook's prev_step / next_step out, so it shares no schedule code with the engine."""
 import math
 
 import numpy as np
@@ -26,10 +30,15 @@ def photo(seed: int, h: int = 72, w: int = 96) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    p2p.save_random_checkpoint(d / "m", "tiny", seed=0)
-    return p2p.load(d / "m", device="cpu", dtype=torch.float32, backend="torch")
+def pipe(tiny_pipe):
+    return tiny_pipe
+
+
+@pytest.fixture(scope="module")
+def ref_config(tiny_ckpt):
+    """The checkpoint's scheduler config, as diffusers reads it."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.load_config(tiny_ckpt / "scheduler")
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +59,42 @@ def _unet(pipe, x, t, c):
     return pipe.unet(x, t, c)
 
 
-def reference_nti(pipe, image, prompt, steps, inner, guidance, eps0=1e-5, slope=2e-5):
+class RefSchedule:
+    """The notebook's scheduler use: diffusers' DDIMScheduler for timesteps and alphas, its steps written out."""
+
+    def __init__(self, config, steps):
+        from diffusers import DDIMScheduler
+        self.sched = DDIMScheduler.from_config(config)
+        self.sched.set_timesteps(steps)
+        self.timesteps = self.sched.timesteps.tolist()
+        self.stride = self.sched.config.num_train_timesteps // steps
+
+    def alpha(self, t):
+        return self.sched.alphas_cumprod[t] if t >= 0 else self.sched.final_alpha_cumprod
+
+    def prev_step(self, eps, t, sample):
+        a, a_prev = self.alpha(t), self.alpha(t - self.stride)
+        x0 = (sample - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+    def next_step(self, eps, t, sample):
+        cur, nxt = min(t - self.stride, 999), t
+        a, a_next = self.alpha(cur), self.sched.alphas_cumprod[nxt]
+        x0 = (sample - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+
+def reference_nti(pipe, config, image, prompt, steps, inner, guidance, eps0=1e-5, slope=2e-5):
     """The notebook's NullInversion, written out: one image, Adam per step, loss.item(), python break."""
-    sched = pipe.scheduler
-    ts = sched.timesteps(steps).tolist()
+    sched = RefSchedule(config, steps)
+    ts = sched.timesteps
     with torch.no_grad():
         z = pipe.encode_images(image)
         cond, uncond = pipe.encode_prompt([prompt]), pipe.encode_prompt([""])
         traj = [z]
         for k in range(steps):
             t = ts[len(ts) - k - 1]
-            z = sched.inversion_step(_unet(pipe, z, t, cond), t, z, steps)
+            z = sched.next_step(_unet(pipe, z, t, cond), t, z)
             traj.append(z)
     u, nulls, used = uncond, [], []
     latent = traj[-1]
@@ -73,7 +107,7 @@ def reference_nti(pipe, image, prompt, steps, inner, guidance, eps0=1e-5, slope=
             out_c = _unet(pipe, latent, t, cond)
         for j in range(inner):
             out_u = _unet(pipe, latent, t, u)
-            rec = sched.step(out_u + guidance * (out_c - out_u), t, latent, steps)
+            rec = sched.prev_step(out_u + guidance * (out_c - out_u), t, latent)
             loss = F.mse_loss(rec, target)
             opt.zero_grad()
             loss.backward()
@@ -85,21 +119,20 @@ def reference_nti(pipe, image, prompt, steps, inner, guidance, eps0=1e-5, slope=
         with torch.no_grad():
             out = _unet(pipe, torch.cat([latent, latent]), t, torch.cat([u, cond]))
             ou, oc = out.chunk(2)
-            latent = sched.step(ou + guidance * (oc - ou), t, latent, steps)
+            latent = sched.prev_step(ou + guidance * (oc - ou), t, latent)
     return traj[-1], torch.cat(nulls), used
 
 
-def sample(pipe, zT, prompt, nulls, guidance):
+def sample(pipe, config, zT, prompt, nulls, guidance):
     """Reference-style sampling from zT with per-step unconditional contexts."""
-    sched = pipe.scheduler
-    steps = nulls.shape[0]
+    sched = RefSchedule(config, nulls.shape[0])
     cond = pipe.encode_prompt([prompt])
     z = zT
     with torch.no_grad():
-        for i, t in enumerate(sched.timesteps(steps).tolist()):
+        for i, t in enumerate(sched.timesteps):
             out = _unet(pipe, torch.cat([z, z]), t, torch.cat([nulls[i:i + 1], cond]))
             ou, oc = out.chunk(2)
-            z = sched.step(ou + guidance * (oc - ou), t, z, steps)
+            z = sched.prev_step(ou + guidance * (oc - ou), t, z)
     return z
 
 
@@ -107,9 +140,9 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_matches_reference_loop(pipe):
+def test_matches_reference_loop(pipe, ref_config):
     image = prepare(photo(0), pipe.config.image_size)
-    zT_ref, nulls_ref, _ = reference_nti(pipe, image, "a photo of a cat", STEPS, INNER, GUIDANCE)
+    zT_ref, nulls_ref, _ = reference_nti(pipe, ref_config, image, "a photo of a cat", STEPS, INNER, GUIDANCE)
     inv = invert(pipe, image, "a photo of a cat", steps=STEPS, inner_steps=INNER, progress=False)
     assert inv.null_embeddings.shape == (STEPS, 77, pipe.config.unet.cross_attention_dim)
     torch.testing.assert_close(inv.latent_T, zT_ref, rtol=0, atol=0)  # same ops, same order
@@ -117,7 +150,7 @@ def test_matches_reference_loop(pipe):
     start = pipe.encode_prompt([""])
     assert (nulls_ref[0] - start[0]).abs().max() > 1e-3
     assert _rel(inv.null_embeddings, nulls_ref) < 1e-5
-    rec_ref = sample(pipe, zT_ref, "a photo of a cat", nulls_ref, GUIDANCE)
+    rec_ref = sample(pipe, ref_config, zT_ref, "a photo of a cat", nulls_ref, GUIDANCE)
     rec = reconstruct(pipe, inv)
     assert _rel(rec, rec_ref) < 1e-5
 
@@ -141,12 +174,13 @@ def test_better_than_ddim_and_losses_behave(pipe):
     torch.testing.assert_close(ddim.null_embeddings, pipe.encode_prompt([""]).expand(STEPS, -1, -1))
 
 
-def test_early_stop_matches_reference(pipe):
+def test_early_stop_matches_reference(pipe, ref_config):
     """With thresholds that bite, the device-side stop matches the reference's python break."""
     image = prepare(photo(2), pipe.config.image_size)
     free = invert(pipe, image, "a dog", steps=STEPS, inner_steps=INNER, progress=False, early_stop=False)
     eps0 = free.losses[:, 1].nanmedian().item()  # some steps stop after 2 iterations, others later or never
-    zT, nulls_ref, used_ref = reference_nti(pipe, image, "a dog", STEPS, INNER, GUIDANCE, eps0=eps0, slope=0.0)
+    zT, nulls_ref, used_ref = reference_nti(pipe, ref_config, image, "a dog", STEPS, INNER, GUIDANCE, eps0=eps0,
+                                            slope=0.0)
     inv = invert(pipe, image, "a dog", steps=STEPS, inner_steps=INNER, progress=False,
                  epsilon=eps0, epsilon_slope=0.0)
     used = [(~row.isnan()).sum().item() for row in inv.losses]
@@ -198,6 +232,44 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
         reconstruct(pipe, back)
     with pytest.raises(FileNotFoundError, match="nope"):
         Inversion.load(tmp_path / "nope.safetensors")
+
+
+def test_timesteps_recorded_and_older_files_edit_as_made(pipe, tmp_path):
+    """An inversion records its timesteps (the checkpoint's 981 .. 1 style by default) and an edit from it
+    runs them; a file written before timesteps were recorded was made at 980 .. 0 and still edits so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    image = photo(7)
+    inv = invert(pipe, image, "a cat", steps=4, inner_steps=2, progress=False)
+    assert inv.timesteps == [751, 501, 251, 1]
+    back = Inversion.load(_saved(inv, tmp_path / "new.safetensors"))
+    assert back.timesteps == inv.timesteps
+    old_style = invert(pipe, image, "a cat", steps=4, inner_steps=2, progress=False, steps_offset=0)
+    assert old_style.timesteps == [750, 500, 250, 0]
+    # the same inversion as an older engine wrote it: no timesteps, the old scheduler record
+    path = _saved(old_style, tmp_path / "old.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["p2p_inversion"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["timesteps"]
+    meta["scheduler"] = {"num_train_steps": 1000, "prediction_type": "epsilon", "beta_start": 0.00085,
+                         "beta_end": 0.012}
+    legacy_path = tmp_path / "legacy.safetensors"
+    save_file(tensors, str(legacy_path), metadata={"p2p_inversion": json.dumps(meta)})
+    legacy = Inversion.load(legacy_path)
+    assert legacy.timesteps == [750, 500, 250, 0]
+    edit = dict(controller=p2p.Replace(), progress=False, decode_images=False)
+    got = pipe.edit(["a cat", "a dog"], inversion=legacy, **edit).latents
+    assert torch.equal(got, pipe.edit(["a cat", "a dog"], inversion=old_style, **edit).latents)
+    assert not torch.allclose(got, pipe.edit(["a cat", "a dog"], inversion=inv, **edit).latents)
+
+
+def _saved(inv, path):
+    inv.save(path)
+    return path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

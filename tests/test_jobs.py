@@ -62,6 +62,24 @@ def single_run(setup):
     return out, status
 
 
+def assert_same_inversion(pipe, a, b):
+    """Two inversions of one image and prompt with the same settings, made in different batches or
+    processes: equal up to fp32 reassociation. The DDIM inversion is compared elementwise. Adam turns a
+    rounding difference in a near-zero gradient into a step of up to its learning rate on single elements,
+    so the null embeddings are compared as a whole, and by what they do, their reconstructions (relative
+    norms: batching and sharding moved them by at most 1.7e-4 and 8.5e-5 here, most images by ~1e-6; a wrong
+    image or prompt moves them by ~1, an image reading another's gradient by ~1e-2). tests/test_inversion.py
+    shows batched == singles to the last bit in float64."""
+    from p2p_engine.inversion import reconstruct
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
+    torch.testing.assert_close(a.latent_T, b.latent_T, rtol=1e-5, atol=1e-5)
+    assert rel(a.null_embeddings, b.null_embeddings) < 1e-3
+    assert rel(reconstruct(pipe, a), reconstruct(pipe, b)) < 1e-3
+
+
 def test_six_results_one_recorded_error(setup, single_run):
     root, model = setup
     out, status = single_run
@@ -79,9 +97,7 @@ def test_six_results_one_recorded_error(setup, single_run):
     for e in ok[::2]:  # three of them (the cost is one inversion each) against a one-image run
         inv = p2p.Inversion.load(out / e["outputs"]["inversion"])
         ref = pipe.invert(str(root / e["image"]), e["prompt"], steps=STEPS, inner_steps=INNER, progress=False)
-        # same images, prompts and settings, batched vs one at a time: equal up to fp32 reassociation
-        torch.testing.assert_close(inv.latent_T, ref.latent_T, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(inv.null_embeddings, ref.null_embeddings, rtol=1e-4, atol=1e-5)
+        assert_same_inversion(pipe, inv, ref)
         assert inv.prompt == e["prompt"]
         last = [row[~torch.isnan(row)][-1].item() for row in ref.losses]
         assert e["final_losses"] == pytest.approx(last, rel=1e-4, abs=1e-6)
@@ -258,6 +274,7 @@ def test_torchrun_two_ranks_equals_single_process(setup, single_run, tmp_path):
     assert not list(out.glob("index.rank*.jsonl"))  # merged into index.jsonl by rank 0
 
     ref_dir, _ = single_run
+    pipe = p2p.load(str(model), device="cpu")
     got, ref = _index(out), _index(ref_dir)
     assert sorted(got) == sorted(ref)
     assert {e["rank"] for e in got.values()} == {0, 1}  # both ranks did work
@@ -268,7 +285,6 @@ def test_torchrun_two_ranks_equals_single_process(setup, single_run, tmp_path):
         a = p2p.Inversion.load(out / e["outputs"]["inversion"])
         b = p2p.Inversion.load(ref_dir / e["outputs"]["inversion"])
         # shards batch different images together; batching is per-image independent up to fp32 reassociation
-        torch.testing.assert_close(a.latent_T, b.latent_T, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.null_embeddings, b.null_embeddings, rtol=1e-4, atol=1e-5)
+        assert_same_inversion(pipe, a, b)
     files = {p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "index.jsonl"}
     assert files == {p.relative_to(ref_dir) for p in ref_dir.rglob("*") if p.is_file() and p.name != "index.jsonl"}

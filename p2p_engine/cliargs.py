@@ -1,0 +1,85 @@
+"""The command line's option values and shared option groups (argparse types raise usage errors, exit 2).
+
+Kept apart from `cli.py` so that the commands read without the parsing details; only `cli.py` imports it.
+"""
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "float16", "bfloat16")
+SAMPLERS = ("ddim", "pndm", "dpmsolver++")
+
+
+def fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
+def cross_steps(text: str):
+    """`0.8`, or per-word fractions `default_=0.8,cat=0.4` (the reference's dict form)."""
+    if "=" not in text:
+        return fraction(text)
+    out = {}
+    for part in text.split(","):
+        word, sep, value = part.partition("=")
+        if not sep or not word.strip():
+            raise argparse.ArgumentTypeError(f"expected WORD=FRACTION pairs separated by commas, got {text!r}")
+        out[word.strip()] = fraction(value)
+    out.setdefault("default_", 1.0)
+    return out
+
+
+def self_steps(text: str):
+    """`0.4` (window 0..0.4) or `START,END`."""
+    if "," not in text:
+        return fraction(text)
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected FRACTION or START,END, got {text!r}")
+    start, end = (fraction(p) for p in parts)
+    if start > end:
+        raise argparse.ArgumentTypeError(f"self-steps start {start} is after end {end}")
+    return (start, end)
+
+
+def reweight(text: str) -> tuple[str, float]:
+    word, sep, value = text.partition("=")
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = None
+    if not sep or not word or scale is None:
+        raise argparse.ArgumentTypeError(f"expected WORD=SCALE (e.g. fluffy=2.0), got {text!r}")
+    return word, scale
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_sampling_args(p: argparse.ArgumentParser, samplers: bool = True) -> None:
+    if samplers:
+        p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
+                       help="ddim (default); pndm: PLMS as the stable notebook (steps + 1 UNet calls); "
+                            "dpmsolver++: second order, for 20-25 steps")
+    p.add_argument("--steps-offset", type=int, default=None, metavar="K",
+                   help="offset of 'leading' timesteps (default: the checkpoint's, 1 for SD: 981 .. 1 at 50 "
+                        "steps; 0 reproduces 980 .. 0)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))

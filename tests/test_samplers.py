@@ -1,0 +1,171 @@
+"""Schedules and samplers against diffusers' schedulers and StableDiffusionPipeline on the same config.
+
+Three levels: the timesteps (exact), each sampler's trajectory on a synthetic model (float precision), and
+whole generations of the tiny checkpoint against diffusers' pipeline with the same scheduler config and start
+latents, with the tolerance of the model tests: ours within twice the distance of diffusers' own float32 run
+from its float64 run.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import p2p_engine as p2p
+from p2p_engine.samplers import make_sampler
+from p2p_engine.scheduler import DDIM, SchedulerConfig
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+          set_alpha_to_one=False)
+
+
+def _diffusers(kind: str, **cfg):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    if kind == "ddim":
+        return DDIMScheduler(**cfg)
+    if kind == "pndm":
+        return PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in cfg.items() if k != "clip_sample"})
+    return DPMSolverMultistepScheduler(**{k: v for k, v in cfg.items() if k not in ("clip_sample", "set_alpha_to_one")})
+
+
+SPACINGS = [dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="leading", steps_offset=0),
+            dict(timestep_spacing="trailing"), dict(timestep_spacing="linspace")]
+
+
+@pytest.mark.parametrize("kind", ["ddim", "pndm", "dpmsolver++"])
+@pytest.mark.parametrize("spacing", SPACINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_timesteps_match_diffusers(kind, spacing, steps):
+    ref = _diffusers(kind, **SD, **spacing)
+    ref.set_timesteps(steps)
+    ours = make_sampler(kind, DDIM(SchedulerConfig(**spacing)), steps, "cpu")
+    assert ours.timesteps == ref.timesteps.tolist()
+
+
+def test_sd_default_is_981_to_1_and_offset_zero_is_980_to_0():
+    sched = DDIM(SchedulerConfig())
+    assert sched.timesteps(50)[:2] == [981, 961] and sched.timesteps(50)[-1] == 1
+    assert sched.timesteps(50, steps_offset=0)[:2] == [980, 960] and sched.timesteps(50, steps_offset=0)[-1] == 0
+    pndm = make_sampler("pndm", sched, 50, "cpu")
+    assert len(pndm.timesteps) == 51 and pndm.timesteps[:4] == [981, 961, 961, 941]
+
+
+def _fake_model(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A smooth stand-in for a UNet: depends on the sample and the timestep."""
+    return 0.3 * x + 0.2 * torch.sin(x * (1 + t / 500.0)) + 0.05 * math.cos(t / 100.0)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "pndm", "dpmsolver++"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg", [dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),
+                                 dict(timestep_spacing="trailing", set_alpha_to_one=True),
+                                 dict(timestep_spacing="linspace", beta_schedule="linear", beta_start=1e-4,
+                                      beta_end=0.02)], ids=["sd", "trailing-one", "linear"])
+def test_trajectory_matches_diffusers(kind, prediction_type, cfg):
+    steps = 12
+    full = {**SD, **cfg, "prediction_type": prediction_type}
+    ref = _diffusers(kind, **full)
+    ref.set_timesteps(steps)
+    ours = make_sampler(kind, DDIM(SchedulerConfig(**{k: v for k, v in full.items() if k != "clip_sample"})),
+                        steps, "cpu")
+    x0 = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    a, b = x0.clone(), x0.clone()
+    for i, t in enumerate(ours.timesteps):
+        a = ref.step(_fake_model(a, t), t, a).prev_sample
+        b = ours.step(i, _fake_model(b, t), b)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(b, x0)
+
+
+def test_config_reading():
+    d = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "trained_betas": None,
+         "clip_sample": False}  # SD 1.5's file: no steps_offset, no timestep_spacing
+    cfg = SchedulerConfig.from_diffusers(d)
+    assert cfg.steps_offset == 1 and cfg.timestep_spacing is None  # SD pipelines force 1; spacing: class default
+    assert DDIM(cfg).timesteps(50)[0] == 981
+    from diffusers import DPMSolverMultistepScheduler
+    ref = DPMSolverMultistepScheduler.from_config({**d, "steps_offset": 1})
+    ref.set_timesteps(20)
+    assert make_sampler("dpmsolver++", DDIM(cfg), 20, "cpu").timesteps == ref.timesteps.tolist()  # linspace
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        SchedulerConfig.from_diffusers({**d, "rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match="beta_schedule"):
+        SchedulerConfig.from_diffusers({**d, "beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(ValueError, match="leading"):
+        DDIM(SchedulerConfig(timestep_spacing="trailing")).timesteps(10, steps_offset=0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        make_sampler("euler", DDIM(cfg), 10, "cpu")
+
+
+# -- whole generations against diffusers' StableDiffusionPipeline
+
+@pytest.fixture(scope="module")
+def sd(tiny_ckpt):
+    from diffusers import StableDiffusionPipeline
+    pipes = {}
+    for dt in (torch.float32, torch.float64):
+        p = StableDiffusionPipeline.from_pretrained(tiny_ckpt, torch_dtype=dt, safety_checker=None,
+                                                    requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        pipes[dt] = (p, p.scheduler.config)  # the checkpoint's scheduler config, before a case replaces it
+    return pipes
+
+
+CASES = {"ddim offset 1": ("ddim", None), "ddim offset 0": ("ddim", 0), "pndm": ("pndm", None),
+         "dpmsolver++": ("dpmsolver++", None)}
+
+
+def _diffusers_scheduler(sampler: str, config, steps_offset):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    extra = {} if steps_offset is None else {"steps_offset": steps_offset}
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config, **extra)
+    if sampler == "pndm":
+        return PNDMScheduler.from_config(config, skip_prk_steps=True, **extra)
+    return DPMSolverMultistepScheduler.from_config(config, **extra)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generation_equals_stable_diffusion_pipeline(tiny_pipe, sd, case):
+    sampler, offset = CASES[case]
+    steps, prompt = 6, "a cat riding a bicycle"
+    s = tiny_pipe.config.latent_size
+    start = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    outs = {}
+    for dt, (ref, config) in sd.items():
+        # set after construction: the pipeline's constructor would force steps_offset back to 1
+        ref.scheduler = _diffusers_scheduler(sampler, config, offset)
+        outs[dt] = ref(prompt, num_inference_steps=steps, guidance_scale=7.5, latents=start.to(dt),
+                       output_type="latent").images.double()
+    got = tiny_pipe.generate([prompt], steps=steps, sampler=sampler, steps_offset=offset, latents=start.float(),
+                        store=False, progress=False, decode_images=False).latents.double()
+    gold = outs[torch.float64]
+    scale = gold.abs().max()
+    drift = ((outs[torch.float32] - gold).abs().max() / scale).item()
+    err = ((got - gold).abs().max() / scale).item()
+    assert err <= 2 * drift + torch.finfo(torch.float32).eps, (err, drift)
+    other = tiny_pipe.generate([prompt], steps=steps, sampler="ddim" if sampler != "ddim" else "pndm",
+                          latents=start.float(), store=False, progress=False, decode_images=False).latents.double()
+    assert ((other - gold).abs().max() / scale).item() > 100 * (2 * drift + 1e-6)  # the sampler matters here
+
+
+def test_dpmsolver_windows_are_fractions_of_its_steps(tiny_pipe):
+    """20 DPM-Solver++ steps are 20 UNet calls; an edit's windows count them, and its maps average them."""
+    prompts = ["a cat riding a bicycle", "a dog riding a bicycle"]
+    out = tiny_pipe.edit(prompts, p2p.Replace(cross_steps=0.5, self_steps=0.5), steps=20, sampler="dpmsolver++",
+                         progress=False, decode_images=False)
+    m = out.attention.cross(out.attention.resolutions[0])
+    torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:3]))
+    assert out.attention.steps == 20
+    pndm = tiny_pipe.edit(prompts, p2p.Replace(), steps=5, sampler="pndm", progress=False, decode_images=False)
+    assert pndm.attention.steps == 6  # PLMS: steps + 1 UNet calls
+
+
+def test_inversion_needs_ddim(tiny_pipe):
+    img = (np.random.default_rng(0).uniform(0, 1, (40, 40, 3)) * 255).astype(np.uint8)
+    inv = tiny_pipe.invert(img, "a cat", steps=3, method="ddim", progress=False)
+    with pytest.raises(ValueError, match="defined on DDIM"):
+        tiny_pipe.edit(["a cat", "a dog"], p2p.Replace(), inversion=inv, sampler="pndm", progress=False)
+    with pytest.raises(ValueError, match="fixes the timesteps"):
+        tiny_pipe.edit(["a cat", "a dog"], p2p.Replace(), inversion=inv, steps_offset=0, progress=False)
