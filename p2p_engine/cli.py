@@ -1,12 +1,15 @@
 """The `p2p-engine` command line (also `python -m p2p_engine`).
 
-Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, and `run` (dataset jobs, `jobs.py`).
+Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`), and
+`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py`).
 The top of the package: it imports the engine's modules, and none of them imports it.
 Exit status: 0 on success, 1 when an input or job failed (one clear line on
 stderr, no traceback), 2 for a usage error (argparse's own convention).
 
 The engine is imported inside each command, not at module level, so that
 `--help` answers at once and a broken optional part cannot break the others.
+A little longer than 400 lines: one function and one parser section per
+subcommand, eight of them; their option types live in `cliargs.py`.
 """
 from __future__ import annotations
 
@@ -15,15 +18,16 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import DTYPES, add_model_args, add_sampling_args, cross_steps, positive_int, reweight, self_steps
+from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, cross_steps,
+                      fraction, names, positive_int, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-v", "sd15", "sd21")
 
 
 def _save_png(image, path: Path) -> None:
-    from .images import save_png_atomic  # torch and PIL load only when a command runs, not for --help
-    save_png_atomic(image, path)
+    from .images import save_image_atomic  # torch and PIL load only when a command runs, not for --help
+    save_image_atomic(image, path)
 
 
 class UserError(Exception):
@@ -101,7 +105,8 @@ def cmd_edit(args) -> int:
 
     controller = _controller(args)
     pipe = _load(args)
-    kwargs = dict(controller=controller, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    kwargs = dict(controller=controller, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                  proximal=args.proximal, quantile=args.quantile)
     if inversion is None:
         kwargs.update(sampler=args.sampler, steps_offset=args.steps_offset)
     elif args.sampler != "ddim" or args.steps_offset is not None:
@@ -209,11 +214,49 @@ def cmd_run(args) -> int:
                         f"checkpoint, or 'toy')")
     s = run_jobs(args.jobs, args.model, args.out, steps=args.steps, inner_steps=args.inner_steps,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
-                 backend=args.backend, max_batches=args.max_batches)
+                 backend=args.backend, method=args.method, steps_offset=args.steps_offset,
+                 max_batches=args.max_batches)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} jobs "
               f"in {s.seconds:.1f} s; index: {s.index}")
     return s.exit_status
+
+
+def cmd_pie(args) -> int:
+    import torch
+
+    from .pie import run_pie
+
+    if args.model != "toy" and not Path(args.model).exists():
+        raise UserError(f"model path {args.model!r} does not exist")
+    summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, types=args.types, steps=args.steps,
+                        inner_steps=args.inner_steps, steps_offset=args.steps_offset, batch_size=args.batch_size,
+                        device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name, s in summaries.items():
+            print(f"{name}: {s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} in {s.seconds:.1f} s")
+    return max(s.exit_status for s in summaries.values())
+
+
+def cmd_pie_metrics(args) -> int:
+    from . import pie
+
+    extra = {}
+    if (Path(args.pie_dir) / "toy_pie.json").is_file():  # written by `python -m p2p_engine.toy.pie`
+        from .toy.pie import edit_success
+        extra["edit_success"] = edit_success
+    clip = pie.ClipSimilarity(args.clip_model, args.device) if args.clip_model else None
+    rows = pie.evaluate(args.pie_dir, args.out, args.methods, types=args.types, clip=clip, extra=extra)
+    summary = pie.summarize(rows)
+    pie.write_csv(Path(args.out) / "pie_metrics.csv", summary)
+    pie.write_csv(Path(args.out) / "pie_metrics_per_image.csv", rows)
+    print(pie.table(summary))
+    absent = dict(pie.ABSENT)
+    if clip is None:
+        absent["clip"] = "CLIP similarity needs a local openai/clip-vit-large-patch14 folder (--clip-model)"
+    print("\nabsent: " + "; ".join(absent.values()))
+    print(f"wrote {Path(args.out) / 'pie_metrics.csv'} and pie_metrics_per_image.csv")
+    return EXIT_OK
 
 
 # -- parser
@@ -256,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default 7.5; with --inversion, the inversion's)")
     add_sampling_args(p)
+    p.add_argument("--proximal", choices=("l0",), default=None,
+                   help="proximal guidance (ProxEdit), for negative_prompt inversions: e_c - e_u soft-thresholded "
+                        "at --quantile of its magnitudes")
+    p.add_argument("--quantile", type=fraction, default=0.75, help="proximal guidance's quantile (default 0.75)")
     p.add_argument("--inversion", metavar="FILE", help="edit a real image inverted by `p2p-engine invert`")
     p.add_argument("--out", default="out.png", help="output PNG")
     p.set_defaults(func=cmd_edit)
@@ -267,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="a prompt describing the image")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text optimisation steps per step")
-    p.add_argument("--method", default="null_text", choices=("null_text", "negative_prompt", "ddim"))
+    p.add_argument("--method", default="null_text", choices=METHODS,
+                   help="null_text (default); direct: Direct Inversion, no optimisation; negative_prompt; ddim")
     p.add_argument("--guidance", type=float, default=7.5)
     add_sampling_args(p, samplers=False)
     p.add_argument("--out", required=True, metavar="FILE.safetensors")
@@ -300,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
         description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
                     "\"controller\": {\"mode\": replace|refine|reweight, \"cross_steps\", \"self_steps\", "
-                    "\"equalizer\"}, \"seed\"}. Outputs go to DIR/<job id>/ with one line per job in "
+                    "\"equalizer\"}, \"blend\": {\"words\": [source word, target word]}, \"out\": path, \"seed\"}. "
+                    "Outputs go to DIR/<job id>/ (or DIR/<out>) with one line per job in "
                     "DIR/index.jsonl. Run again to finish an interrupted run. To split the jobs over N processes "
                     "(one per GPU) start it with `torchrun --nproc-per-node N -m p2p_engine run ...` or "
                     "`torchrun --no-python --nproc-per-node N p2p-engine run ...`. "
@@ -312,12 +361,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=positive_int, default=10,
                    help="null-text optimisation iterations per step (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images inverted together (default 1)")
+    p.add_argument("--method", default="null_text", choices=METHODS, help="inversion method (default null_text)")
+    add_sampling_args(p, samplers=False)
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
                                                   "under torchrun)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     p.add_argument("--max-batches", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pie", help="run the PIE-Bench protocol (inversion + P2P edit per entry and method)",
+                       description="Runs every entry of PIE_DIR/mapping_file.json with each method into "
+                                   "OUT/<method>/annotation_images/<image_path>; resumable and sharded like `run`.")
+    p.add_argument("pie_dir", metavar="PIE_DIR")
+    add_model_args(p)
+    p.add_argument("--methods", type=names(PIE_METHODS), default=["ddim", "null_text", "negative_prompt", "direct"],
+                   help=f"comma-separated, from {','.join(PIE_METHODS)} (proximal: negative-prompt inversion with "
+                        "proximal guidance)")
+    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--types", type=names(PIE_TYPES), default=None, help="edit type ids, e.g. 0,6,8 (default all)")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--inner-steps", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    add_sampling_args(p, samplers=False)
+    p.set_defaults(func=cmd_pie)
+
+    p = sub.add_parser("pie-metrics", help="PIE-Bench metrics of a `pie` run: a table and CSV files",
+                       description="Per method and edit type: PSNR, MSE and SSIM on the unedited part, seconds and "
+                                   "UNet evaluations per image; CLIP similarity with --clip-model; edit success on a "
+                                   "toy PIE. Writes OUT/pie_metrics.csv and OUT/pie_metrics_per_image.csv.")
+    p.add_argument("pie_dir", metavar="PIE_DIR")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--methods", type=names(PIE_METHODS), default=None, help="default: every method run into OUT")
+    p.add_argument("--types", type=names(PIE_TYPES), default=None)
+    p.add_argument("--clip-model", metavar="DIR", help="a local transformers CLIP folder for CLIP similarity")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_pie_metrics)
     return parser
 
 

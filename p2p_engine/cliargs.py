@@ -8,6 +8,9 @@ import argparse
 
 DTYPES = ("float32", "float16", "bfloat16")
 SAMPLERS = ("ddim", "pndm", "dpmsolver++")
+METHODS = ("null_text", "direct", "negative_prompt", "ddim")  # inversion methods, as inversion.METHODS
+PIE_METHODS = ("ddim", "null_text", "negative_prompt", "direct", "proximal")  # as pie.METHODS
+PIE_TYPES = tuple(str(i) for i in range(10))
 
 
 def fraction(text: str) -> float:
@@ -56,6 +59,17 @@ def reweight(text: str) -> tuple[str, float]:
     if not sep or not word or scale is None:
         raise argparse.ArgumentTypeError(f"expected WORD=SCALE (e.g. fluffy=2.0), got {text!r}")
     return word, scale
+
+
+def names(choices):
+    """A comma-separated list of some of `choices` (e.g. --methods ddim,direct)."""
+    def parse(text: str) -> list[str]:
+        got = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in got if t not in choices]
+        if not got or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}; got {text!r}")
+        return list(dict.fromkeys(got))
+    return parse
 
 
 def positive_int(text: str) -> int:

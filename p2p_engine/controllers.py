@@ -74,14 +74,15 @@ class LocalBlend:
 
 
 MODES = ("replace", "refine", "reweight")
-SPEC_KEYS = ("mode", "cross_steps", "self_steps", "equalizer")
+SPEC_KEYS = ("mode", "cross_steps", "self_steps", "equalizer", "self_max_queries")
+BLEND_KEYS = ("words", "subtract", "start", "threshold", "subtract_threshold", "level")
 
 
 def from_spec(spec: dict | None):
     """{"mode": "replace" | "refine" | "reweight", "cross_steps": ..., "self_steps": ..., "equalizer":
-    {word: scale}} -> a controller (every key optional; mode defaults to replace). An equalizer given with
-    replace or refine stacks a Reweight on the word edit, as the reference's `controller=prev` does.
-    Raises ValueError naming the key to fix."""
+    {word: scale}, "self_max_queries": n} -> a controller (every key optional; mode defaults to replace).
+    An equalizer given with replace or refine stacks a Reweight on the word edit, as the reference's
+    `controller=prev` does. Raises ValueError naming the key to fix."""
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
@@ -100,3 +101,19 @@ def from_spec(spec: dict | None):
         return Reweight(equalizer=equalizer, **spec)
     base = (Replace if mode == "replace" else Refine)(**spec)
     return Reweight(equalizer=equalizer, prev=base, **spec) if equalizer else base
+
+
+def blend_from_spec(spec: dict | None) -> LocalBlend | None:
+    """{"words": [...], "subtract": ..., "start": ..., "threshold": ..., ...} -> LocalBlend (None -> None).
+    Raises ValueError naming the key to fix."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or "words" not in spec:
+        raise ValueError(f"a blend is an object with 'words' (one entry per prompt), got {spec!r}")
+    unknown = sorted(set(spec) - set(BLEND_KEYS))
+    if unknown:
+        raise ValueError(f"unknown blend keys {unknown}; a blend has {list(BLEND_KEYS)}")
+    words = spec["words"]
+    if not isinstance(words, list) or not all(isinstance(w, (str, list)) for w in words):
+        raise ValueError(f"blend 'words' must list one word (or list of words) per prompt, got {words!r}")
+    return LocalBlend(**spec)

@@ -7,8 +7,13 @@ latents. The sampler (`samplers.py`: DDIM by default, PNDM as the stable
 notebook, DPM-Solver++) gives the calls' timesteps and steps. With an
 `Inversion`, the loop is DDIM on the inversion's timesteps, the start latent is
 its latent_T and step i uses null_embeddings[i] as every prompt's
-unconditional context; the reconstruction of an inverted image is this loop
-with its one prompt.
+unconditional context; a direct inversion's pivot replaces the source row after
+every scheduler step, before LocalBlend. The reconstruction of an inverted
+image is this loop with its one prompt.
+
+Proximal guidance (`proximal="l0"`, ProxEdit; the reference's name): the
+guided noise is e_u + g * d with d = e_c - e_u soft-thresholded at the
+`quantile` of |d| over the whole (P, 4, h, w) batch: d := d - clamp(d, -thr, thr).
 
 Precision: the UNet runs in the pipeline's dtype; the latents between steps,
 the guidance and the scheduler's arithmetic stay in the master dtype
@@ -27,6 +32,7 @@ from .words import check_prompts
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+PROXIMAL = (None, "l0")
 
 
 @dataclass
@@ -39,8 +45,8 @@ class EditOutput:
 @torch.no_grad()
 def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
          sampler: str = "ddim", steps_offset: int | None = None, height: int | None = None, width: int | None = None,
-         latents: torch.Tensor | None = None, local_blend=None, inversion=None, store: bool = True,
-         progress: bool = True, decode_images: bool = True) -> EditOutput:
+         latents: torch.Tensor | None = None, local_blend=None, inversion=None, proximal: str | None = None,
+         quantile: float = 0.75, store: bool = True, progress: bool = True, decode_images: bool = True) -> EditOutput:
     """Generate (controller=None) or edit P prompts, prompt 0 the source.
 
     Args:
@@ -49,14 +55,20 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
         sampler: "ddim", "pndm" (PLMS, steps + 1 UNet calls) or "dpmsolver++"; windows are fractions of steps.
         steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
         latents: optional start noise (1, 4, h, w) shared by every prompt.
-        inversion: an Inversion; its latent_T starts the loop and its null embeddings replace "".
+        inversion: an Inversion; its latent_T starts the loop and its null embeddings replace ""; a "direct"
+            one also pins the source row to its pivot after every step.
+        proximal: "l0" for proximal guidance at `quantile` (module docstring), None for plain guidance.
         store: keep the cross maps of every layer (summed over steps) in `out.attention`.
     """
     prompts = check_prompts(prompts, pipe.tokenizer)
     P = len(prompts)
     device, master = pipe.device, pipe.master_dtype
     channels = pipe.config.unet.in_channels
-    null = timesteps = None
+    if proximal not in PROXIMAL:
+        raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    null = timesteps = pivots = None
     if inversion is not None:
         inversion.check_compatible(pipe)
         n = inversion.null_embeddings.shape[0]
@@ -73,6 +85,8 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
         steps, latents, timesteps = n, inversion.latent_T, inversion.timesteps
         guidance = inversion.guidance if guidance is None else guidance
         null = inversion.null_embeddings.to(device, pipe.dtype)  # (steps, 77, D)
+        if inversion.pivots is not None:
+            pivots = inversion.pivots.to(device, master)  # (steps, 4, h, w): z*_{T-1} .. z*_0
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     if latents is None:
@@ -104,8 +118,13 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
         x = torch.cat([latents, latents]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), context, control=control).to(master)
         out_u, out_c = out.chunk(2)
-        noise = out_u + guidance * (out_c - out_u)
-        latents = smp.step(i, noise, latents)
+        delta = out_c - out_u
+        if proximal == "l0":
+            thr = torch.quantile(delta.abs().flatten(), quantile)
+            delta = delta - delta.clamp(-thr, thr)
+        latents = smp.step(i, out_u + guidance * delta, latents)
+        if pivots is not None:  # before LocalBlend, as the reference's offsets are added
+            latents[0] = pivots[i]
         if control is not None:
             latents = control.end_step(latents)
 

@@ -193,11 +193,13 @@ def stack_rows(rows):
     return canvas
 
 
-def save_png_atomic(img, path) -> None:
-    """Write a PIL image (or (1, 3, H, W) tensor) as PNG through the atomic writer (`files.atomic_write`)."""
+def save_image_atomic(img, path) -> None:
+    """Write a PIL image (or (1, 3, H, W) tensor) through the atomic writer (`files.atomic_write`), in the
+    format its name says (PNG, or JPEG at PIL's default quality for .jpg/.jpeg, as the PIE reference does)."""
     from .files import atomic_write
 
     if isinstance(img, torch.Tensor):
         img = to_pil(img)[0]
+    fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
     with atomic_write(path) as f:
-        img.save(f, format="PNG")
+        img.convert("RGB").save(f, format=fmt)

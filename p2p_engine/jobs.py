@@ -6,6 +6,8 @@ Each line of the job file is one job:
      "edits": ["a dog on a sofa"],                                  # optional
      "controller": {"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4,
                     "equalizer": {"sofa": 2.0}},                    # optional, for the edits
+     "blend": {"words": ["cat", "dog"], "start": 0.2},              # optional LocalBlend
+     "out": "dogs/001.png",                                         # optional, see below
      "seed": 0}                                                     # optional
 
 Relative image paths are read from the job file's folder. A job's id is the first
@@ -13,9 +15,11 @@ Relative image paths are read from the job file's folder. A job's id is the firs
 the same job keeps its folder however the file is reordered or re-spaced.
 
 Per finished job, written atomically (temporary file + rename):
-    DIR/<id>/inversion.safetensors       p2p.Inversion.save
+    DIR/<id>/inversion.safetensors       p2p.Inversion.save (unless save_inversions=False)
     DIR/<id>/edit_<k>.png                when "edits" are given: k=0 the source
-                                         reconstruction, k>=1 the edited prompts
+                                         reconstruction, k>=1 the edited prompts;
+    DIR/<out>                            instead, when "out" is given: the last
+                                         edited image only (format from the name)
 then one line appended to the index (DIR/index.jsonl, or DIR/index.rank<r>.jsonl
 per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end).
 
@@ -37,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .controllers import from_spec
-from .images import prepare, save_png_atomic
+from .controllers import blend_from_spec, from_spec
+from .images import prepare, save_image_atomic
 from .loading import load
 from .manifest import INDEX, Job, _append, _done_ids, merge_index, read_jobs
 from .pipeline import Pipeline, release_memory
@@ -125,11 +129,15 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int = 1,
              device=None, dtype=torch.float32, backend: str = "auto", method: str = "null_text",
-             guidance: float = 7.5, progress: bool = True, max_batches: int | None = None) -> Summary:
+             guidance: float = 7.5, steps_offset: int | None = None, edit_options: dict | None = None,
+             save_inversions: bool = True, progress: bool = True, max_batches: int | None = None) -> Summary:
     """Invert (and edit) every job of a JSONL file into out_dir; see the module docstring for the layout.
 
     Args:
         model: a checkpoint path for p2p.load, or a loaded Pipeline to reuse (no reload, no global state).
+        method: the inversion method of every job (`Pipeline.invert`); steps_offset as there.
+        edit_options: more keywords for every job's `Pipeline.edit` (e.g. {"proximal": "l0"}).
+        save_inversions: keep each job's inversion file (PIE runs only keep the edited images).
         max_batches: stop after this many inversion batches (the rest is left for a later run).
     Returns a Summary; under torchrun its counts are summed over all ranks.
     """
@@ -143,6 +151,10 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         out_dir.mkdir(parents=True, exist_ok=True)
         index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
         settings = {"steps": steps, "inner_steps": inner_steps, "method": method}
+        if steps_offset is not None:
+            settings["steps_offset"] = steps_offset
+        if edit_options:
+            settings["edit"] = dict(edit_options)
         done = _done_ids(out_dir, settings)
         mine = jobs[rank::world]
         todo = [j for j in mine if j.id not in done]
@@ -154,6 +166,8 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         def record(job: Job, entry: dict) -> None:
             base = {"id": job.id, "line": job.line, "image": job.spec.get("image"), "prompt": job.spec.get("prompt"),
                     "edits": job.spec.get("edits", []), "rank": rank, **settings}
+            if job.spec.get("out"):
+                base["out"] = job.spec["out"]
             _append(index, {**base, **entry})
             bar.update()
             minutes = bar.format_dict["elapsed"] / 60
@@ -178,14 +192,15 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
                 try:
                     invs = pipe.invert_batch([x for _, x in batch], [j.spec["prompt"] for j, _ in batch],
                                              steps=steps, inner_steps=inner_steps, method=method,
-                                             guidance=guidance, progress=False)
+                                             guidance=guidance, steps_offset=steps_offset, progress=False)
                 except Exception as e:  # e.g. out of memory: the batch's jobs fail, the next batch may not
                     for job, _ in batch:
                         record_error(job, e)
                 else:
                     per_image = (time.perf_counter() - t0) / len(batch)
                     for (job, _), inv in zip(batch, invs):
-                        _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary)
+                        _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary,
+                                save_inversions, edit_options or {})
                 if max_batches is not None and n_batch >= max_batches:
                     break
             if own_pipe:  # a caller's pipeline keeps its cache for the next call; ours is dropped
@@ -213,22 +228,30 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
     return summary
 
 
-def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary) -> None:
+def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary,
+            save_inversion: bool, edit_options: dict) -> None:
     """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
     t0 = time.perf_counter()
-    folder = out_dir / job.id
     try:
-        inv.save(folder / "inversion.safetensors")
-        outputs = {"inversion": f"{job.id}/inversion.safetensors", "edits": []}
+        outputs = {"inversion": None, "edits": []}
+        if save_inversion:
+            outputs["inversion"] = f"{job.id}/inversion.safetensors"
+            inv.save(out_dir / outputs["inversion"])
         edits = job.spec.get("edits", [])
+        prompts = [job.spec["prompt"], *(edits or [job.spec["prompt"]])]  # a reweight may edit the prompt itself
+        cost = inv.unet_evaluations(len(prompts))
         if edits or job.spec.get("controller"):
-            prompts = [job.spec["prompt"], *(edits or [job.spec["prompt"]])]  # a reweight may edit the prompt itself
-            out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")), inversion=inv,
-                            seed=job.spec.get("seed", 0), progress=False)
-            for k, im in enumerate(out.images):
-                name = f"{job.id}/edit_{k}.png"
-                save_png_atomic(im, out_dir / name)
+            out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")),
+                            local_blend=blend_from_spec(job.spec.get("blend")), inversion=inv,
+                            seed=job.spec.get("seed", 0), progress=False, **edit_options)
+            named = [(f"{job.id}/edit_{k}.png", im) for k, im in enumerate(out.images)]
+            if job.spec.get("out"):
+                named = [(job.spec["out"], out.images[-1])]
+            for name, im in named:
+                save_image_atomic(im, out_dir / name)
                 outputs["edits"].append(name)
+        else:
+            cost["edit"] = 0
     except Exception as e:
         record_error(job, e)
         return
@@ -236,4 +259,4 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
     summary.ok += 1
     record(job, {"status": "ok", "outputs": outputs, "final_losses": losses,
                  "final_loss": next((v for v in reversed(losses) if v is not None), None),
-                 "seconds": round(seconds + time.perf_counter() - t0, 4)})
+                 "seconds": round(seconds + time.perf_counter() - t0, 4), "unet_evaluations": cost})

@@ -11,12 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .controllers import from_spec
+from .controllers import blend_from_spec, from_spec
 from .files import atomic_write
 
 ID_LEN = 16
 INDEX = "index.jsonl"
-JOB_KEYS = {"image", "prompt", "edits", "controller", "seed"}
+JOB_KEYS = {"image", "prompt", "edits", "controller", "seed", "blend", "out"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -52,6 +53,17 @@ def _check_spec(spec) -> str | None:
     seed = spec.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         return f"'seed' must be an integer, got {seed!r}"
+    out = spec.get("out")
+    if out is not None:
+        rel = Path(out) if isinstance(out, str) else None
+        if rel is None or rel.is_absolute() or ".." in rel.parts or rel.suffix.lower() not in IMAGE_SUFFIXES:
+            return f"'out' must be a relative path inside the output folder ending in {IMAGE_SUFFIXES}, got {out!r}"
+        if not edits:
+            return "'out' names where the edited image goes: it needs at least one prompt in 'edits'"
+    try:
+        blend_from_spec(spec.get("blend"))
+    except (ValueError, TypeError) as e:
+        return f"blend: {e}"
     ctrl = spec.get("controller")
     if ctrl is None:
         return None
@@ -126,8 +138,8 @@ def _complete(entry: dict, out_dir: Path, settings: dict) -> bool:
     if entry.get("status") != "ok" or any(entry.get(k) != v for k, v in settings.items()):
         return False
     outputs = entry.get("outputs", {})
-    files = [outputs.get("inversion"), *outputs.get("edits", [])]
-    return all(f and (out_dir / f).is_file() for f in files)
+    files = [f for f in (outputs.get("inversion"), *outputs.get("edits", [])) if f is not None]
+    return bool(files) and all((out_dir / f).is_file() for f in files)
 
 
 def _done_ids(out_dir: Path, settings: dict) -> set[str]:

@@ -52,6 +52,11 @@ class Pipeline:
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    def predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for latents `x` (B, 4, h, w) and `context` (B, 77, D) in the master dtype: the model
+        runs in its own dtype, and inversion's optimised embeddings stay float32 master copies."""
+        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).to(self.master_dtype)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) latents in the master dtype: the VAE mean times the

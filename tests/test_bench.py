@@ -129,3 +129,11 @@ def test_cli_bench_unknown_name(capsys):
     from p2p_engine.cli import main
     assert main(["bench", "--only", "nope"]) == 1
     assert "unknown benchmark nope" in capsys.readouterr().err
+
+
+def test_bench_methods_smoke(benchmark):
+    from benchmarks import bench_methods
+    rows = benchmark.pedantic(bench_methods.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
+    assert [r.case.split(":")[0] for r in rows] == ["direct", "ddim", "negative_prompt", "null_text"]
+    assert all(r.ours.median > 0 and r.floor_ms > 0 for r in rows)
+    assert "bit for bit" in rows[0].check

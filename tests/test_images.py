@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from p2p_engine.images import load_image, prepare, save_png_atomic, strip, to_pil
+from p2p_engine.images import load_image, prepare, save_image_atomic, strip, to_pil
 
 
 def reference_load(image, size, left=0, right=0, top=0, bottom=0):
@@ -73,6 +73,6 @@ def test_to_pil_strip_and_atomic_save(tmp_path):
     big = strip([x, x], labels=["a", "b"], min_height=40)  # enlarged 3x, each pixel kept as a 3 x 3 block
     assert big.height == 48 + 16 and big.width == 48 * 2 + 4
     assert np.array_equal(np.asarray(big)[:48:3, :48:3], back)
-    save_png_atomic(s, tmp_path / "d" / "strip.png")
+    save_image_atomic(s, tmp_path / "d" / "strip.png")
     assert Image.open(tmp_path / "d" / "strip.png").size == s.size
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["strip.png"]

@@ -313,7 +313,7 @@ class _no_warning:
 
 
 def test_bfloat16_null_text_warns(tmp_path):
-    """bf16 is measured not to reach fp32's losses (see inversion._warn_bf16): asking for it says so;
+    """bf16 is measured not to reach fp32's losses (see nulltext.warn_bf16): asking for it says so;
     fp16 and the non-optimising methods do not warn."""
     import warnings
 

@@ -6,7 +6,7 @@ Inverts held-out scenes of the toy dataset with the reference's settings (the op
 and the losses always float32) with the UNet in float32, in bfloat16 or float16 weights, and under
 bfloat16 or float16 autocast; prints per variant the final loss of each step (mean, median, max), the
 share of steps that stopped early, the inner iterations used and the reconstruction PSNR in the
-variant's own precision. The README and `inversion._warn_bf16` quote its numbers.
+variant's own precision. p2p_engine/toy/README.md and `nulltext.warn_bf16` quote its numbers.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def final_losses(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure(model: str, dtype: torch.dtype, autocast, images, prompts, steps: int) -> dict:
     from ..images import to_pil
-    from ..inversion import EPSILON, EPSILON_SLOPE, invert_batch, reconstruct
+    from ..inversion import invert_batch, reconstruct
+    from ..nulltext import EPSILON, EPSILON_SLOPE
     from ..loading import load
 
     pipe = load(model, dtype=dtype, backend="torch")

@@ -1,0 +1,189 @@
+"""Null-text optimisation (reference: null_text_w_ptp.ipynb), batched and capturable.
+
+Per sampling step i, a few Adam iterations on the unconditional ("null") embedding so that one guided DDIM
+step from the current latent lands on the pivot z*_{t-1}. Reference order inside step i: loss computed,
+Adam step taken, *then* `loss.item() < 1e-5 + i * 2e-5` breaks; so the iteration that meets the threshold
+still updates the embedding.
+
+Here the early stop lives on the device: a per-image `done` flag masks the Adam update (parameter and
+state), so the inner loop needs no host sync and one iteration can be captured in a CUDA graph and
+replayed. Adam is written out with torch.optim.Adam's arithmetic (single-tensor path) and per-image state,
+so N images in one batch equal N single runs. `inversion.invert_batch` calls `null_optimize` after the
+DDIM inversion.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .scheduler import ddim_step
+
+
+def _coeffs(sched, t: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, alpha_prev) as 0-d device tensors, so a captured step reads them from buffers."""
+    prev_t = t - sched.num_train_steps // steps
+    return sched.alpha(t).to(device).clone(), sched.alpha(prev_t).to(device).clone()
+
+
+class _Adam:
+    """Batched Adam with per-image step counts and a per-image mask, matching torch.optim.Adam
+    (single-tensor path, default betas, eps 1e-8) for each image. State is reset per sampling step,
+    like the reference's fresh optimizer. All tensors live on the device; nothing reads back."""
+
+    def __init__(self, param: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        n = param.shape[0]
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.count = torch.zeros(n, dtype=torch.float64, device=param.device)  # (N,) steps taken
+
+    def reset(self):
+        self.m.zero_(); self.v.zero_(); self.count.zero_()
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, active: torch.Tensor):
+        """In place. param/grad (N, 77, D); lr 0-d fp64; active (N,) bool."""
+        a = active.view(-1, 1, 1)
+        self.count.add_(active.to(self.count.dtype))
+        # Bias corrections in float64 then cast, as torch.optim.Adam computes them with Python floats.
+        c = self.count.clamp(min=1)
+        bc1 = 1 - self.b1 ** c
+        bc2_sqrt = (1 - self.b2 ** c).sqrt()
+        step_size = (lr / bc1).to(param.dtype).view(-1, 1, 1)
+        bc2_sqrt = bc2_sqrt.to(param.dtype).view(-1, 1, 1)
+        m = torch.lerp(self.m, grad, 1 - self.b1)
+        v = self.v * self.b2 + (1 - self.b2) * grad * grad
+        denom = v.sqrt() / bc2_sqrt + self.eps
+        p = param - step_size * (m / denom)
+        self.m.copy_(torch.where(a, m, self.m))
+        self.v.copy_(torch.where(a, v, self.v))
+        param.copy_(torch.where(a, p, param))
+
+
+class _Iteration:
+    """One inner iteration on static buffers: uncond forward, guided DDIM step, per-image MSE, backward,
+    masked Adam step, done-flag update. Called eagerly, or captured once and replayed."""
+
+    def __init__(self, pipe, param: torch.Tensor, latent: torch.Tensor, guidance: float):
+        dev, dt = param.device, param.dtype
+        self.pipe = pipe
+        self.v_pred = pipe.config.prediction_type == "v_prediction"
+        self.param = param  # (N, 77, D) fp32 null embeddings being optimised
+        self.latent = latent.clone()  # (N, 4, h, w) z_t
+        self.out_c = torch.zeros_like(latent)  # conditional model output at z_t
+        self.target = torch.zeros_like(latent)  # pivot z*_{t-1}
+        self.t = torch.zeros((), dtype=torch.int64, device=dev)
+        self.a = torch.zeros((), dtype=dt, device=dev)
+        self.a_prev = torch.zeros((), dtype=dt, device=dev)
+        self.lr = torch.zeros((), dtype=torch.float64, device=dev)
+        self.thresh = torch.zeros((), dtype=dt, device=dev)
+        self.guidance = guidance
+        self.done = torch.zeros(param.shape[0], dtype=torch.bool, device=dev)
+        self.loss = torch.zeros(param.shape[0], dtype=dt, device=dev)  # (N,) this iteration's loss, NaN if done before
+        self.adam = _Adam(param)
+
+    def __call__(self):
+        p = self.param.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out_u = self.pipe.predict(self.latent, self.t, p)
+            noise = out_u + self.guidance * (self.out_c - out_u)
+            prev = ddim_step(noise, self.latent, self.a, self.a_prev, self.v_pred)
+            loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
+            (grad,) = torch.autograd.grad(loss.sum(), p)
+        loss = loss.detach()
+        active = ~self.done
+        with torch.no_grad():
+            self.adam.step(self.param, grad, self.lr, active)
+            self.loss.copy_(torch.where(active, loss, torch.full_like(loss, float("nan"))))
+            # Reference: the check follows the step, so the meeting iteration still updates.
+            self.done.copy_(self.done | (active & (loss < self.thresh)))
+
+
+def _graph_iteration(it: _Iteration):
+    """Capture `it()` in a CUDA graph (warm-up on a side stream first). Returns a replay callable."""
+    state = (it.param.clone(), it.adam.m.clone(), it.adam.v.clone(), it.adam.count.clone(), it.done.clone())
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                it()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            it()
+    finally:
+        # Warm-up and capture ran on live buffers: restore them (also for the eager fallback).
+        for dst, src in zip((it.param, it.adam.m, it.adam.v, it.adam.count, it.done), state):
+            dst.copy_(src)
+    return g.replay
+
+
+def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress):
+    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond (N, 77, D) fp32; ts the sampling timesteps.
+    Returns null embeddings (steps, N, 77, D) and losses (steps, inner_steps, N)."""
+    sched = pipe.scheduler
+    dev = pipe.device
+    n, steps = cond.shape[0], len(ts)
+    param = uncond.detach().to(pipe.master_dtype).clone()
+    latent = traj[-1]
+    it = _Iteration(pipe, param, latent, guidance)
+    run = None
+    nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), dtype=param.dtype, device=dev)
+    losses = torch.full((steps, inner_steps, n), float("nan"), dtype=param.dtype, device=dev)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="null-text inversion")
+    for i, t in enumerate(ts):
+        a, a_prev = _coeffs(sched, t, steps, dev)
+        with torch.no_grad():
+            it.latent.copy_(latent)
+            it.out_c.copy_(pipe.predict(latent, torch.tensor(t, device=dev), cond))
+            it.target.copy_(traj[len(traj) - i - 2])
+            it.t.fill_(t)
+            it.a.copy_(a)
+            it.a_prev.copy_(a_prev)
+            it.lr.fill_(1e-2 * (1.0 - i / 100.0))
+            it.thresh.fill_(eps0 + i * eps_slope)
+            it.done.zero_()
+            it.adam.reset()
+        if run is None:  # capture once the buffers hold real values (step 0), so warm-up sees no NaN
+            run = it
+            if use_graph:
+                try:
+                    run = _graph_iteration(it)
+                except Exception as e:  # a model part that is not capturable: go on eagerly, but say so
+                    warnings.warn(f"CUDA-graph capture of the null-text iteration failed ({e}); "
+                                  "using the eager loop")
+                    run = it
+        for j in range(inner_steps):
+            run()
+            losses[i, j].copy_(it.loss)
+        with torch.no_grad():
+            nulls[i].copy_(it.param)
+            # Advance with the optimised embedding: guided step from z_t.
+            out_u = pipe.predict(latent, torch.tensor(t, device=dev), it.param)
+            noise = out_u + guidance * (it.out_c - out_u)
+            latent = ddim_step(noise, latent, a, a_prev, it.v_pred)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return nulls, losses
+
+
+# The reference's early stop: step i stops once its loss < EPSILON + i * EPSILON_SLOPE.
+EPSILON, EPSILON_SLOPE = 1e-5, 2e-5
+
+
+def warn_bf16(pipe) -> None:
+    """Measured on toy models (4 held-out scenes, reference settings, fp32 master embedding; the table in
+    p2p_engine/toy/README.md): an fp16 UNet ends each step within 4% of fp32's loss; a bf16 one (weights or
+    autocast) 11-25% higher, with fewer steps stopping early. So bf16 is not offered for the optimisation:
+    say so when it is asked."""
+    dev = pipe.device.type
+    autocast_bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    if pipe.dtype == torch.bfloat16 or autocast_bf16:
+        warnings.warn("null-text inversion in bfloat16 ends with higher losses than float32 (11-25% on the "
+                      "toy models); load the model in float16 or float32 for inversion", stacklevel=3)

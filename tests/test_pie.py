@@ -1,0 +1,251 @@
+"""PIE-Bench support (p2p_engine/pie.py): masks as the reference decodes them, the protocol's jobs, a resumable
+run in PnPInversion's output layout, and the metrics against independent re-statements."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import p2p_engine as p2p
+from p2p_engine import pie
+from p2p_engine.cli import main
+from p2p_engine.toy import pie as toy_pie
+from reference import ref_mask_decode
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+def test_mask_decode_matches_the_reference():
+    rng = np.random.default_rng(0)
+    for shape in ((512, 512), (64, 64), (7, 9)):
+        n = shape[0] * shape[1]
+        starts = np.sort(rng.choice(n, 6, replace=False))
+        encoded = [int(v) for s in starts for v in (s, rng.integers(1, n // 5))] + [n - 3, 10]  # a run past the end
+        assert np.array_equal(pie.mask_decode(encoded, shape), ref_mask_decode(encoded, shape))
+
+
+def test_toy_writer_masks_decode_exactly():
+    """The run-length masks the toy writer stores decode to the masks it built (plus the decoder's border)."""
+    for p in toy_pie.make_pairs(per_type=3):
+        got = pie.mask_decode(p.entry["mask"], (64, 64))
+        assert np.array_equal(got[1:-1, 1:-1].astype(bool), p.mask[1:-1, 1:-1])
+        assert got[0].all() and got[-1].all() and got[:, 0].all() and got[:, -1].all()
+        assert np.array_equal(ref_mask_decode(pie.mask_encode(p.mask), (64, 64)), got)
+
+
+# -- the protocol -----------------------------------------------------------------------------------
+
+def _entry(source, target, blended="", type_id="6"):
+    return pie.Entry("000", "6_x/1.png", pie.clean(source), pie.clean(target), type_id,
+                     tuple(blended.split()) if blended else None, [])
+
+
+def test_protocol_jobs():
+    job = pie.protocol_job(_entry("a cat on a sofa", "a [dog] on a sofa", "cat dog"), "/pie")
+    ctrl = job["controller"]
+    assert (ctrl["mode"], ctrl["cross_steps"], ctrl["self_steps"], ctrl["self_max_queries"]) == ("replace", 0.4, 0.6,
+                                                                                                1024)
+    assert ctrl["equalizer"] == {"dog": 2.0} and job["blend"] == {"words": [["cat"], ["dog"]], "start": 0.2,
+                                                                  "threshold": 0.3}
+    assert job["prompt"] == "a cat on a sofa" and job["edits"] == ["a dog on a sofa"]
+    assert job["out"] == "annotation_images/6_x/1.png" and job["image"].endswith("/pie/annotation_images/6_x/1.png")
+    refine = pie.protocol_job(_entry("a cat on a sofa", "a [fluffy] cat on a sofa", "cat cat"), "/pie")
+    assert refine["controller"]["mode"] == "refine"
+    plain = pie.protocol_job(_entry("a cat", "a dog"), "/pie")
+    assert "blend" not in plain and "equalizer" not in plain["controller"]
+    # a blended word missing from its prompt blends and re-weights nothing, as the reference's lookups
+    missing = pie.protocol_job(_entry("a cat, sitting", "a dog sitting", "cat dog,"), "/pie")
+    assert missing["blend"]["words"] == [[], []] and "equalizer" not in missing["controller"]
+    controller = p2p.controllers.from_spec(job["controller"])
+    assert isinstance(controller, p2p.Reweight) and isinstance(controller.prev, p2p.Replace)
+    assert controller.prev.self_max_queries == 1024
+
+
+def test_bad_mapping_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mapping_file.json"):
+        pie.read_mapping(tmp_path)
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"1": {"image_path": "a.png"}}))
+    with pytest.raises(ValueError, match="lacks"):
+        pie.read_mapping(tmp_path)
+
+
+# -- a run, resumed, and its metrics -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pie")
+    folder = toy_pie.write(root / "pie", per_type=1)
+    out = root / "out"
+    args = ["pie", str(folder), "--model", "toy", "--methods", "direct,null_text", "--out", str(out),
+            "--steps", "3", "--inner-steps", "2", "--device", "cpu"]
+    assert main(args) == 0
+    return folder, out, args
+
+
+def test_run_writes_the_reference_layout_and_resumes(toy_run, capsys):
+    folder, out, args = toy_run
+    entries = pie.read_mapping(folder)
+    assert len(entries) == 5
+    files = {m: [out / m / e.out for e in entries] for m in ("direct", "null_text")}
+    assert all(f.is_file() for fs in files.values() for f in fs)
+    assert not list((out / "direct").rglob("*.safetensors"))  # PIE runs keep only the edited images
+    mtimes = {f: f.stat().st_mtime_ns for fs in files.values() for f in fs}
+    capsys.readouterr()
+    assert main(args) == 0  # resumed: nothing to redo
+    assert "0 done, 5 already done" in capsys.readouterr().out
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
+    gone = files["direct"][2]
+    gone.unlink()
+    assert main(args) == 0
+    assert "direct: 1 done, 4 already done" in capsys.readouterr().out
+    assert gone.is_file() and all(f.stat().st_mtime_ns == t for f, t in mtimes.items() if f != gone)
+
+
+def test_metrics_table_and_csv(toy_run, capsys):
+    folder, out, _ = toy_run
+    assert main(["pie-metrics", str(folder), str(out), "--types", "6,8"]) == 0
+    printed = capsys.readouterr().out
+    assert "| direct | 6 change attribute color | 1 |" in printed and "absent: LPIPS" in printed
+    lines = (out / "pie_metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("method,type,images,failed,psnr,mse,ssim")
+    assert any(line.startswith("null_text,all,2,0,") for line in lines)
+    per_image = (out / "pie_metrics_per_image.csv").read_text()
+    assert "edit_success" in per_image  # a toy PIE folder adds the detector's measure
+    rows = pie.evaluate(folder, out, ["null_text"], types=["6"])
+    (row,) = rows
+    assert row["unet_evaluations"] == row["inversion_evaluations"] + 3 * 2 * 2  # 3 steps x [uncond, cond] x 2
+
+
+def test_unet_evaluations_are_counted_right(tiny_pipe):
+    """The costs an Inversion states equal the rows a hook on the UNet counts (forward rows, and rows whose
+    inputs need gradients: the null-text iterations' backward passes)."""
+    counts = {"forward": 0, "backward": 0}
+
+    def hook(module, args, kwargs):
+        x, ctx = args[0], args[2] if len(args) > 2 else kwargs.get("context")
+        counts["forward"] += x.shape[0]
+        counts["backward"] += x.shape[0] if torch.is_grad_enabled() and ctx.requires_grad else 0
+
+    handle = tiny_pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    image = (np.random.default_rng(1).uniform(0, 1, (48, 48, 3)) * 255).astype(np.uint8)
+    try:
+        for method in ("null_text", "direct"):
+            counts.update(forward=0, backward=0)
+            inv = tiny_pipe.invert(image, "a cat", steps=4, inner_steps=3, method=method, progress=False,
+                                   use_graph=False)
+            cost = inv.unet_evaluations(2)
+            assert (counts["forward"], counts["backward"]) == (cost["inversion"], cost["inversion_backward"])
+            counts.update(forward=0, backward=0)
+            tiny_pipe.edit(["a cat", "a dog"], p2p.Replace(), inversion=inv, progress=False, decode_images=False)
+            assert counts["forward"] == cost["edit"]
+    finally:
+        handle.remove()
+
+
+# -- the metrics' arithmetic ------------------------------------------------------------------------
+
+def ref_ssim(a, b):
+    """SSIM written from its definition: at every pixel away from the border, the Gaussian-weighted (11 x 11,
+    sigma 1.5) means, variances and covariance over the reflect-padded images; per channel, then averaged."""
+    k = np.arange(11) - 5
+    g = np.exp(-(k / 1.5) ** 2 / 2)
+    g /= g.sum()
+    w = np.outer(g, g)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    vals = []
+    for ch in range(a.shape[2]):
+        x = np.pad(a[:, :, ch].astype(np.float64), 5, mode="reflect")
+        y = np.pad(b[:, :, ch].astype(np.float64), 5, mode="reflect")
+        h, wd = a.shape[:2]
+        for i in range(5, h - 5):
+            for j in range(5, wd - 5):
+                px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx = max((w * px * px).sum() - mx * mx, 0.0)
+                vy = max((w * py * py).sum() - my * my, 0.0)
+                cov = (w * px * py).sum() - mx * my
+                vals.append(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_psnr_mse_on_the_unedited_part():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    assert pie.ssim(a / 255.0, b / 255.0) == pytest.approx(ref_ssim(a / 255.0, b / 255.0), abs=1e-9)
+    assert pie.ssim(a / 255.0, a / 255.0) == pytest.approx(1.0)
+    mask = np.zeros((24, 20))
+    mask[5:15, 4:12] = 1
+    got = pie.unedited_metrics(a, b, mask)
+    keep = (1 - mask)[:, :, None]
+    mse = np.mean((a / 255.0 * keep - b / 255.0 * keep) ** 2)
+    assert got["mse"] == pytest.approx(mse, rel=1e-6) and got["psnr"] == pytest.approx(10 * math.log10(1 / mse),
+                                                                                        rel=1e-6)
+    assert got["ssim"] == pytest.approx(ref_ssim(a / 255.0 * keep, b / 255.0 * keep), abs=1e-6)
+    # an edit inside the mask changes none of them
+    c = b.copy()
+    c[6:14, 5:11] = 0
+    assert pie.unedited_metrics(a, c, mask) == got
+
+
+def test_clip_similarity_with_local_weights(tmp_path):
+    """CLIP similarity from a local transformers CLIP folder (here a tiny random one): 100 * cos of the image
+    and text features, the edited part masked; no folder, a clear error."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from p2p_engine.tokenizer import clip_tokenizer
+
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(folder)
+    clip = pie.ClipSimilarity(folder)
+    image = (np.random.default_rng(0).uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
+    inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))
+    cos = torch.nn.functional.cosine_similarity(img, txt).item()
+    assert clip(image, "a red circle") == pytest.approx(100 * max(cos, 0.0), abs=1e-4)
+    mask = np.zeros((64, 64))
+    mask[:32] = 1
+    assert clip(image, "a red circle", mask) != clip(image, "a red circle")
+    with pytest.raises(FileNotFoundError, match="CLIP folder"):
+        pie.ClipSimilarity(tmp_path / "none")
+
+
+def test_torchrun_shards_like_one_process(toy_run, tmp_path):
+    """Under torchrun the two ranks share each method's entries and together write what one process wrote."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, out, args = toy_run
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the Python running the tests"
+    dist = tmp_path / "dist"
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "p2p_engine", *args]
+    cmd[cmd.index("--out") + 1] = str(dist)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for method in ("direct", "null_text"):
+        lines = [json.loads(x) for x in (dist / method / "index.jsonl").read_text().splitlines()]
+        assert {x["rank"] for x in lines} == {0, 1} and all(x["status"] == "ok" for x in lines)
+        for e in pie.read_mapping(folder):
+            assert (dist / method / e.out).is_file()
+    a = pie.evaluate(folder, out, ["direct"])
+    b = pie.evaluate(folder, dist, ["direct"])
+    for x, y in zip(a, b):  # the same edits up to float reassociation (each rank runs its own batches)
+        assert x["key"] == y["key"] and abs(x["psnr"] - y["psnr"]) < 0.5
