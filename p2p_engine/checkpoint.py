@@ -19,9 +19,10 @@ from typing import BinaryIO, Callable
 import torch
 
 from . import keymap
-from .config import PRESETS, ModelConfig
+from .config import PRESETS, ModelConfig, TextConfig
 from .files import atomic_folder, atomic_write, write_json
-from .loading import build_meta, expected_shapes
+from .loading import DIFFUSERS_FILES, build_meta, expected_shapes
+from .singlefile import TEXT_LAYOUTS
 from .tokenizer import write_tokenizer
 
 LAYOUTS = ("diffusers", "single_file")
@@ -77,44 +78,50 @@ def _single_file_entries(seed: int, cfg: ModelConfig, shapes) -> list:
             entries.append((ldm, s + (1, 1), lambda k=k, s=s: random_tensor(seed, "vae", k, s).reshape(*s, 1, 1)))
         else:
             entries.append((ldm, s, lambda k=k, s=s: random_tensor(seed, "vae", k, s)))
-    text = shapes["text_encoder"]
-    if cfg.family == "sd1":
-        for k, s in text.items():
-            entries.append((keymap.SD1_TEXT_PREFIX + k, s, lambda k=k, s=s: random_tensor(seed, "text_encoder", k, s)))
-    else:
-        n = cfg.text.num_hidden_layers
-        # One extra resblock (index n), unused by SD 2.x, so the file has OpenCLIP's N+1 blocks like a real one.
-        all_shapes = dict(text)
-        all_shapes.update({k.replace("text_model.encoder.layers.0.", f"text_model.encoder.layers.{n}."): s
-                           for k, s in text.items() if k.startswith("text_model.encoder.layers.0.")})
-        meta = {k: torch.empty(s, device="meta") for k, s in all_shapes.items()}
-        extra = {"text_projection": (cfg.text.hidden_size, cfg.text.projection_dim), "logit_scale": ()}
-        names = keymap.sd2_text_to_ldm(meta, {k: torch.empty(s, device="meta") for k, s in extra.items()})
-        cache: dict[str, dict] = {}
-
-        def make(ldm_name: str) -> torch.Tensor:
-            short = ldm_name[len(keymap.SD2_TEXT_PREFIX):]
-            if short == "logit_scale":
-                return torch.tensor(math.log(1 / 0.07))
-            if short == "text_projection":
-                return random_tensor(seed, "text_encoder", short, extra[short])
-            if not short.startswith("transformer.resblocks."):
-                top = {v: k for k, v in keymap.OPENCLIP_TOP.items()}[short]
-                return random_tensor(seed, "text_encoder", top, all_shapes[top])
-            # A block's fused q/k/v needs the whole block: convert one block through the keymap table and
-            # keep it while its tensors are written (entries are sorted, so they come one after another).
-            i, rest = short.split(".")[2], short.split(".", 3)[3]
-            if i not in cache:
-                cache.clear()
-                src = f"text_model.encoder.layers.{i}."
-                block = {k[len(src):]: random_tensor(seed, "text_encoder", k, s)
-                         for k, s in all_shapes.items() if k.startswith(src)}
-                cache[i] = keymap.openclip_block_to_ldm(block)
-            return cache[i][rest]
-
-        for ldm_name, t in names.items():
-            entries.append((ldm_name, tuple(t.shape), lambda ldm_name=ldm_name: make(ldm_name)))
+    for layout in TEXT_LAYOUTS[cfg.family]:
+        entries += _text_entries(seed, cfg, layout, shapes[layout.part])
     return sorted(entries, key=lambda e: e[0])
+
+
+def _text_entries(seed: int, cfg: ModelConfig, layout, text: dict) -> list:
+    """One text encoder's LDM-named entries: transformers' names below the prefix, or OpenCLIP's (fused q/k/v)."""
+    part = layout.part
+    if not layout.openclip:
+        return [(layout.prefix + k, s, lambda k=k, s=s: random_tensor(seed, part, k, s)) for k, s in text.items()]
+    n = (cfg.text if part == "text_encoder" else cfg.text_2).num_hidden_layers
+    # SD 2.x: one extra resblock (index n), unused, so the file has OpenCLIP's N+1 blocks like a real one.
+    all_shapes = dict(text)
+    for extra_layer in range(n, n + layout.extra_resblocks):
+        all_shapes.update({k.replace("text_model.encoder.layers.0.", f"text_model.encoder.layers.{extra_layer}."): s
+                           for k, s in text.items() if k.startswith("text_model.encoder.layers.0.")})
+    meta = {k: torch.empty(s, device="meta") for k, s in all_shapes.items()}
+    hidden = all_shapes["text_model.final_layer_norm.weight"][0]
+    extra = {"logit_scale": ()} if layout.projection else {"text_projection": (hidden, hidden), "logit_scale": ()}
+    names = keymap.openclip_to_ldm(meta, {k: torch.empty(s, device="meta") for k, s in extra.items()}, layout.prefix)
+    top_names = {v: k for k, v in keymap.OPENCLIP_TOP.items()}
+    cache: dict[str, dict] = {}
+
+    def make(ldm_name: str) -> torch.Tensor:
+        short = ldm_name[len(layout.prefix):]
+        if short == "logit_scale":
+            return torch.tensor(math.log(1 / 0.07))
+        if short == "text_projection":  # SDXL: the module's Linear, transposed; SD 2.x: unused, random
+            if layout.projection:
+                return random_tensor(seed, part, "text_projection.weight", all_shapes["text_projection.weight"]).t()
+            return random_tensor(seed, part, short, extra[short])
+        if not short.startswith("transformer.resblocks."):
+            return random_tensor(seed, part, top_names[short], all_shapes[top_names[short]])
+        # A block's fused q/k/v needs the whole block: convert one block through the keymap table and
+        # keep it while its tensors are written (entries are sorted, so they come one after another).
+        i, rest = short.split(".")[2], short.split(".", 3)[3]
+        if i not in cache:
+            cache.clear()
+            src = f"text_model.encoder.layers.{i}."
+            block = {k[len(src):]: random_tensor(seed, part, k, s) for k, s in all_shapes.items() if k.startswith(src)}
+            cache[i] = keymap.openclip_block_to_ldm(block)
+        return cache[i][rest]
+
+    return [(name, tuple(t.shape), lambda name=name: make(name)) for name, t in names.items()]
 
 
 def scheduler_config(cfg: ModelConfig) -> dict:
@@ -125,31 +132,42 @@ def scheduler_config(cfg: ModelConfig) -> dict:
             "prediction_type": cfg.prediction_type, "timestep_spacing": "leading"}
 
 
-def text_config_json(cfg: ModelConfig) -> dict:
-    """transformers' `config.json` of the CLIP text encoder."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg.text.to_transformers(),
+def text_config_json(text: TextConfig, architecture: str = "CLIPTextModel") -> dict:
+    """transformers' `config.json` of a CLIP text encoder."""
+    return {"architectures": [architecture], "model_type": "clip_text_model", **text.to_transformers(),
             "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
 
 
 def write_configs(folder, cfg: ModelConfig) -> None:
     """Every file of a diffusers folder but the weights: model_index.json, the parts' config.json, the
-    scheduler config and the tokenizer."""
+    scheduler config and the tokenizer(s)."""
     folder = Path(folder)
-    write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False})
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    if cfg.text_2 is not None:
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor",
+                                                              "requires_safety_checker")}
+        index.update(_class_name="StableDiffusionXLPipeline",
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"],
+                     force_zeros_for_empty_prompt=cfg.force_zeros_for_empty_prompt)
+        write_json(folder / "text_encoder_2" / "config.json",
+                   text_config_json(cfg.text_2, "CLIPTextModelWithProjection"))
+        write_tokenizer(folder / "tokenizer_2", "!")
+    write_json(folder / "model_index.json", index)
     write_json(folder / "unet" / "config.json", cfg.unet.to_diffusers())
     write_json(folder / "vae" / "config.json", cfg.vae.to_diffusers())
-    write_json(folder / "text_encoder" / "config.json", text_config_json(cfg))
+    write_json(folder / "text_encoder" / "config.json", text_config_json(cfg.text))
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
     write_tokenizer(folder / "tokenizer", cfg.pad_token)
 
 
 def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diffusers") -> Path:
-    """Write a checkpoint of random weights for `preset` ("tiny", "tiny-v", "sd15", "sd21") in `layout`.
+    """Write a checkpoint of random weights for `preset` ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
+    in `layout`.
 
     layout "diffusers": a folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
     layout "single_file": one `.safetensors` with the original LDM key names (see keymap.py).
@@ -170,9 +188,7 @@ def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diff
         return path
     with atomic_folder(path) as tmp:
         write_configs(tmp, cfg)
-        for part, rel in (("unet", "unet/diffusion_pytorch_model.safetensors"),
-                          ("vae", "vae/diffusion_pytorch_model.safetensors"),
-                          ("text_encoder", "text_encoder/model.safetensors")):
-            with atomic_write(tmp / rel) as f:
+        for part in shapes:
+            with atomic_write(tmp / DIFFUSERS_FILES[part]) as f:
                 _write_safetensors(f, _diffusers_entries(seed, part, shapes[part]))
     return path

@@ -22,7 +22,7 @@ from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, a
                       fraction, names, positive_int, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-PRESET_NAMES = ("tiny", "tiny-v", "sd15", "sd21")
+PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
 
 
 def _save_png(image, path: Path) -> None:
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps (default 50; with --inversion, the inversion's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default 7.5; with --inversion, the inversion's)")
+                   help="guidance scale (default the family's: 7.5, SDXL 5.0; with --inversion, the inversion's)")
     add_sampling_args(p)
     p.add_argument("--proximal", choices=("l0",), default=None,
                    help="proximal guidance (ProxEdit), for negative_prompt inversions: e_c - e_u soft-thresholded "
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text optimisation steps per step")
     p.add_argument("--method", default="null_text", choices=METHODS,
                    help="null_text (default); direct: Direct Inversion, no optimisation; negative_prompt; ddim")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default the family's: 7.5, SDXL 5.0)")
     add_sampling_args(p, samplers=False)
     p.add_argument("--out", required=True, metavar="FILE.safetensors")
     p.add_argument("--strip", metavar="PNG", help="also write input | VAE reconstruction | inversion reconstruction")
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", type=int, default=16, choices=(8, 16, 32, 64), help="map resolution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default the family's: 7.5, SDXL 5.0)")
     add_sampling_args(p)
     p.add_argument("--out", default="maps.png", help="output PNG")
     p.set_defaults(func=cmd_maps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-SUPPORTED_FAMILIES = ("sd1", "sd2")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,23 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int = 64  # latent side at the native resolution
+    transformer_layers: tuple[int, ...] | None = None  # per level (SDXL: 1, 2, 10); None: one each; mid: the last
+    # SDXL's "text_time" added conditioning: the pooled text embedding and 6 sinusoidally embedded time ids
+    addition_time_embed_dim: int | None = None  # 256 for SDXL; None: no added conditioning
+    pooled_dim: int = 0  # width of the pooled text embedding the added conditioning takes (1280 for SDXL)
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks in each attention module of this level."""
+        return 1 if self.transformer_layers is None else self.transformer_layers[level]
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
-        return {
+        added = {} if self.addition_time_embed_dim is None else {
+            "addition_embed_type": "text_time", "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.pooled_dim + 6 * self.addition_time_embed_dim}
+        if self.transformer_layers is not None:
+            added["transformer_layers_per_block"] = list(self.transformer_layers)
+        return added | {
             "_class_name": "UNet2DConditionModel",
             "sample_size": self.sample_size,
             "in_channels": self.in_channels,
@@ -57,6 +70,10 @@ class UNetConfig:
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
         if isinstance(heads, int):
             heads = [heads] * n
+        layers = d.get("transformer_layers_per_block", 1)
+        layers = None if layers == 1 else tuple([layers] * n if isinstance(layers, int) else layers)
+        time_dim = d.get("addition_time_embed_dim") if d.get("addition_embed_type") == "text_time" else None
+        pooled = d["projection_class_embeddings_input_dim"] - 6 * time_dim if time_dim else 0
         return cls(
             block_out_channels=tuple(d["block_out_channels"]),
             cross_attn=tuple(t.startswith("CrossAttn") for t in d["down_block_types"]),
@@ -69,6 +86,9 @@ class UNetConfig:
             in_channels=d.get("in_channels", 4),
             out_channels=d.get("out_channels", 4),
             sample_size=d.get("sample_size", 64),
+            transformer_layers=layers,
+            addition_time_embed_dim=time_dim,
+            pooled_dim=pooled,
         )
 
 
@@ -82,6 +102,9 @@ class VAEConfig:
     out_channels: int = 3
     scaling_factor: float = 0.18215
     sample_size: int = 512
+    # The SDXL VAE overflows in float16: decode (and encode) in float32, as diffusers' SDXL pipelines do when
+    # the config says so (diffusers' default is True; SD 1.x/2.x pipelines never upcast, nor does the engine).
+    force_upcast: bool = True
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
@@ -98,6 +121,7 @@ class VAEConfig:
             "act_fn": "silu",
             "sample_size": self.sample_size,
             "scaling_factor": self.scaling_factor,
+            "force_upcast": self.force_upcast,
         }
 
     @classmethod
@@ -111,6 +135,7 @@ class VAEConfig:
             out_channels=d.get("out_channels", 3),
             scaling_factor=d.get("scaling_factor", 0.18215),
             sample_size=d.get("sample_size", 512),
+            force_upcast=bool(d.get("force_upcast", True)),
         )
 
     @property
@@ -146,6 +171,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     prediction_type: str = "epsilon"  # or "v_prediction"
     pad_token: str = "<|endoftext|>"  # SD 2.x (OpenCLIP) pads with "!"
+    # SDXL: the second text encoder (OpenCLIP ViT-bigG, with a projection: the pooled embedding); it pads with
+    # "!". The context is both encoders' penultimate hidden states side by side.
+    text_2: TextConfig | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty unconditional prompt is all zeros
 
     @property
     def latent_size(self) -> int:
@@ -158,6 +187,8 @@ class ModelConfig:
 
 SD2_TEXT = TextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                       num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+SDXL_TEXT_2 = TextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                         hidden_act="gelu", projection_dim=1280)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig(),
@@ -189,5 +220,31 @@ PRESETS: dict[str, ModelConfig] = {
                         projection_dim=32, hidden_act="gelu"),
         prediction_type="v_prediction",
         pad_token="!",
+    ),
+    "sdxl": ModelConfig(
+        family="sdxl",
+        unet=UNetConfig(block_out_channels=(320, 640, 1280), cross_attn=(False, True, True), num_heads=(5, 10, 20),
+                        cross_attention_dim=2048, use_linear_projection=True, sample_size=128,
+                        transformer_layers=(1, 2, 10), addition_time_embed_dim=256, pooled_dim=1280),
+        vae=VAEConfig(scaling_factor=0.13025, sample_size=1024),
+        text=TextConfig(),
+        text_2=SDXL_TEXT_2,
+        force_zeros_for_empty_prompt=True,
+    ),
+    # The SDXL architecture at the tiny preset's size: no attention at the first level, two transformer blocks
+    # at the last (and in the mid block), "text_time" added conditioning, two text encoders (32 + 32 wide).
+    "tiny-sdxl": ModelConfig(
+        family="sdxl",
+        unet=UNetConfig(block_out_channels=(32, 64, 64), cross_attn=(False, True, True), layers_per_block=1,
+                        num_heads=(2, 2, 2), cross_attention_dim=64, norm_num_groups=8, sample_size=16,
+                        use_linear_projection=True, transformer_layers=(1, 1, 2), addition_time_embed_dim=8,
+                        pooled_dim=32),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128,
+                      scaling_factor=0.13025),
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32),
+        text_2=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          projection_dim=32, hidden_act="gelu"),
+        force_zeros_for_empty_prompt=True,
     ),
 }

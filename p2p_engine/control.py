@@ -144,10 +144,11 @@ def _mapping(ctrl, prompts, tokenizer):
     return _one_hot_mapper(mapper), alphas.float(), None
 
 
-def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int) -> EditTables:
+def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int, self_max_queries: int) -> EditTables:
     gate = cross_gate(prompts, steps, ctrl.cross_steps, tokenizer)[:calls]
     mapper, mix, eq = _mapping(ctrl, prompts, tokenizer)
-    return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), ctrl.self_max_queries)
+    limit = self_max_queries if ctrl.self_max_queries is None else ctrl.self_max_queries
+    return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), limit)
 
 
 def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
@@ -295,13 +296,15 @@ class Control:
 
 
 def compile_control(controller, prompts, tokenizer, steps: int, device, *, layers=None, local_blend=None,
-                    store=True, calls: int | None = None) -> Control | None:
+                    store=True, calls: int | None = None, self_max_queries: int = 16 * 16) -> Control | None:
     """Once per edit: controller description -> `Control` (or None when nothing is to be done).
 
     Args:
         steps: the sampler's steps, which the windows are fractions of.
         layers: the UNet's attention layers (`unet.attn_layers`), for LocalBlend's level.
         calls: UNet calls of the edit, counted by the control (default `steps`).
+        self_max_queries: the self-replacement limit of controllers that leave it to the model
+            (`Pipeline.self_max_queries`).
     """
     prompts = list(prompts)
     P = len(prompts)
@@ -316,7 +319,7 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
         if P < 2:
             raise ValueError(f"{type(controller).__name__} edits need a source and at least one target prompt, "
                              f"got {P} prompt(s)")
-        edit = edit_tables(controller, prompts, tokenizer, steps, calls)
+        edit = edit_tables(controller, prompts, tokenizer, steps, calls, self_max_queries)
         self_maps = controller.self_maps
     if local_blend is not None:
         if P < 2:

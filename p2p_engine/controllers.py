@@ -21,9 +21,10 @@ class Store:
 class _Edit:
     cross_steps: object = 0.8
     self_steps: object = 0.4
-    # Self replacement applies to layers with at most this many queries: 16*16 in the stable
-    # notebook (default), 32*32 in the null-text notebook.
-    self_max_queries: int = 16 * 16
+    # Self replacement applies to layers with at most this many queries: 16*16 in the stable notebook, 32*32 in
+    # the null-text notebook. None: the stable notebook's, scaled with the latent side L for SDXL ((L/4)^2:
+    # 32*32 at 1024 x 1024), as REFERENCE.md's SDXL section says; 16*16 for SD 1.x/2.x.
+    self_max_queries: int | None = None
     self_maps: bool = False
 
 
@@ -45,7 +46,7 @@ class Reweight(_Edit):
     prev: object = None
 
     def __init__(self, equalizer=None, prev=None, cross_steps=0.8, self_steps=0.4,
-                 self_max_queries=16 * 16, self_maps=False):
+                 self_max_queries=None, self_maps=False):
         super().__init__(cross_steps, self_steps, self_max_queries, self_maps)
         self.equalizer = dict(equalizer or {})
         self.prev = prev

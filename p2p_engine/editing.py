@@ -27,11 +27,11 @@ import torch
 
 from .control import compile_control
 from .images import to_pil
+from .conditioning import Text
 from .samplers import make_sampler
 from .words import check_prompts
 
 DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
 PROXIMAL = (None, "l0")
 
 
@@ -51,7 +51,8 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
 
     Args:
         steps: sampling steps (default 50; with an inversion, its own, and another number is an error).
-        guidance: classifier-free guidance scale (default 7.5; with an inversion, the one it was made with).
+        guidance: classifier-free guidance scale (default the family's, 7.5 or SDXL's 5.0; with an inversion, the
+            one it was made with).
         sampler: "ddim", "pndm" (PLMS, steps + 1 UNet calls) or "dpmsolver++"; windows are fractions of steps.
         steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
         latents: optional start noise (1, 4, h, w) shared by every prompt.
@@ -84,11 +85,11 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
             raise ValueError("give the start latent by `latents` or by `inversion`, not both")
         steps, latents, timesteps = n, inversion.latent_T, inversion.timesteps
         guidance = inversion.guidance if guidance is None else guidance
-        null = inversion.null_embeddings.to(device, pipe.dtype)  # (steps, 77, D)
+        null = inversion.null_text().to(device, pipe.dtype)  # (steps, 77, D) and SDXL's (steps, pooled)
         if inversion.pivots is not None:
             pivots = inversion.pivots.to(device, master)  # (steps, 4, h, w): z*_{T-1} .. z*_0
     steps = DEFAULT_STEPS if steps is None else steps
-    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    guidance = pipe.default_guidance if guidance is None else guidance
     if latents is None:
         down = pipe.config.vae.downscale
         height, width = height or pipe.config.image_size, width or pipe.config.image_size
@@ -103,20 +104,24 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
     h, w = latents.shape[-2:]
     latents = latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
 
-    cond = pipe.encode_prompt(prompts)  # (P, 77, D)
-    uncond = pipe.encode_prompt([""]).expand(P, -1, -1) if null is None else None
+    cond = pipe.encode_text(prompts)  # (P, 77, D), SDXL's pooled (P, pooled)
+    uncond = pipe.unconditional().expand(P) if null is None else None
+    down = pipe.config.vae.downscale
+    time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # SDXL: (2P, 6); None for SD 1.x/2.x
     smp = make_sampler(sampler, pipe.scheduler, steps, device, steps_offset=steps_offset, timesteps=timesteps)
     control = compile_control(controller, prompts, pipe.tokenizer, steps, device, layers=pipe.unet.attn_layers,
-                              local_blend=local_blend, store=store, calls=len(smp.timesteps))
+                              local_blend=local_blend, store=store, calls=len(smp.timesteps),
+                              self_max_queries=pipe.self_max_queries(h, w))
     calls = smp.timesteps
     if progress:
         from tqdm.auto import tqdm
         calls = tqdm(calls, desc="edit" if controller is not None else "sample")
     for i, t in enumerate(calls):
-        u = null[i][None].expand(P, -1, -1) if null is not None else uncond
-        context = torch.cat([u, cond])  # (2P, 77, D)
+        u = null.step(i).expand(P) if null is not None else uncond
+        text = Text.cat([u, cond])  # (2P, 77, D)
         x = torch.cat([latents, latents]).to(pipe.dtype)
-        out = pipe.unet(x, torch.tensor(t, device=device), context, control=control).to(master)
+        out = pipe.unet(x, torch.tensor(t, device=device), text.context, control=control, pooled=text.pooled,
+                        time_ids=time_ids).to(master)
         out_u, out_c = out.chunk(2)
         delta = out_c - out_u
         if proximal == "l0":

@@ -52,6 +52,10 @@ class Inversion:
     timesteps: list[int] | None = None
     # "direct" only: (steps, 4, h, w) float32, the pivot after each sampling step, z*_{T-1} .. z*_0.
     pivots: torch.Tensor | None = None
+    # SDXL: (steps, P) the unconditional pooled embedding of each step (the sampler's, or the prompt's for
+    # negative_prompt; optimised with the context when `pooled_optimized`).
+    null_pooled: torch.Tensor | None = None
+    pooled_optimized: bool = False
 
     def __post_init__(self):
         if self.timesteps is None:
@@ -67,6 +71,11 @@ class Inversion:
             raise ValueError(f"an inversion of {self.null_embeddings.shape[0]} steps needs as many pivot latents, "
                              f"got {self.pivots.shape[0]}")
 
+    def null_text(self):
+        """The per-step unconditional conditioning (`conditioning.StepTexts`)."""
+        from .conditioning import StepTexts
+        return StepTexts(self.null_embeddings, self.null_pooled)
+
     def check_compatible(self, pipe) -> None:
         """Raise if this inversion was made with a model of another family or context width."""
         dim = pipe.config.unet.cross_attention_dim
@@ -76,6 +85,9 @@ class Inversion:
                 f"this inversion was made with a {self.family} model (text dim {self.text_dim}, "
                 f"{self.prediction_type}); the pipeline is {pipe.config.family} (text dim {dim}, "
                 f"{pipe.config.prediction_type}). Invert the image again with this model.")
+        if (self.null_pooled is None) != (pipe.config.unet.addition_time_embed_dim is None):
+            raise ValueError("this inversion's pooled embeddings do not fit the pipeline's model (SDXL has them, "
+                             "SD 1.x/2.x do not); invert the image again with this model")
         c = pipe.config.unet.in_channels
         if self.latent_T.shape[1] != c:
             raise ValueError(f"inversion latent has {self.latent_T.shape[1]} channels, the UNet expects {c}")
@@ -92,10 +104,12 @@ class Inversion:
         meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
                 "inner_steps": self.inner_steps, "guidance": self.guidance, "scheduler": self.scheduler,
                 "family": self.family, "text_dim": self.text_dim, "prediction_type": self.prediction_type,
-                "timesteps": self.timesteps}
+                "timesteps": self.timesteps, "pooled_optimized": self.pooled_optimized}
         tensors = {"latent_T": self.latent_T, "null_embeddings": self.null_embeddings, "losses": self.losses}
         if self.pivots is not None:
             tensors["pivots"] = self.pivots
+        if self.null_pooled is not None:
+            tensors["null_pooled"] = self.null_pooled
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
         with atomic_write(path) as f:
             f.write(save(tensors, metadata={"p2p_inversion": json.dumps(meta)}))
@@ -119,7 +133,8 @@ class Inversion:
         if meta.pop("format", None) != FORMAT:
             raise ValueError(f"{path}: unknown inversion format; expected {FORMAT}")
         return cls(latent_T=tensors["latent_T"], null_embeddings=tensors["null_embeddings"],
-                   losses=tensors["losses"], pivots=tensors.get("pivots"), **meta)
+                   losses=tensors["losses"], pivots=tensors.get("pivots"), null_pooled=tensors.get("null_pooled"),
+                   **meta)
 
     def unet_evaluations(self, prompts: int = 2) -> dict[str, int]:
         """What the inversion and one edit of `prompts` prompts from it cost, in UNet rows (one latent through
@@ -137,28 +152,32 @@ class Inversion:
 # -- the loops
 
 @torch.no_grad()
-def ddim_invert(pipe, z0: torch.Tensor, cond: torch.Tensor, timesteps: list[int]) -> list[torch.Tensor]:
+def ddim_invert(pipe, z0: torch.Tensor, cond, timesteps: list[int], time_ids=None) -> list[torch.Tensor]:
     """Guidance-1 DDIM inversion up the sampling timesteps (descending, e.g. 981 .. 1) from their end.
-    z0 (N, 4, h, w), cond (N, 77, D) -> [z*_0, ..., z*_T] (steps + 1 entries)."""
+    z0 (N, 4, h, w), cond the N prompts' `Text` -> [z*_0, ..., z*_T] (steps + 1 entries)."""
     sched = pipe.scheduler
     steps = len(timesteps)
     traj = [z0]
     z = z0
     for t in reversed(timesteps):  # 1, 21, ... 981
-        out = pipe.predict(z, torch.tensor(t, device=pipe.device), cond)
+        out = pipe.predict(z, torch.tensor(t, device=pipe.device), cond.context, pooled=cond.pooled, time_ids=time_ids)
         z = sched.inversion_step(out, t, z, steps)
         traj.append(z)
     return traj
 
 
-def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float = 7.5,
+def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float | None = None,
                  method: str = "null_text", early_stop: bool = True, progress: bool = True,
                  epsilon: float = EPSILON, epsilon_slope: float = EPSILON_SLOPE, use_graph: bool | None = None,
-                 crop: tuple[int, int, int, int] = (0, 0, 0, 0), steps_offset: int | None = None) -> list[Inversion]:
+                 crop: tuple[int, int, int, int] = (0, 0, 0, 0), steps_offset: int | None = None,
+                 optimize_pooled: bool = False) -> list[Inversion]:
     """Invert N images at once, each with its own prompt, null embeddings and early stopping.
 
     Args:
         method: "null_text" (default), "negative_prompt", "ddim" or "direct" (module docstring).
+        guidance: the edits' guidance the null text is optimised for (default the family's: 7.5, SDXL 5.0).
+        optimize_pooled: SDXL null-text inversion also optimises the unconditional pooled embedding (by
+            default it stays at what the sampler's unconditional branch uses, zeros for SDXL base).
         images: paths, PIL images, (H, W, 3) uint8 arrays, or prepared (1, 3, S, S) tensors in [-1, 1].
         steps_offset: overrides the checkpoint's for "leading" timesteps (the inversion records the ones used).
         epsilon, epsilon_slope: early stop when a step's loss < epsilon + i * epsilon_slope (reference values).
@@ -173,27 +192,31 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         raise ValueError(f"invert_batch got {len(images)} images but {len(prompts)} prompts")
     if not early_stop:
         epsilon, epsilon_slope = -math.inf, 0.0
+    guidance = pipe.default_guidance if guidance is None else guidance
     ts = pipe.scheduler.timesteps(steps, steps_offset)  # the sampling timesteps, 981 .. 1 for SD at 50 steps
     size = pipe.config.image_size
     x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
     z0 = pipe.encode_images(x)  # (N, 4, h, w)
-    cond = pipe.encode_prompt(list(prompts)).to(pipe.master_dtype)  # (N, 77, D)
-    uncond = pipe.encode_prompt([""]).to(pipe.master_dtype).expand_as(cond).contiguous()
-    with torch.no_grad():
-        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), ts)
     n = len(prompts)
+    cond = pipe.encode_text(list(prompts)).to(pipe.master_dtype)  # (N, 77, D), SDXL's pooled (N, P)
+    uncond = pipe.unconditional().to(pipe.master_dtype).expand(n)
+    time_ids = pipe.time_ids(x.shape[-2], x.shape[-1], n)  # SDXL: (N, 6)
+    with torch.no_grad():
+        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), ts, time_ids)
     if method == "null_text":
         warn_bf16(pipe)
         if use_graph is None:
             use_graph = pipe.device.type == "cuda"
-        nulls, losses = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance,
-                                      epsilon, epsilon_slope, use_graph, progress)
+        nulls, pooled, losses = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, epsilon,
+                                              epsilon_slope, use_graph, progress, time_ids, optimize_pooled)
     else:
         src = cond if method == "negative_prompt" else uncond
-        nulls = src[None].expand(steps, -1, -1, -1)
+        nulls = src.context[None].expand(steps, -1, -1, -1)
+        pooled = None if src.pooled is None else src.pooled[None].expand(steps, -1, -1)
         losses = torch.full((steps, 0, n), float("nan"))
         inner_steps = 0
     nulls, losses, zT = nulls.float().cpu(), losses.float().cpu(), traj[-1].float().cpu()
+    pooled = None if pooled is None else pooled.float().cpu()  # (steps, N, P)
     # direct: after sampling step i the source row sits on z*_{t_i - stride} = traj[steps - 1 - i]
     pivots = torch.stack(traj[-2::-1]).float().cpu() if method == "direct" else None  # (steps, N, 4, h, w)
     cfg = pipe.config
@@ -201,7 +224,9 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
                       losses=losses[:, :, k].clone(), method=method, steps=steps, inner_steps=inner_steps,
                       guidance=guidance, scheduler=pipe.scheduler.settings(), family=cfg.family,
                       text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type, timesteps=ts,
-                      pivots=None if pivots is None else pivots[:, k].clone())
+                      pivots=None if pivots is None else pivots[:, k].clone(),
+                      null_pooled=None if pooled is None else pooled[:, k].clone(),
+                      pooled_optimized=method == "null_text" and optimize_pooled and pooled is not None)
             for k in range(n)]
 
 

@@ -129,7 +129,7 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int = 1,
              device=None, dtype=torch.float32, backend: str = "auto", method: str = "null_text",
-             guidance: float = 7.5, steps_offset: int | None = None, edit_options: dict | None = None,
+             guidance: float | None = None, steps_offset: int | None = None, edit_options: dict | None = None,
              save_inversions: bool = True, progress: bool = True, max_batches: int | None = None) -> Summary:
     """Invert (and edit) every job of a JSONL file into out_dir; see the module docstring for the layout.
 

@@ -14,6 +14,9 @@ ViT-H text tower has 24 resblocks but SD 2.x conditions on the penultimate one
 0..N-1 for an N-layer text encoder and ignores the last resblock, and the random
 writer writes N+1 resblocks (the extra one random and unused) so the file looks
 like a real one. `text_projection` and `logit_scale` are written and ignored too.
+SDXL stores CLIP ViT-L in transformers' names under `conditioner.embedders.0.transformer.`
+and OpenCLIP ViT-bigG under `conditioner.embedders.1.model.`, all its resblocks used and
+its `text_projection` (applied as x @ P) read into the Linear `text_projection` (P^T).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
 
 # Below-prefix renames, diffusers name -> LDM name.
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -42,6 +47,9 @@ def unet_rows(cfg: UNetConfig) -> list[tuple[str, str, str]]:
             ("conv_in", "input_blocks.0.0", "plain"), ("conv_norm_out", "out.0", "plain"), ("conv_out", "out.2", "plain"),
             ("mid_block.resnets.0", "middle_block.0", "resnet"), ("mid_block.attentions.0", "middle_block.1", "plain"),
             ("mid_block.resnets.1", "middle_block.2", "resnet")]
+    if cfg.addition_time_embed_dim is not None:  # SDXL's added conditioning
+        rows += [("add_embedding.linear_1", "label_emb.0.0", "plain"),
+                 ("add_embedding.linear_2", "label_emb.0.2", "plain")]
     for i in range(n):
         for j in range(L):  # input_blocks.0 is conv_in; each level adds L blocks and a downsampler
             b = 1 + i * (L + 1) + j
@@ -143,47 +151,51 @@ def openclip_block_from_ldm(get) -> dict[str, torch.Tensor]:
     return out
 
 
-def sd2_text_to_ldm(sd: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIP text model (keys `text_model.*`) -> OpenCLIP names with the SD 2.x prefix.
+def openclip_to_ldm(sd: dict[str, torch.Tensor], extra: dict[str, torch.Tensor],
+                    prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIP text model (keys `text_model.*`, optionally `text_projection.weight`) -> OpenCLIP names
+    below `prefix`.
 
-    `extra` holds, in OpenCLIP names, what diffusers drops: `text_projection`, `logit_scale`.
+    `extra` holds, in OpenCLIP names, what diffusers drops (`text_projection` for SD 2.x, `logit_scale`).
     Every `text_model.encoder.layers.i` present becomes `transformer.resblocks.i`.
     """
-    p = SD2_TEXT_PREFIX
-    out = {p + l: sd[d] for d, l in OPENCLIP_TOP.items()}
+    out = {prefix + l: sd[d] for d, l in OPENCLIP_TOP.items()}
     layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
     for i in layers:
         src = f"text_model.encoder.layers.{i}."
         block = {k[len(src):]: v for k, v in sd.items() if k.startswith(src)}
-        out.update({f"{p}transformer.resblocks.{i}.{k}": v for k, v in openclip_block_to_ldm(block).items()})
-    out.update({p + k: v for k, v in extra.items()})
+        out.update({f"{prefix}transformer.resblocks.{i}.{k}": v for k, v in openclip_block_to_ldm(block).items()})
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd["text_projection.weight"].t()
+    out.update({prefix + k: v for k, v in extra.items()})
     return out
 
 
-def sd2_text_from_ldm(get, n_layers: int) -> dict[str, torch.Tensor]:
-    """OpenCLIP names -> transformers names for the first `n_layers` resblocks (the penultimate-layer convention).
-
-    `get(name)` returns the tensor stored under `cond_stage_model.model.<name>`.
-    """
+def openclip_from_ldm(get, n_layers: int, projection: bool = False) -> dict[str, torch.Tensor]:
+    """OpenCLIP names -> transformers names for the first `n_layers` resblocks (and `text_projection.weight` when
+    `projection`). `get(name)` returns the tensor stored under the text encoder's prefix + `name`."""
     out = {d: get(l) for d, l in OPENCLIP_TOP.items()}
     for i in range(n_layers):
         block = openclip_block_from_ldm(lambda name: get(f"transformer.resblocks.{i}.{name}"))
         out.update({f"text_model.encoder.layers.{i}.{k}": v for k, v in block.items()})
+    if projection:
+        out["text_projection.weight"] = get("text_projection").t()
     return out
 
 
-def sd2_text_keys_used(n_layers: int) -> set[str]:
+def openclip_keys_used(n_layers: int, projection: bool = False) -> set[str]:
     """The OpenCLIP names (below the prefix) the loader reads for an `n_layers` text encoder."""
     seen: set[str] = set()
 
     def record(name):
         seen.add(name)
-        return torch.empty(3, device="meta")
+        return torch.empty(3, 3, device="meta")
 
-    sd2_text_from_ldm(record, n_layers)
+    openclip_from_ldm(record, n_layers, projection)
     return seen
 
 
-def sd2_text_keys_ignored(n_layers: int) -> tuple[str, ...]:
-    """OpenCLIP names present in SD 2.x files that the loader deliberately skips."""
-    return (f"transformer.resblocks.{n_layers}.", "text_projection", "logit_scale")
+def openclip_keys_ignored(n_layers: int, projection: bool = False) -> tuple[str, ...]:
+    """OpenCLIP names present in single files that the loader deliberately skips: resblocks past the ones it
+    reads (SD 2.x's last), `logit_scale`, and `text_projection` where the module has none."""
+    return (f"transformer.resblocks.{n_layers}.", "logit_scale") + (() if projection else ("text_projection",))

@@ -9,28 +9,22 @@ loaded, and the weights exist in RAM once: on CPU at the file's dtype they stay
 backed by the file mapping (pages are read on first use; `save_random_checkpoint`
 replaces files by rename, so a loaded pipeline never sees a file change under it).
 
-Family detection for single files (the weights do not say everything):
-- SD 1.x: `cond_stage_model.transformer.*` (transformers CLIP); SD 2.x:
-  `cond_stage_model.model.*` (OpenCLIP). SDXL/SD3-style keys are refused.
-- Head counts, GroupNorm groups, attention upcast, native resolution and the
-  prediction type are invisible in the weights. When the observable shapes match a
-  preset in `config.PRESETS` its values are used; otherwise SD 1.x gets 8 heads,
-  64x64 latents, epsilon, and SD 2.x head dim 64, upcast attention, 96x96
-  latents and v-prediction (SD 2.1-768). Pass `prediction_type="epsilon"` for
-  SD 2.x-base style checkpoints.
+Families: SD 1.x and 2.x (one text encoder) and SDXL base (two: `text_encoder`,
+CLIP ViT-L, and `text_encoder_2`, OpenCLIP ViT-bigG with a projection, each with
+its tokenizer). A diffusers folder says its family in its configs; a single file
+is read by `singlefile.py`. SDXL refiners are refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from . import keymap
-from .config import PRESETS, SUPPORTED_FAMILIES, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from . import singlefile
+from .config import SUPPORTED_FAMILIES, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .files import CheckpointError, SafetensorsFile, verify_checksums
 from .scheduler import SchedulerConfig
 
@@ -39,12 +33,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors",
                    "vae": "vae/diffusion_pytorch_model.safetensors",
-                   "text_encoder": "text_encoder/model.safetensors"}
-
-
-# LDM training files also hold the noise schedule, EMA copies and the VAE's training loss; never read.
-LDM_SKIPPED = ("model_ema.", "first_stage_model.loss.", "alphas_cumprod", "betas", "posterior_", "sqrt_",
-               "log_one_minus", "model.diffusion_model.betas")
+                   "text_encoder": "text_encoder/model.safetensors",
+                   "text_encoder_2": "text_encoder_2/model.safetensors"}
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 # -- modules on the meta device ------------------------------------------------------------------------------------
@@ -55,19 +46,23 @@ def clip_config(text: TextConfig):
 
 
 def build_meta(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
-    """UNet, VAE and text encoder with parameters on the meta device (no memory, no init cost)."""
-    from transformers import CLIPTextModel
+    """UNet, VAE and text encoder(s) with parameters on the meta device (no memory, no init cost)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .unet import UNet
     from .vae import VAE
 
     with torch.device("meta"):
-        return {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": CLIPTextModel(clip_config(cfg.text))}
+        modules = {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": CLIPTextModel(clip_config(cfg.text))}
+        if cfg.text_2 is not None:
+            modules["text_encoder_2"] = CLIPTextModelWithProjection(clip_config(cfg.text_2))
+    return modules
 
 
 def text_file_key(module_key: str) -> str:
-    """Checkpoint files name CLIP weights `text_model.*`; transformers 5 modules drop that prefix."""
-    return module_key if module_key.startswith("text_model.") else "text_model." + module_key
+    """Checkpoint files name CLIP weights `text_model.*` (and `text_projection.*`); transformers 5's
+    CLIPTextModel drops the `text_model.` prefix."""
+    return module_key if module_key.startswith(("text_model.", "text_projection.")) else "text_model." + module_key
 
 
 def expected_shapes(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -75,7 +70,7 @@ def expected_shapes(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, 
     out = {}
     for part, m in modules.items():
         sd = m.state_dict()
-        name = text_file_key if part == "text_encoder" else (lambda k: k)
+        name = text_file_key if part in TEXT_PARTS else (lambda k: k)
         out[part] = {name(k): tuple(v.shape) for k, v in sd.items()}
     return out
 
@@ -93,87 +88,6 @@ def _check_keys(where: str, expected: dict[str, tuple], found: dict[str, tuple],
                                   f"for a {what} checkpoint")
 
 
-# -- detecting a single file's configuration -----------------------------------------------------------------------
-
-def _count(shapes, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes if (m := rx.match(k))})
-
-
-def _observable(cfg: ModelConfig) -> tuple:
-    """The configuration fields that tensor shapes reveal."""
-    u, v, t = cfg.unet, cfg.vae, cfg.text
-    return (cfg.family, u.block_out_channels, u.cross_attn, u.layers_per_block, u.cross_attention_dim,
-            u.use_linear_projection, u.in_channels, u.out_channels, v.block_out_channels, v.layers_per_block,
-            v.latent_channels, v.in_channels, v.out_channels, t.hidden_size, t.intermediate_size,
-            t.num_hidden_layers, t.vocab_size, t.max_position_embeddings)
-
-
-def detect_config(shapes: dict[str, tuple], where: str, prediction_type: str | None = None) -> ModelConfig:
-    """ModelConfig of an LDM single-file checkpoint from its key names and shapes."""
-    if any(k.startswith(("conditioner.", "model.diffusion_model.label_emb")) for k in shapes) or \
-            any(k.startswith("model.diffusion_model.joint_blocks") for k in shapes):
-        raise CheckpointError(f"{where}: looks like an SDXL/SD3 checkpoint; supported families are "
-                              f"{', '.join(SUPPORTED_FAMILIES)} (Stable Diffusion 1.x and 2.x)")
-    if keymap.SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight" in shapes:
-        family, tp = "sd1", keymap.SD1_TEXT_PREFIX + "text_model."
-    elif keymap.SD2_TEXT_PREFIX + "token_embedding.weight" in shapes:
-        family, tp = "sd2", keymap.SD2_TEXT_PREFIX
-    else:
-        raise CheckpointError(f"{where}: no known text encoder keys (`{keymap.SD1_TEXT_PREFIX}text_model.*` for SD 1.x "
-                              f"or `{keymap.SD2_TEXT_PREFIX}*` for SD 2.x); supported families are "
-                              f"{', '.join(SUPPORTED_FAMILIES)}")
-    up, vp = keymap.UNET_PREFIX, keymap.VAE_PREFIX
-    if up + "input_blocks.0.0.weight" not in shapes or vp + "encoder.conv_in.weight" not in shapes:
-        raise CheckpointError(f"{where}: missing the UNet ({up}input_blocks.*) or VAE ({vp}encoder.*) of an LDM "
-                              f"checkpoint; supported families are {', '.join(SUPPORTED_FAMILIES)}")
-    try:
-        n = _count(shapes, rf"{re.escape(up)}input_blocks\.(\d+)\.0\.op\.weight") + 1
-        n_in = _count(shapes, rf"{re.escape(up)}input_blocks\.(\d+)\.")
-        L = n_in // n - 1
-        chans = tuple(shapes[f"{up}input_blocks.{1 + i * (L + 1)}.0.out_layers.3.weight"][0] for i in range(n))
-        cross = tuple(f"{up}input_blocks.{1 + i * (L + 1)}.1.proj_in.weight" in shapes for i in range(n))
-        k_key = next(k for k in shapes if k.startswith(up) and k.endswith("attn2.to_k.weight"))
-        proj_in = next(k for k in shapes if k.startswith(up) and k.endswith("proj_in.weight"))
-        unet = UNetConfig(block_out_channels=chans, cross_attn=cross, layers_per_block=L,
-                          cross_attention_dim=shapes[k_key][1], use_linear_projection=len(shapes[proj_in]) == 2,
-                          in_channels=shapes[up + "input_blocks.0.0.weight"][1], out_channels=shapes[up + "out.2.weight"][0])
-        vn = _count(shapes, rf"{re.escape(vp)}encoder\.down\.(\d+)\.")
-        vae = VAEConfig(block_out_channels=tuple(shapes[f"{vp}encoder.down.{i}.block.0.conv1.weight"][0] for i in range(vn)),
-                        layers_per_block=_count(shapes, rf"{re.escape(vp)}encoder\.down\.0\.block\.(\d+)\."),
-                        latent_channels=shapes[vp + "post_quant_conv.weight"][0],
-                        in_channels=shapes[vp + "encoder.conv_in.weight"][1],
-                        out_channels=shapes[vp + "decoder.conv_out.weight"][0])
-        tok = shapes[tp + ("embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight")]
-        if family == "sd1":
-            layers = _count(shapes, rf"{re.escape(tp)}encoder\.layers\.(\d+)\.")
-            inter = shapes[tp + "encoder.layers.0.mlp.fc1.weight"][0]
-            npos = shapes[tp + "embeddings.position_embedding.weight"][0]
-        else:  # OpenCLIP keeps one more resblock than SD 2.x uses (penultimate-layer conditioning)
-            layers = _count(shapes, rf"{re.escape(tp)}transformer\.resblocks\.(\d+)\.") - 1
-            inter = shapes[tp + "transformer.resblocks.0.mlp.c_fc.weight"][0]
-            npos = shapes[tp + "positional_embedding"][0]
-    except (KeyError, StopIteration, ZeroDivisionError, IndexError) as e:
-        raise CheckpointError(f"{where}: unknown UNet/VAE/text layout (no {e}); supported families are "
-                              f"{', '.join(SUPPORTED_FAMILIES)} with the standard SD layouts") from None
-    text = TextConfig(hidden_size=tok[1], intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=max(1, tok[1] // 64), vocab_size=tok[0], max_position_embeddings=npos,
-                      hidden_act="quick_gelu" if family == "sd1" else "gelu", projection_dim=tok[1])
-    if family == "sd1":
-        cfg = ModelConfig(family="sd1", unet=dataclasses.replace(unet, num_heads=(8,) * n), vae=vae, text=text)
-    else:
-        cfg = ModelConfig(family="sd2", vae=vae, text=text, prediction_type="v_prediction", pad_token="!",
-                          unet=dataclasses.replace(unet, num_heads=tuple(max(1, c // 64) for c in chans),
-                                                   upcast_attention=True, sample_size=96))
-    for preset in PRESETS.values():  # a preset fills in what the shapes cannot tell
-        if _observable(preset) == _observable(cfg):
-            cfg = preset
-            break
-    if prediction_type is not None:
-        cfg = dataclasses.replace(cfg, prediction_type=prediction_type)
-    return cfg
-
-
 # -- the two layouts -----------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
@@ -186,19 +100,37 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
+def _text_config(path: Path) -> TextConfig:
+    names = {f.name for f in dataclasses.fields(TextConfig)}
+    return TextConfig(**{k: v for k, v in _read_json(path).items() if k in names})
+
+
 def _diffusers_config(root: Path, prediction_type: str | None) -> ModelConfig:
+    supported = f"supported families are {', '.join(SUPPORTED_FAMILIES)} (Stable Diffusion 1.x, 2.x and SDXL base)"
+    index = _read_json(root / "model_index.json")
     u = _read_json(root / "unet" / "config.json")
-    if u.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel" or u.get("addition_embed_type") \
-            or u.get("encoder_hid_dim") or u.get("class_embed_type") or u.get("transformer_layers_per_block", 1) != 1:
-        raise CheckpointError(f"{root / 'unet' / 'config.json'}: this UNet (SDXL or another variant) is not supported; "
-                              f"supported families are {', '.join(SUPPORTED_FAMILIES)} (Stable Diffusion 1.x and 2.x)")
+    sdxl = u.get("addition_embed_type") == "text_time"
+    if sdxl and not (index.get("text_encoder") and index["text_encoder"][0] and index.get("text_encoder_2")):
+        raise CheckpointError(f"{root}: an SDXL refiner (or another SDXL variant without both text encoders) is not "
+                              f"supported; {supported}")
+    if u.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel" or u.get("encoder_hid_dim") \
+            or u.get("class_embed_type") or (u.get("addition_embed_type") and not sdxl) \
+            or (u.get("transformer_layers_per_block", 1) != 1 and not sdxl):
+        raise CheckpointError(f"{root / 'unet' / 'config.json'}: this UNet variant is not supported; {supported}")
     unet = UNetConfig.from_diffusers(u)
     vae = VAEConfig.from_diffusers(_read_json(root / "vae" / "config.json"))
-    t = _read_json(root / "text_encoder" / "config.json")
-    names = {f.name for f in dataclasses.fields(TextConfig)}
-    text = TextConfig(**{k: v for k, v in t.items() if k in names})
-    sched = _schedule(root)
-    pred = prediction_type or sched.prediction_type
+    text = _text_config(root / "text_encoder" / "config.json")
+    pred = prediction_type or _schedule(root).prediction_type
+    if sdxl:
+        text_2 = _text_config(root / "text_encoder_2" / "config.json")
+        widths = (text.hidden_size + text_2.hidden_size, text_2.projection_dim)
+        if widths != (unet.cross_attention_dim, unet.pooled_dim):
+            raise CheckpointError(f"{root}: the text encoders ({text.hidden_size} + {text_2.hidden_size} wide, pooled "
+                                  f"{text_2.projection_dim}) do not match the UNet (context "
+                                  f"{unet.cross_attention_dim}, pooled {unet.pooled_dim}); the folder's parts come "
+                                  f"from different models")
+        return ModelConfig(family="sdxl", unet=unet, vae=vae, text=text, text_2=text_2, prediction_type=pred,
+                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
     family = "sd2" if unet.use_linear_projection else "sd1"
     return ModelConfig(family=family, unet=unet, vae=vae, text=text, prediction_type=pred,
                        pad_token="!" if family == "sd2" else "<|endoftext|>")
@@ -220,14 +152,14 @@ def _schedule(root: Path, prediction_type: str | None = None) -> SchedulerConfig
 def _diffusers_sources(root: Path, expected):
     """Per part: {file key: (file, key in file)} after checking keys and shapes."""
     sources = {}
-    for part, rel in DIFFUSERS_FILES.items():
-        path = root / rel
+    for part in expected:
+        path = root / DIFFUSERS_FILES[part]
         if not path.exists():
             raise CheckpointError(f"{path} is missing (only .safetensors weights are read; convert .bin files first)")
         f = SafetensorsFile(path)
         # Older transformers saved CLIP's position_ids buffer; it is recomputed, never read.
         found = {k: s for k, s in f.shapes.items() if not k.endswith("embeddings.position_ids")}
-        if part == "text_encoder":
+        if part in TEXT_PARTS:
             found = {text_file_key(k): s for k, s in found.items()}
             rename = {text_file_key(k): k for k in f.shapes}
         else:
@@ -237,72 +169,20 @@ def _diffusers_sources(root: Path, expected):
     return sources
 
 
-def _single_file_sources(path: Path, f: SafetensorsFile, cfg: ModelConfig, expected):
-    """Per part: {diffusers file key: (file, LDM key, fix)}; `fix` reshapes/slices LDM tensors."""
-    shapes, where, sources = f.shapes, str(path), {}
-    unet_map = keymap.unet_map(cfg.unet, expected["unet"])
-    vae_map = keymap.vae_map(cfg.vae, expected["vae"])
-    sources["unet"] = {k: (f, v, None) for k, v in unet_map.items()}
-    sources["vae"] = {k: (f, v, _conv1x1_to_linear if keymap.is_vae_attn_matrix(k) else None) for k, v in vae_map.items()}
-    used = set(unet_map.values()) | set(vae_map.values())
-    if cfg.family == "sd1":
-        prefix = keymap.SD1_TEXT_PREFIX
-        text = {k: (f, prefix + k, None) for k in expected["text_encoder"]}
-        ignored = (prefix + "text_model.embeddings.position_ids",)
-    else:
-        n = cfg.text.num_hidden_layers
-        text = {}  # read in _materialize from the fused OpenCLIP tensors
-        ignored = tuple(keymap.SD2_TEXT_PREFIX + s for s in keymap.sd2_text_keys_ignored(n))
-    sources["text_encoder"] = text
-    # Check every LDM key this config needs, and that nothing unknown is left over.
-    need = set(used)
-    if cfg.family == "sd1":
-        need |= {src for _, src, _ in text.values()}
-    else:
-        need |= {keymap.SD2_TEXT_PREFIX + s for s in keymap.sd2_text_keys_used(cfg.text.num_hidden_layers)}
-    missing = sorted(k for k in need if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in need and not k.startswith(ignored)
-                        and not k.startswith(LDM_SKIPPED))
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            raise CheckpointError(f"{where}: {len(keys)} {label} key(s) for a {cfg.family} single-file checkpoint, "
-                                  f"first: {keys[:5]}")
-    if cfg.family == "sd2":  # shapes of the split q/k/v, computed on meta tensors from the header alone
-        meta = keymap.sd2_text_from_ldm(lambda name: torch.empty(shapes[keymap.SD2_TEXT_PREFIX + name], device="meta"),
-                                        cfg.text.num_hidden_layers)
-        for k, t in meta.items():
-            if tuple(t.shape) != expected["text_encoder"][k]:
-                raise CheckpointError(f"{where}: OpenCLIP tensor for {k!r} has shape {list(t.shape)}, expected "
-                                      f"{list(expected['text_encoder'][k])} for the detected sd2 configuration")
-    for part in ("unet", "vae", "text_encoder") if cfg.family == "sd1" else ("unet", "vae"):
-        for k, (_, src, fix) in sources[part].items():
-            found = shapes[src]
-            want = expected[part][k]
-            if fix is not None:
-                want = want + (1, 1)
-            if tuple(found) != tuple(want):
-                raise CheckpointError(f"{where}: tensor {src!r} has shape {list(found)}, expected {list(want)} "
-                                      f"for the detected {cfg.family} configuration")
-    return sources
-
-
-def _conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], t.shape[1])
-
-
-def _materialize(modules, sources, cfg: ModelConfig, single: SafetensorsFile | None, device, dtype):
-    """Read every tensor once, cast and move it, assign it into the meta modules."""
+def _materialize(modules, sources, cfg: ModelConfig, single: SafetensorsFile | None, device, dtypes: dict):
+    """Read every tensor once, cast and move it, assign it into the meta modules (`dtypes`: per part)."""
     for part, m in modules.items():
-        if part == "text_encoder" and cfg.family == "sd2" and single is not None:
-            got = keymap.sd2_text_from_ldm(lambda name: single.get(keymap.SD2_TEXT_PREFIX + name, device, dtype),
-                                           cfg.text.num_hidden_layers)
+        dtype = dtypes[part]
+        if sources[part] is None:  # a single file's OpenCLIP text encoder, converted while read
+            layout = singlefile.openclip_layout(cfg, part)
+            got = singlefile.read_openclip(lambda name: single.get(layout.prefix + name, device, dtype), cfg, layout)
             tensors = {k: t.contiguous() for k, t in got.items()}
         else:
             tensors = {}
             for k, (f, src, fix) in sources[part].items():
                 t = f.get(src, device, dtype)
                 tensors[k] = fix(t) if fix is not None else t
-        if part == "text_encoder":
+        if part in TEXT_PARTS:
             own = {text_file_key(k): k for k in m.state_dict()}
             tensors = {own[k]: t for k, t in tensors.items()}
         m.load_state_dict(tensors, strict=True, assign=True)
@@ -351,12 +231,13 @@ def _resolve(path) -> tuple[str, Path]:
 
 
 def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, prediction_type: str | None = None):
-    """Load a Stable Diffusion 1.x/2.x checkpoint into a `Pipeline`.
+    """Load a Stable Diffusion 1.x/2.x or SDXL base checkpoint into a `Pipeline`.
 
     Args:
         path: a diffusers folder, one LDM single-file `.safetensors`, or "toy".
         device: default "cuda" when available, else "cpu".
-        dtype: torch.float32 / float16 / bfloat16; every floating tensor is cast on load.
+        dtype: torch.float32 / float16 / bfloat16; every floating tensor is cast on load (an SDXL VAE that
+            says `force_upcast` stays float32 in half precision, where it overflows).
         backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton".
         prediction_type: "epsilon" or "v_prediction"; overrides the checkpoint's (single files cannot say).
     """
@@ -381,19 +262,24 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
         expected = expected_shapes(modules)
         sources = _diffusers_sources(root, expected)
         single = None
-        tokenizer = load_tokenizer(root / "tokenizer")
+        tokenizers = [load_tokenizer(root / "tokenizer")]
+        if cfg.text_2 is not None:
+            tokenizers.append(load_tokenizer(root / "tokenizer_2"))
     else:
         single = SafetensorsFile(root)
-        cfg = detect_config(single.shapes, str(root), prediction_type)
-        schedule = SchedulerConfig(prediction_type=cfg.prediction_type)  # SD 1.x/2.x's standard config
+        cfg = singlefile.detect_config(single.shapes, str(root), prediction_type)
+        schedule = SchedulerConfig(prediction_type=cfg.prediction_type)  # SD's standard config
         modules = build_meta(cfg)
         expected = expected_shapes(modules)
-        sources = _single_file_sources(root, single, cfg, expected)
-        tokenizer = clip_tokenizer(cfg.pad_token)
+        sources = singlefile.sources(root, single, cfg, expected)
+        tokenizers = [clip_tokenizer(cfg.pad_token)] + ([clip_tokenizer("!")] if cfg.text_2 is not None else [])
     # Everything is validated; from here on only reading can fail (a file truncated mid-data).
-    _materialize(modules, sources, cfg, single, device, dtype)
-    unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
-    for m in (unet, vae, text):
+    upcast = cfg.family == "sdxl" and cfg.vae.force_upcast and dtype != torch.float32
+    dtypes = {part: (torch.float32 if part == "vae" and upcast else dtype) for part in modules}
+    _materialize(modules, sources, cfg, single, device, dtypes)
+    for m in modules.values():
         m.eval().requires_grad_(False)
-    unet.set_backend(backend)
-    return Pipeline(unet, vae, text, tokenizer, cfg, device=device, dtype=dtype, backend=backend, schedule=schedule)
+    modules["unet"].set_backend(backend)
+    return Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizers[0], cfg, device=device,
+                    dtype=dtype, backend=backend, schedule=schedule, text_encoder_2=modules.get("text_encoder_2"),
+                    tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None)

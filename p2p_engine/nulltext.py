@@ -42,15 +42,16 @@ class _Adam:
         self.m.zero_(); self.v.zero_(); self.count.zero_()
 
     def step(self, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, active: torch.Tensor):
-        """In place. param/grad (N, 77, D); lr 0-d fp64; active (N,) bool."""
-        a = active.view(-1, 1, 1)
+        """In place. param/grad (N, ...) (N, 77, D) embeddings or SDXL's (N, P) pooled; lr 0-d fp64; active (N,)."""
+        per_image = (-1,) + (1,) * (param.dim() - 1)
+        a = active.view(per_image)
         self.count.add_(active.to(self.count.dtype))
         # Bias corrections in float64 then cast, as torch.optim.Adam computes them with Python floats.
         c = self.count.clamp(min=1)
         bc1 = 1 - self.b1 ** c
         bc2_sqrt = (1 - self.b2 ** c).sqrt()
-        step_size = (lr / bc1).to(param.dtype).view(-1, 1, 1)
-        bc2_sqrt = bc2_sqrt.to(param.dtype).view(-1, 1, 1)
+        step_size = (lr / bc1).to(param.dtype).view(per_image)
+        bc2_sqrt = bc2_sqrt.to(param.dtype).view(per_image)
         m = torch.lerp(self.m, grad, 1 - self.b1)
         v = self.v * self.b2 + (1 - self.b2) * grad * grad
         denom = v.sqrt() / bc2_sqrt + self.eps
@@ -64,11 +65,15 @@ class _Iteration:
     """One inner iteration on static buffers: uncond forward, guided DDIM step, per-image MSE, backward,
     masked Adam step, done-flag update. Called eagerly, or captured once and replayed."""
 
-    def __init__(self, pipe, param: torch.Tensor, latent: torch.Tensor, guidance: float):
+    def __init__(self, pipe, param: torch.Tensor, latent: torch.Tensor, guidance: float,
+                 pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None, optimize_pooled=False):
         dev, dt = param.device, param.dtype
         self.pipe = pipe
         self.v_pred = pipe.config.prediction_type == "v_prediction"
         self.param = param  # (N, 77, D) fp32 null embeddings being optimised
+        self.pooled = pooled  # SDXL: (N, P) the unconditional pooled embedding, fixed or optimised
+        self.time_ids = time_ids  # SDXL: (N, 6)
+        self.pooled_adam = _Adam(pooled) if optimize_pooled else None
         self.latent = latent.clone()  # (N, 4, h, w) z_t
         self.out_c = torch.zeros_like(latent)  # conditional model output at z_t
         self.target = torch.zeros_like(latent)  # pivot z*_{t-1}
@@ -84,16 +89,21 @@ class _Iteration:
 
     def __call__(self):
         p = self.param.detach().requires_grad_(True)
+        pooled = self.pooled
+        if self.pooled_adam is not None:
+            pooled = pooled.detach().requires_grad_(True)
         with torch.enable_grad():
-            out_u = self.pipe.predict(self.latent, self.t, p)
+            out_u = self.pipe.predict(self.latent, self.t, p, pooled=pooled, time_ids=self.time_ids)
             noise = out_u + self.guidance * (self.out_c - out_u)
             prev = ddim_step(noise, self.latent, self.a, self.a_prev, self.v_pred)
             loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
-            (grad,) = torch.autograd.grad(loss.sum(), p)
+            grads = torch.autograd.grad(loss.sum(), [p] if self.pooled_adam is None else [p, pooled])
         loss = loss.detach()
         active = ~self.done
         with torch.no_grad():
-            self.adam.step(self.param, grad, self.lr, active)
+            self.adam.step(self.param, grads[0], self.lr, active)
+            if self.pooled_adam is not None:
+                self.pooled_adam.step(self.pooled, grads[1], self.lr, active)
             self.loss.copy_(torch.where(active, loss, torch.full_like(loss, float("nan"))))
             # Reference: the check follows the step, so the meeting iteration still updates.
             self.done.copy_(self.done | (active & (loss < self.thresh)))
@@ -101,7 +111,10 @@ class _Iteration:
 
 def _graph_iteration(it: _Iteration):
     """Capture `it()` in a CUDA graph (warm-up on a side stream first). Returns a replay callable."""
-    state = (it.param.clone(), it.adam.m.clone(), it.adam.v.clone(), it.adam.count.clone(), it.done.clone())
+    live = [it.param, it.adam.m, it.adam.v, it.adam.count, it.done]
+    if it.pooled_adam is not None:
+        live += [it.pooled, it.pooled_adam.m, it.pooled_adam.v, it.pooled_adam.count]
+    state = [t.clone() for t in live]
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -114,22 +127,28 @@ def _graph_iteration(it: _Iteration):
             it()
     finally:
         # Warm-up and capture ran on live buffers: restore them (also for the eager fallback).
-        for dst, src in zip((it.param, it.adam.m, it.adam.v, it.adam.count, it.done), state):
+        for dst, src in zip(live, state):
             dst.copy_(src)
     return g.replay
 
 
-def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress):
-    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond (N, 77, D) fp32; ts the sampling timesteps.
-    Returns null embeddings (steps, N, 77, D) and losses (steps, inner_steps, N)."""
+def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress,
+                  time_ids=None, optimize_pooled: bool = False):
+    """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond `Text` of N rows (fp32 master copies); ts the sampling
+    timesteps; SDXL's time_ids (N, 6). The unconditional pooled embedding stays at uncond's unless
+    `optimize_pooled`. Returns null embeddings (steps, N, 77, D), SDXL's pooled (steps, N, P) or None, and
+    losses (steps, inner_steps, N)."""
     sched = pipe.scheduler
     dev = pipe.device
-    n, steps = cond.shape[0], len(ts)
-    param = uncond.detach().to(pipe.master_dtype).clone()
+    n, steps = cond.context.shape[0], len(ts)
+    param = uncond.context.detach().to(pipe.master_dtype).clone()
+    pooled = None if uncond.pooled is None else uncond.pooled.detach().to(pipe.master_dtype).clone()
     latent = traj[-1]
-    it = _Iteration(pipe, param, latent, guidance)
+    it = _Iteration(pipe, param, latent, guidance, pooled, time_ids, optimize_pooled and pooled is not None)
     run = None
-    nulls = torch.empty((steps, n) + tuple(cond.shape[1:]), dtype=param.dtype, device=dev)
+    nulls = torch.empty((steps, n) + tuple(param.shape[1:]), dtype=param.dtype, device=dev)
+    pooled_nulls = None if pooled is None else torch.empty((steps,) + tuple(pooled.shape), dtype=param.dtype,
+                                                           device=dev)
     losses = torch.full((steps, inner_steps, n), float("nan"), dtype=param.dtype, device=dev)
     bar = None
     if progress:
@@ -139,7 +158,8 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
         a, a_prev = _coeffs(sched, t, steps, dev)
         with torch.no_grad():
             it.latent.copy_(latent)
-            it.out_c.copy_(pipe.predict(latent, torch.tensor(t, device=dev), cond))
+            it.out_c.copy_(pipe.predict(latent, torch.tensor(t, device=dev), cond.context, pooled=cond.pooled,
+                                        time_ids=time_ids))
             it.target.copy_(traj[len(traj) - i - 2])
             it.t.fill_(t)
             it.a.copy_(a)
@@ -148,6 +168,8 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
             it.thresh.fill_(eps0 + i * eps_slope)
             it.done.zero_()
             it.adam.reset()
+            if it.pooled_adam is not None:
+                it.pooled_adam.reset()
         if run is None:  # capture once the buffers hold real values (step 0), so warm-up sees no NaN
             run = it
             if use_graph:
@@ -162,15 +184,17 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
             losses[i, j].copy_(it.loss)
         with torch.no_grad():
             nulls[i].copy_(it.param)
+            if pooled_nulls is not None:
+                pooled_nulls[i].copy_(it.pooled)
             # Advance with the optimised embedding: guided step from z_t.
-            out_u = pipe.predict(latent, torch.tensor(t, device=dev), it.param)
+            out_u = pipe.predict(latent, torch.tensor(t, device=dev), it.param, pooled=it.pooled, time_ids=time_ids)
             noise = out_u + guidance * (it.out_c - out_u)
             latent = ddim_step(noise, latent, a, a_prev, it.v_pred)
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    return nulls, losses
+    return nulls, pooled_nulls, losses
 
 
 # The reference's early stop: step i stops once its loss < EPSILON + i * EPSILON_SLOPE.

@@ -2,6 +2,14 @@
 
 `Pipeline` holds no global state; sampling and editing live in `editing.py` and
 inversion in `inversion.py`, and the methods here only forward to them.
+
+Text conditioning (`Text`): SD 1.x/2.x condition on the text encoder's last
+hidden state (B, 77, D). SDXL conditions on both encoders' penultimate hidden
+states side by side (B, 77, 768 + 1280) and, through the UNet's added
+conditioning, on a pooled embedding (encoder 2's projected EOS output) and six
+time ids (original h, w, crop top, left, target h, w; `time_ids`). Its empty
+unconditional prompt is all zeros where the checkpoint says
+`force_zeros_for_empty_prompt` (`unconditional`).
 """
 from __future__ import annotations
 
@@ -9,17 +17,21 @@ import gc
 
 import torch
 
+from .conditioning import Text
 from .config import ModelConfig
 from .scheduler import DDIM, SchedulerConfig
 
 
 class Pipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, config: ModelConfig, *,
-                 device: torch.device, dtype: torch.dtype, backend: str, schedule: SchedulerConfig | None = None):
+                 device: torch.device, dtype: torch.dtype, backend: str, schedule: SchedulerConfig | None = None,
+                 text_encoder_2=None, tokenizer_2=None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2  # SDXL's second text encoder (with projection) and its tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -32,43 +44,92 @@ class Pipeline:
         return self.config.family
 
     @property
+    def default_guidance(self) -> float:
+        """The family's guidance scale: 5.0 for SDXL, 7.5 for SD 1.x/2.x (the references')."""
+        return 5.0 if self.family == "sdxl" else 7.5
+
+    def self_max_queries(self, h: int, w: int) -> int:
+        """Self-attention replacement's default limit for latents of h x w: the stable notebook's 16 x 16 layers
+        for SD 1.x/2.x; for SDXL scaled with the latent size, (h/4)(w/4) (32 x 32 at 1024 x 1024)."""
+        return (h // 4) * (w // 4) if self.family == "sdxl" else 16 * 16
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's own dtype: float32 for an SDXL VAE that asks to be upcast (`force_upcast`) in half
+        precision, where it overflows; the pipeline's dtype otherwise."""
+        return next(self.vae.parameters()).dtype
+
+    @property
     def master_dtype(self) -> torch.dtype:
         """The dtype of latents between steps, of the scheduler's arithmetic and of optimised embeddings:
         float32 whatever the model's dtype (float64 for a float64 model: tests check loops with one, free
         of float32 rounding)."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77) int64 token ids, padded with the checkpoint's pad token, truncated at 77."""
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        """(B, 77) int64 token ids, padded with the checkpoint's pad token, truncated at 77 (tokenizer 1 unless
+        another is given; token positions for P2P are always tokenizer 1's)."""
+        tokenizer = tokenizer or self.tokenizer
+        out = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
         return out.input_ids
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
-        """(B, 77, D) text embeddings (the text encoder's last hidden state) in the pipeline's dtype."""
+    def encode_text(self, prompts: list[str] | str) -> Text:
+        """The conditioning of the prompts in the pipeline's dtype (module docstring)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = self.tokenize(prompts).to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        if self.text_encoder_2 is None:  # SD 1.x/2.x: the last hidden state
+            return Text(self.text_encoder(ids)[0].to(self.dtype))
+        ids_2 = self.tokenize(prompts, self.tokenizer_2).to(self.device)
+        h1 = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        out = self.text_encoder_2(ids_2, output_hidden_states=True)
+        return Text(torch.cat([h1, out.hidden_states[-2]], dim=-1).to(self.dtype), out.text_embeds.to(self.dtype))
 
-    def predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        """The UNet's output for latents `x` (B, 4, h, w) and `context` (B, 77, D) in the master dtype: the model
-        runs in its own dtype, and inversion's optimised embeddings stay float32 master copies."""
-        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).to(self.master_dtype)
+    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
+        """(B, 77, D) text embeddings: the context cross-attention reads (`encode_text` gives SDXL's pooled
+        embedding beside it)."""
+        return self.encode_text(prompts).context
+
+    def unconditional(self) -> Text:
+        """What the sampler's unconditional branch reads, for one row: the empty prompt's conditioning, or zeros
+        where the checkpoint says `force_zeros_for_empty_prompt` (SDXL)."""
+        text = self.encode_text([""])
+        if self.config.force_zeros_for_empty_prompt:
+            text = Text(torch.zeros_like(text.context), None if text.pooled is None else torch.zeros_like(text.pooled))
+        return text
+
+    def time_ids(self, height: int, width: int, rows: int) -> torch.Tensor | None:
+        """(rows, 6) SDXL time ids of an image of height x width pixels, uncropped and not resized:
+        (h, w, 0, 0, h, w) as diffusers' SDXL pipelines make them by default; None for SD 1.x/2.x."""
+        if self.config.unet.addition_time_embed_dim is None:
+            return None
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype, device=self.device)
+        return ids.expand(rows, -1)
+
+    def predict(self, x: torch.Tensor, t, context: torch.Tensor, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's output for latents `x` (B, 4, h, w), `context` (B, 77, D) (and for SDXL the pooled
+        embedding and time ids) in the master dtype: the model runs in its own dtype, and inversion's optimised
+        embeddings stay float32 master copies."""
+        if pooled is not None:
+            pooled = pooled.to(self.dtype)
+        return self.unet(x.to(self.dtype), t, context.to(self.dtype), pooled=pooled, time_ids=time_ids
+                         ).to(self.master_dtype)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) latents in the master dtype: the VAE mean times the
         scaling factor, as the reference encodes a real image."""
-        out = self.vae.encode(images.to(self.device, self.dtype))
+        out = self.vae.encode(images.to(self.device, self.vae_dtype))
         return out.to(self.master_dtype) * self.config.vae.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) scaled latents -> (B, 3, H, W) float32 images in [-1, 1] (`images.to_pil` makes
         pictures of them)."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.config.vae.scaling_factor).float()
+        return self.vae.decode(latents.to(self.device, self.vae_dtype) / self.config.vae.scaling_factor).float()
 
     def edit(self, prompts, controller=None, **kwargs):
         from .editing import edit

@@ -121,13 +121,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    def __init__(self, ch, heads, cfg: UNetConfig, layers: tuple[AttnLayer, AttnLayer]):
+    def __init__(self, ch, heads, cfg: UNetConfig, layers: list[tuple[AttnLayer, AttnLayer]]):
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
-        self.transformer_blocks = nn.ModuleList([
-            TransformerBlock(ch, heads, cfg.cross_attention_dim, layers[0], layers[1], cfg.upcast_attention)])
+        self.transformer_blocks = nn.ModuleList([  # one (self, cross) pair of layers per block
+            TransformerBlock(ch, heads, cfg.cross_attention_dim, s, c, cfg.upcast_attention) for s, c in layers])
         self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context, control):
@@ -182,10 +182,14 @@ class UNet(nn.Module):
             return pair
 
         def transformer(c, heads, place, level):
-            return Transformer2D(c, heads, cfg, layers(place, level))
+            # SDXL stacks several blocks per module (cfg.depth); the layers are numbered in call order
+            depth = cfg.depth(level if place != "mid" else n - 1)
+            return Transformer2D(c, heads, cfg, [layers(place, level) for _ in range(depth)])
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_time_embed_dim is not None:  # SDXL: pooled text + 6 embedded time ids, added to temb
+            self.add_embedding = TimestepEmbedding(cfg.pooled_dim + 6 * cfg.addition_time_embed_dim, temb)
 
         self.down_blocks = nn.ModuleList()
         cout = ch[0]
@@ -232,12 +236,20 @@ class UNet(nn.Module):
             if isinstance(m, Attention):
                 m.backend = name
 
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor, control=None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor, control=None,
+                pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         # sample: (B, C, h, w); timestep: scalar, 0-d or (B,); context: (B, T, D)
+        # SDXL only: pooled (B, pooled_dim) text embedding, time_ids (B, 6) (original h, w, crop top, left, target h, w)
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(sample.dtype))
+        if self.cfg.addition_time_embed_dim is not None:
+            if pooled is None or time_ids is None:
+                raise ValueError("this UNet (SDXL) needs the pooled text embedding and the time ids: "
+                                 "unet(sample, t, context, pooled=..., time_ids=...)")
+            ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(B, -1)
+            emb = emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(emb.dtype))
 
         x = self.conv_in(sample)
         skips = [x]

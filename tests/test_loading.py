@@ -118,7 +118,7 @@ def test_argument_validation(folders):
     with pytest.raises(ValueError, match="prediction_type"):
         p2p.load(folders["tiny"], prediction_type="sample")
     with pytest.raises(ValueError, match="preset"):
-        p2p.save_random_checkpoint(folders["tiny"].parent / "x", "sdxl")
+        p2p.save_random_checkpoint(folders["tiny"].parent / "x", "sd3")
 
 
 def test_deterministic_and_atomic(folders, tmp_path):
