@@ -137,3 +137,10 @@ def test_bench_methods_smoke(benchmark):
     assert [r.case.split(":")[0] for r in rows] == ["direct", "ddim", "negative_prompt", "null_text"]
     assert all(r.ours.median > 0 and r.floor_ms > 0 for r in rows)
     assert "bit for bit" in rows[0].check
+
+
+def test_bench_sdxl_smoke(benchmark):
+    from benchmarks import bench_sdxl
+    rows = benchmark.pedantic(bench_sdxl.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
+    assert rows[0].case.startswith("UNet step") and "<=" in rows[0].check  # the correctness gate passed
+    assert any("peak memory" in r.case for r in rows) and all(r.ours.median > 0 for r in rows)
