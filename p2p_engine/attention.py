@@ -5,7 +5,9 @@ than our kernels without control (measured). With a control plan (`p2p_engine.pl
 it stores, injects and re-weights maps through the pure-torch references (backend
 "torch") or the fused Triton kernels (backend "triton"), which live side by side in
 `p2p_engine.kernels`; a large self-attention injection takes SDPA on the source's
-queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N).
+queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N). A plan
+that carries its own attention (`plan.attend(q, k, v, scale)`: the edit cache's
+recording and re-edit plans, `p2p_engine.cache`) is called instead.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if plan is not None and hasattr(plan, "attend"):
+        return plan.attend(q, k, v, q.shape[-1] ** -0.5)
     if plan is None or not (plan.injects or plan.store is not None):
         # Uncontrolled: SDPA on every backend. It has a backward (null-text inversion differentiates these
         # calls), and on an H200 it ran 2-8x faster than our kernels without control (benchmarks/RESULTS.md).

@@ -45,8 +45,7 @@ def cross_gate(prompts, steps: int, cross_steps, tokenizer) -> torch.Tensor:
     spec.setdefault("default_", (0.0, 1.0))
 
     def put(bounds, j, inds):
-        start, end = _bounds(bounds, "cross_steps")
-        s, e = int(start * rows), int(end * rows)
+        s, e = cross_window(steps, bounds)
         alpha[:, j, inds] = 0
         alpha[s:e, j, inds] = 1
 
@@ -64,6 +63,12 @@ def cross_gate(prompts, steps: int, cross_steps, tokenizer) -> torch.Tensor:
         if not found:
             raise ValueError(f"cross_steps: the word {word!r} is in none of the target prompts {prompts[1:]!r}")
     return alpha
+
+
+def cross_window(steps: int, cross_steps) -> tuple[int, int]:
+    """The rows [start, end) of `cross_gate`'s table that a window (a fraction or a pair) opens."""
+    start, end = _bounds(cross_steps, "cross_steps")
+    return int(start * (steps + 1)), int(end * (steps + 1))
 
 
 def self_window(steps: int, self_steps) -> tuple[int, int]:
@@ -213,22 +218,29 @@ class Control:
         i = self.step
         if layer.index not in self.layers:
             self.layers[layer.index] = (layer, n_queries)
-        e = self.edit
         if layer.is_cross:
             store = self._cross_buffer(layer, n_queries)
-            if self.cross_on[i]:
-                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, e.gate[i])
-            return CrossPlan(self.P, store) if store is not None else None
-        inject = self.self_on[i] and n_queries <= e.self_max_queries
-        store = None
-        if self.self_maps and n_queries <= 32 * 32:
-            store = self.self_sum.get(layer.index)
-            if store is None:
-                store = self.self_sum[layer.index] = torch.zeros(self.P, n_queries, n_queries,
-                                                                 device=self.device)
-        if inject or store is not None:
-            return SelfPlan(self.P, inject, store)
-        return None
+            return self._cross_plan(layer, store, i) if (self.cross_on[i] or store is not None) else None
+        inject = self.self_on[i] and n_queries <= self.edit.self_max_queries
+        store = self._self_buffer(layer, n_queries)
+        return self._self_plan(layer, inject, store, i) if (inject or store is not None) else None
+
+    def _cross_plan(self, layer: AttnLayer, store, i: int) -> CrossPlan:
+        e = self.edit
+        if self.cross_on[i]:
+            return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, e.gate[i])
+        return CrossPlan(self.P, store)
+
+    def _self_plan(self, layer: AttnLayer, inject: bool, store, i: int) -> SelfPlan:
+        return SelfPlan(self.P, inject, store)
+
+    def _self_buffer(self, layer, n):
+        if not (self.self_maps and n <= 32 * 32):
+            return None
+        store = self.self_sum.get(layer.index)
+        if store is None:
+            store = self.self_sum[layer.index] = torch.zeros(self.P, n, n, device=self.device)
+        return store
 
     def _is_blend_layer(self, layer: AttnLayer) -> bool:
         return self.blend is not None and layer.place != "mid" and layer.level == self.blend.level
@@ -251,7 +263,7 @@ class Control:
         """latents (P, 4, h, w) after the scheduler step -> the same, blended."""
         i = self.step
         if self.step_buf:
-            step_maps = sum(self.step_buf.values())  # (P, N, T) over blend layers
+            step_maps = self._step_maps()
             if self.keep:
                 for k, buf in self.step_buf.items():
                     self.cross_sum.setdefault(k, torch.zeros_like(buf)).add_(buf)
@@ -269,6 +281,10 @@ class Control:
                 latents = self._blend(latents)
         self.step += 1
         return latents
+
+    def _step_maps(self) -> torch.Tensor:
+        """This call's pre-injection maps (P, N, T), summed over the blend layers."""
+        return sum(self.step_buf.values())
 
     def _mask(self, maps, words, threshold, pool, hw, size):
         m = (maps * words[:, None]).sum(-1).reshape(self.P, 1, *hw)

@@ -15,6 +15,10 @@ Proximal guidance (`proximal="l0"`, ProxEdit; the reference's name): the
 guided noise is e_u + g * d with d = e_c - e_u soft-thresholded at the
 `quantile` of |d| over the whole (P, 4, h, w) batch: d := d - clamp(d, -thr, thr).
 
+Re-edits (`cache=`, p2p_engine.cache): the source row of an edit does not depend
+on its targets, so `edit_cache` runs it alone once and records what the targets
+read from it; an edit with that cache runs the targets' rows only.
+
 Precision: the UNet runs in the pipeline's dtype; the latents between steps,
 the guidance and the scheduler's arithmetic stay in the master dtype
 (`Pipeline.master_dtype`, float32), as null-text inversion optimised them.
@@ -25,13 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
-from .conditioning import Text
+from .conditioning import StepTexts, Text
 from .samplers import make_sampler
 from .words import check_prompts
 
 DEFAULT_STEPS = 50
+DEFAULT_MAX_BYTES = 16 << 30  # an edit cache's default bound
 PROXIMAL = (None, "l0")
 
 
@@ -42,29 +48,30 @@ class EditOutput:
     attention: object  # maps.AttentionMaps or None
 
 
-@torch.no_grad()
-def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-         sampler: str = "ddim", steps_offset: int | None = None, height: int | None = None, width: int | None = None,
-         latents: torch.Tensor | None = None, local_blend=None, inversion=None, proximal: str | None = None,
-         quantile: float = 0.75, store: bool = True, progress: bool = True, decode_images: bool = True) -> EditOutput:
-    """Generate (controller=None) or edit P prompts, prompt 0 the source.
+@dataclass
+class Source:
+    """What fixes an edit's source row: the start latent and the sampling settings (`resolve_source`)."""
 
-    Args:
-        steps: sampling steps (default 50; with an inversion, its own, and another number is an error).
-        guidance: classifier-free guidance scale (default the family's, 7.5 or SDXL's 5.0; with an inversion, the
-            one it was made with).
-        sampler: "ddim", "pndm" (PLMS, steps + 1 UNet calls) or "dpmsolver++"; windows are fractions of steps.
-        steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
-        latents: optional start noise (1, 4, h, w) shared by every prompt.
-        inversion: an Inversion; its latent_T starts the loop and its null embeddings replace ""; a "direct"
-            one also pins the source row to its pivot after every step.
-        proximal: "l0" for proximal guidance at `quantile` (module docstring), None for plain guidance.
-        store: keep the cross maps of every layer (summed over steps) in `out.attention`.
-    """
-    prompts = check_prompts(prompts, pipe.tokenizer)
-    P = len(prompts)
+    latents: torch.Tensor  # (1, C, h, w) start latent, master dtype
+    steps: int
+    guidance: float
+    sampler: str
+    steps_offset: int | None
+    timesteps: list | None  # an inversion's
+    null: StepTexts | None  # an inversion's unconditional conditioning per step
+    pivots: torch.Tensor | None  # a direct inversion's (steps, C, h, w)
+    proximal: str | None
+    quantile: float
+    seed: int | None
+
+
+def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, steps_offset=None, height=None,
+                   width=None, latents=None, inversion=None, proximal=None, quantile=None) -> Source:
+    """The edit's arguments (see `edit`) checked and resolved into a `Source`; None takes the default."""
     device, master = pipe.device, pipe.master_dtype
     channels = pipe.config.unet.in_channels
+    sampler = "ddim" if sampler is None else sampler
+    quantile = 0.75 if quantile is None else quantile
     if proximal not in PROXIMAL:
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
     if not 0.0 < quantile <= 1.0:
@@ -95,44 +102,146 @@ def edit(pipe, prompts, controller=None, *, seed: int = 0, steps: int | None = N
         height, width = height or pipe.config.image_size, width or pipe.config.image_size
         if height % down or width % down:
             raise ValueError(f"height and width must be multiples of {down}, got {height} x {width}")
-        g = torch.Generator(device=device).manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
         latents = torch.randn((1, channels, height // down, width // down), generator=g, device=device,
                               dtype=torch.float32)
     latents = latents.to(device, master)
     if latents.dim() != 4 or latents.shape[0] != 1:
         raise ValueError(f"latents must be (1, {channels}, h, w), shared by all prompts; got {tuple(latents.shape)}")
-    h, w = latents.shape[-2:]
-    latents = latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
+    return Source(latents, steps, guidance, sampler, steps_offset, timesteps, null, pivots, proximal, quantile, seed)
 
+
+def _sample(pipe, prompts, src: Source, control, *, pin: bool, progress: bool, desc: str) -> torch.Tensor:
+    """The loop (module docstring) over the rows of `prompts` from the source's start latent; `pin`: row 0 is the
+    source, pinned to a direct inversion's pivots. Returns the final latents (rows, C, h, w)."""
+    device, master = pipe.device, pipe.master_dtype
+    P = len(prompts)
+    latents = src.latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
+    h, w = latents.shape[-2:]
     cond = pipe.encode_text(prompts)  # (P, 77, D), SDXL's pooled (P, pooled)
-    uncond = pipe.unconditional().expand(P) if null is None else None
+    uncond = pipe.unconditional().expand(P) if src.null is None else None
     down = pipe.config.vae.downscale
     time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # SDXL: (2P, 6); None for SD 1.x/2.x
-    smp = make_sampler(sampler, pipe.scheduler, steps, device, steps_offset=steps_offset, timesteps=timesteps)
-    control = compile_control(controller, prompts, pipe.tokenizer, steps, device, layers=pipe.unet.attn_layers,
-                              local_blend=local_blend, store=store, calls=len(smp.timesteps),
-                              self_max_queries=pipe.self_max_queries(h, w))
+    smp = make_sampler(src.sampler, pipe.scheduler, src.steps, device, steps_offset=src.steps_offset,
+                       timesteps=src.timesteps)
     calls = smp.timesteps
     if progress:
         from tqdm.auto import tqdm
-        calls = tqdm(calls, desc="edit" if controller is not None else "sample")
+        calls = tqdm(calls, desc=desc)
     for i, t in enumerate(calls):
-        u = null.step(i).expand(P) if null is not None else uncond
+        u = src.null.step(i).expand(P) if src.null is not None else uncond
         text = Text.cat([u, cond])  # (2P, 77, D)
         x = torch.cat([latents, latents]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), text.context, control=control, pooled=text.pooled,
                         time_ids=time_ids).to(master)
         out_u, out_c = out.chunk(2)
         delta = out_c - out_u
-        if proximal == "l0":
-            thr = torch.quantile(delta.abs().flatten(), quantile)
+        if src.proximal == "l0":
+            thr = torch.quantile(delta.abs().flatten(), src.quantile)
             delta = delta - delta.clamp(-thr, thr)
-        latents = smp.step(i, out_u + guidance * delta, latents)
-        if pivots is not None:  # before LocalBlend, as the reference's offsets are added
-            latents[0] = pivots[i]
+        latents = smp.step(i, out_u + src.guidance * delta, latents)
+        if pin and src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
+            latents[0] = src.pivots[i]
         if control is not None:
             latents = control.end_step(latents)
+    return latents
 
+
+def _calls(pipe, src: Source) -> int:
+    return len(make_sampler(src.sampler, pipe.scheduler, src.steps, "cpu", steps_offset=src.steps_offset,
+                            timesteps=src.timesteps).timesteps)
+
+
+@torch.no_grad()
+def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int | None = None,
+         guidance: float | None = None, sampler: str | None = None, steps_offset: int | None = None,
+         height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None, local_blend=None,
+         inversion=None, proximal: str | None = None, quantile: float | None = None, store: bool = True,
+         cache: EditCache | None = None, progress: bool = True, decode_images: bool = True) -> EditOutput:
+    """Generate (controller=None) or edit P prompts, prompt 0 the source.
+
+    Args:
+        seed: the start noise's seed (default 0).
+        steps: sampling steps (default 50; with an inversion, its own, and another number is an error).
+        guidance: classifier-free guidance scale (default the family's, 7.5 or SDXL's 5.0; with an inversion, the
+            one it was made with).
+        sampler: "ddim" (default), "pndm" (PLMS, steps + 1 UNet calls) or "dpmsolver++"; windows are fractions
+            of steps.
+        steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
+        latents: optional start noise (1, 4, h, w) shared by every prompt.
+        inversion: an Inversion; its latent_T starts the loop and its null embeddings replace ""; a "direct"
+            one also pins the source row to its pivot after every step.
+        proximal: "l0" for proximal guidance at `quantile` (default 0.75; module docstring), None for plain
+            guidance.
+        store: keep the cross maps of every layer (summed over steps) in `out.attention`.
+        cache: an `EditCache` of prompt 0 (`Pipeline.edit_cache`): only the targets' rows run, and the source's
+            settings (seed .. quantile above) are the cache's: giving any of them is an error.
+    """
+    prompts = check_prompts(prompts, pipe.tokenizer)
+    source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,
+                       height=height, width=width, latents=latents, inversion=inversion, proximal=proximal,
+                       quantile=quantile)
+    if cache is not None:
+        given = [k for k, v in source_args.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: an edit from a cache runs the source settings the cache was made "
+                             f"with; leave them out")
+        return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
+                            progress=progress, decode_images=decode_images)
+    src = resolve_source(pipe, **source_args)
+    h, w = src.latents.shape[-2:]
+    control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
+                              layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
+                              calls=_calls(pipe, src), self_max_queries=pipe.self_max_queries(h, w))
+    latents = _sample(pipe, prompts, src, control, pin=True, progress=progress,
+                      desc="edit" if controller is not None else "sample")
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
+    return EditOutput(images=images, latents=latents, attention=attention)
+
+
+@torch.no_grad()
+def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_queries: int | None = None,
+               self_maps: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES, storage=None,
+               progress: bool = True, **source_args) -> EditCache:
+    """Run the source `prompt` alone and record what later edits of it read (p2p_engine.cache).
+
+    Args:
+        cross_steps, self_steps: the windows (fractions of the steps, or (start, end)) whose source attention is
+            kept; a later edit's windows must lie inside them (the controllers' defaults, 0.8 and 0.4, by default).
+        self_max_queries: self layers with at most this many queries are kept (default the model's).
+        self_maps: also keep the source's self maps (for edits whose controller stores them).
+        max_bytes: refuse, after the first UNet call, a cache that would hold more (None: no limit).
+        storage: where the cache lives (default the pipeline's device; "cpu" offloads a CUDA run to pinned
+            host memory).
+        **source_args: the source's settings, as `edit` takes them (seed, steps, inversion, ...).
+    """
+    [prompt] = check_prompts([prompt], pipe.tokenizer)
+    src = resolve_source(pipe, **source_args)
+    if src.proximal is not None:
+        raise ValueError("proximal guidance takes its threshold over the whole batch, so the source row depends on "
+                         "the targets and cannot be cached; edit without a cache")
+    h, w = src.latents.shape[-2:]
+    limit = pipe.self_max_queries(h, w) if self_max_queries is None else self_max_queries
+    recorder = Recorder(pipe.device, storage, _calls(pipe, src), src.steps, cross_steps, self_steps, limit,
+                        self_maps, max_bytes)
+    latents = _sample(pipe, [prompt], src, recorder, pin=True, progress=progress, desc="source")
+    image = to_pil(pipe.decode_latents(latents))[0]
+    return recorder.finish(pipe, prompt, src, latents, image)
+
+
+def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, progress, decode_images):
+    src = cache.source
+    h, w = src.latents.shape[-2:]
+    cache.check_for(pipe, prompts)
+    control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
+                              layers=pipe.unet.attn_layers, local_blend=local_blend, store=store, calls=cache.calls,
+                              self_max_queries=pipe.self_max_queries(h, w))
+    if control is None:
+        raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
+    control = CachedControl(control, cache)
+    targets = _sample(pipe, prompts[1:], src, control, pin=False, progress=progress, desc="re-edit")
+    latents = torch.cat([cache.latents[-1].to(pipe.device, pipe.master_dtype), targets])
+    attention = control.attention((h, w), pipe.tokenizer) if store else None
+    images = [cache.image] + to_pil(pipe.decode_latents(targets)) if decode_images else []
     return EditOutput(images=images, latents=latents, attention=attention)

@@ -139,6 +139,10 @@ class Pipeline:
         from .editing import edit
         return edit(self, prompts, controller=None, **kwargs)
 
+    def edit_cache(self, prompt, **kwargs):
+        from .editing import edit_cache
+        return edit_cache(self, prompt, **kwargs)
+
     def invert(self, image, prompt, **kwargs):
         from .inversion import invert
         return invert(self, image, prompt, **kwargs)

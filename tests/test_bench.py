@@ -98,7 +98,7 @@ def test_bench_pipeline_smoke(benchmark):
     rows = benchmark.pedantic(bench_pipeline.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
     _assert_rows(rows)
     gated = [r for r in rows if r.baseline_name != "ours generation"]
-    assert len(gated) == 3 and all("<=" in r.check for r in gated)
+    assert len(gated) == 4 and all("<=" in r.check for r in gated)
 
 
 def test_cli_bench_cpu_says_smoke(capsys):

@@ -314,3 +314,20 @@ def test_batch_equals_singles(folder):
         for x, y in ((b.null_embeddings, s.null_embeddings), (b.null_pooled, s.null_pooled)):
             assert ((x - y).norm() / y.norm()).item() <= ulp
         assert math.isclose(float(b.losses.nansum()), float(s.losses.nansum()), rel_tol=1e-6)
+
+
+def test_cached_re_edit_equals_uncached(folder):
+    """A re-edit from an edit cache (tests/test_cache.py for SD 1.x) carries SDXL's pooled embeddings and time ids
+    for the targets' rows; float64, so that only the logic is compared."""
+    pipe64 = p2p.load(folder, device="cpu", dtype=torch.float32, backend="torch")
+    for m in (pipe64.unet, pipe64.vae, pipe64.text_encoder, pipe64.text_encoder_2):
+        m.double()
+    pipe64.dtype = torch.float64
+    prompts, ctrl = [SRC, TGT], p2p.Replace()
+    kw = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False)
+    source = dict(seed=4, steps=STEPS, height=128, width=96)
+    ref = pipe64.edit(prompts, ctrl, **source, **kw)
+    cache = pipe64.edit_cache(SRC, progress=False, **source)
+    assert cache.self_qk  # SDXL's default self limit (h/4)(w/4) takes its coarsest layers
+    out = pipe64.edit(prompts, ctrl, cache=cache, **kw)
+    assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-10

@@ -1,0 +1,350 @@
+"""Re-edits that skip the source: an `EditCache` holds what an edit's source row computes.
+
+The source row of a Prompt-to-Prompt edit does not depend on its targets: its
+cross attention is never injected, its self attention is its own, LocalBlend
+keeps row 0 as it is and a direct inversion's pivots pin it. So everything the
+targets read from it can be recorded by one run of the source prompt alone
+(`Pipeline.edit_cache`, the `Recorder` below):
+
+- its latents after every UNet call (LocalBlend's row 0; the last is the
+  source's final latent, and its decoded image is kept too);
+- its per-head cross-attention probabilities p (1, H, N, T) of every cross
+  layer, for the calls inside the cache's cross window (injection reads p_src);
+- its self-attention queries and keys (1, H, N, D) of the layers with at most
+  `self_max_queries` queries, for the calls inside the self window (self
+  replacement attends with them);
+- per call and per level, the sum over the down/up layers of its head-averaged
+  cross maps (LocalBlend's mask reads the source's row), and per layer the sums
+  over calls that `out.attention` shows (the self maps' too with `self_maps`).
+
+An edit with the cache (`pipe.edit(prompts, controller, cache=cache)`,
+`CachedControl`) runs the batch [uncond x (P-1), cond x (P-1)] of its targets;
+its plans compute what the edit's plans compute for rows P+1 .. 2P-1, with the
+cached source standing in for row P. Proximal guidance cannot be cached: its
+threshold is taken over the whole batch, so there the source depends on its
+targets.
+
+Memory (`EditCache.nbytes`, bounded by `max_bytes`, which is checked after the
+first UNet call, before the rest is recorded): the cross probabilities dominate.
+SD 1.5 at 512 x 512 in fp32 has 26,944 cross-attention queries per call (5 x
+4096 + 5 x 1024 + 5 x 256 + 64) x 8 heads x 77 tokens x 4 bytes = 66 MB per call,
+2.7 GB for the 41 calls of the default window 0.8 of 50 steps; the self queries
+and keys of its 16 x 16 layers add 2 x (5 x 256 + 64) x 1280 x 4 bytes = 14 MB
+per call (0.28 GB for 20 calls) and the per-call level maps 83 MB. `storage="cpu"`
+keeps a CUDA run's cache in pinned host memory, copied back call by call.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .control import Control, cross_window, self_window
+from .plan import AttnLayer, inject_cross
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # the plans' probabilities: fp32 at least, as the kernels'
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    ct = _compute_dtype(q.dtype)
+    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
+
+
+@dataclass
+class EditCache:
+    """The recorded source of later edits (module docstring); made by `Pipeline.edit_cache`."""
+
+    prompt: str
+    source: object  # editing.Source: the start latent and sampling settings every edit from the cache runs
+    calls: int  # UNet calls of an edit
+    cross_window: tuple[int, int]  # calls [start, end) whose cross probabilities are kept
+    self_window: tuple[int, int]  # calls [start, end) whose self queries and keys are kept ...
+    self_max_queries: int  # ... for the self layers with at most this many queries
+    self_maps: bool
+    layers: dict  # layer index -> (AttnLayer, queries)
+    latents: torch.Tensor  # (calls, 1, C, h, w) master dtype, after each call's step
+    image: object  # the source's decoded PIL image
+    cross: dict = field(default_factory=dict)  # (call, layer) -> p (1, H, N, T)
+    self_qk: dict = field(default_factory=dict)  # (call, layer) -> (q, k), each (1, H, N, D)
+    level_maps: dict = field(default_factory=dict)  # level -> (calls, N, T) fp32
+    cross_sum: dict = field(default_factory=dict)  # layer -> (N, T) fp32, summed over calls
+    self_sum: dict = field(default_factory=dict)  # layer -> (N, N) fp32
+    owner: object = None  # weakref to the Pipeline that made it
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        tensors = [self.latents, *self.cross.values(), *(t for qk in self.self_qk.values() for t in qk),
+                   *self.level_maps.values(), *self.cross_sum.values(), *self.self_sum.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def check_for(self, pipe, prompts) -> None:
+        if self.owner is None or self.owner() is not pipe:
+            raise ValueError("this edit cache was made by another pipeline; make one with this pipeline's "
+                             "edit_cache")
+        if prompts[0] != self.prompt:
+            raise ValueError(f"the cache holds the source prompt {self.prompt!r}, but prompt 0 is {prompts[0]!r}; "
+                             f"give the cache's prompt first")
+        if len(prompts) < 2:
+            raise ValueError("an edit from a cache needs at least one target prompt after the source")
+
+    def cross_probs(self, call: int, layer: int, device) -> torch.Tensor:
+        return self.cross[(call, layer)].to(device, non_blocking=True)
+
+    def source_qk(self, call: int, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.self_qk[(call, layer)]
+        return q.to(device, non_blocking=True), k.to(device, non_blocking=True)
+
+
+# -- recording: the source prompt alone --------------------------------------------------------------------
+
+@dataclass
+class _RecordCross:
+    rec: "Recorder"
+    layer: AttnLayer
+
+    def attend(self, q, k, v, scale):
+        # as cross_attention_reference for the rows [uncond, cond] of one prompt
+        out = torch.empty_like(q)
+        out[:1] = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], scale=scale)
+        p = _probabilities(q[1:], k[1:], scale)  # (1, H, N, T)
+        self.rec.record_cross(self.layer, p)
+        out[1:] = (p @ v[1:].to(p.dtype)).to(q.dtype)
+        return out
+
+
+@dataclass
+class _RecordSelf:
+    rec: "Recorder"
+    layer: AttnLayer
+    keep_qk: bool
+    store: torch.Tensor | None  # (1, N, N) fp32
+
+    def attend(self, q, k, v, scale):
+        if self.keep_qk:
+            self.rec.record_self(self.layer, q[1:], k[1:])
+        if self.store is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # as self_attention_reference with a store
+        out = torch.empty_like(q)
+        out[:1] = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], scale=scale)
+        p = _probabilities(q[1:], k[1:], scale)
+        self.store.add_(p.mean(dim=1).to(self.store.dtype))
+        out[1:] = (p @ v[1:].to(p.dtype)).to(q.dtype)
+        return out
+
+
+class Recorder:
+    """The control of `edit_cache`'s one-prompt run: the source's attention as an edit computes it, recorded."""
+
+    def __init__(self, device, storage, calls: int, steps: int, cross_steps, self_steps, self_max_queries: int,
+                 self_maps: bool, max_bytes: int | None):
+        self.device = torch.device(device)
+        self.storage = self.device if storage is None else torch.device(storage)
+        if self.storage.type not in ("cpu", self.device.type):
+            raise ValueError(f"storage must be 'cpu' or the pipeline's device {self.device}, got {storage!r}")
+        self.calls = calls
+        self.cross_window = cross_window(steps, cross_steps)
+        self.self_window = self_window(steps, self_steps)
+        self.self_max_queries = self_max_queries
+        self.self_maps = self_maps
+        self.max_bytes = max_bytes
+        self.step = 0
+        self.layers: dict[int, tuple[AttnLayer, int]] = {}
+        self.call_bytes = {"cross": 0, "self": 0}  # bytes one call inside each window keeps
+        self.cross: dict = {}
+        self.self_qk: dict = {}
+        self.cross_sum: dict[int, torch.Tensor] = {}
+        self.self_sum: dict[int, torch.Tensor] = {}
+        self.level_step: dict[int, torch.Tensor] = {}  # this call's level sums
+        self.level_maps: dict[int, torch.Tensor] = {}
+        self.latents: list[torch.Tensor] = []
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if self.storage == t.device:
+            return t.clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return out.copy_(t, non_blocking=True)
+
+    def _inside(self, window) -> bool:
+        return window[0] <= self.step < window[1]
+
+    def plan(self, layer: AttnLayer, n_queries: int):
+        if layer.index not in self.layers:
+            self.layers[layer.index] = (layer, n_queries)
+        if layer.is_cross:
+            return _RecordCross(self, layer)
+        keep_qk = n_queries <= self.self_max_queries
+        store = None
+        if self.self_maps and n_queries <= 32 * 32:
+            store = self.self_sum.get(layer.index)
+            if store is None:
+                store = self.self_sum[layer.index] = torch.zeros(1, n_queries, n_queries, device=self.device)
+        return _RecordSelf(self, layer, keep_qk, store) if keep_qk or store is not None else None
+
+    def record_cross(self, layer: AttnLayer, p: torch.Tensor) -> None:
+        mean = p.mean(dim=1)[0].float()  # (N, T), as the edit's fp32 store receives it
+        if self.step == 0:
+            self.call_bytes["cross"] += p.numel() * p.element_size()
+        total = self.cross_sum.get(layer.index)
+        self.cross_sum[layer.index] = mean.clone() if total is None else total.add_(mean)
+        if layer.place != "mid":  # the sum over a level's layers, in call order, as LocalBlend's
+            level = self.level_step.get(layer.level)
+            self.level_step[layer.level] = mean if level is None else level + mean
+        if self._inside(self.cross_window):
+            self.cross[(self.step, layer.index)] = self._keep(p)
+
+    def record_self(self, layer: AttnLayer, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self.step == 0:
+            self.call_bytes["self"] += 2 * q.numel() * q.element_size()
+        if self._inside(self.self_window):
+            self.self_qk[(self.step, layer.index)] = (self._keep(q), self._keep(k))
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        i = self.step
+        self.latents.append(self._keep(latents))
+        for level, m in self.level_step.items():
+            if level not in self.level_maps:
+                self.level_maps[level] = torch.empty((self.calls, *m.shape), device=self.storage)
+            self.level_maps[level][i].copy_(m, non_blocking=True)
+        self.level_step = {}
+        if i == 0:
+            self._check_size()
+        self.step += 1
+        return latents
+
+    def estimate(self) -> int:
+        """The bytes the finished cache will hold, known once every layer has been called."""
+        def calls(window):
+            return max(0, min(window[1], self.calls) - window[0])
+        fp32 = 4
+        sums = sum(t.numel() for t in self.cross_sum.values()) + sum(t.numel() for t in self.self_sum.values())
+        levels = sum(t.numel() for t in self.level_maps.values())
+        return (self.call_bytes["cross"] * calls(self.cross_window) + self.call_bytes["self"] *
+                calls(self.self_window) + fp32 * (sums + levels) + self.calls * self.latents[0].numel() * fp32)
+
+    def _check_size(self) -> None:
+        need = self.estimate()
+        if self.max_bytes is not None and need > self.max_bytes:
+            raise ValueError(f"the edit cache would hold {need / 2**30:.2f} GiB, over max_bytes = "
+                             f"{self.max_bytes / 2**30:.2f} GiB: narrow its cross_steps / self_steps windows or "
+                             f"self_max_queries, raise max_bytes, or keep it in host memory (storage='cpu')")
+
+    def finish(self, pipe, prompt: str, src, latents: torch.Tensor, image) -> EditCache:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # pinned copies are asynchronous
+        return EditCache(prompt, src, self.calls, self.cross_window, self.self_window, self.self_max_queries,
+                         self.self_maps, dict(self.layers), torch.stack(self.latents), image, self.cross,
+                         self.self_qk, self.level_maps, self.cross_sum,
+                         {k: v[0] for k, v in self.self_sum.items()}, weakref.ref(pipe))
+
+
+# -- replaying: the targets' rows only ----------------------------------------------------------------------
+
+@dataclass
+class _TargetsCross:
+    store: torch.Tensor | None  # (R, N, T): rows 1 .. P-1 of the layer's (P, N, T) store
+    source: torch.Tensor | None  # (1, H, N, T) the cached p_src, when this call injects
+    mapper: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
+    equalizer: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+    def attend(self, q, k, v, scale):
+        R = q.shape[0] // 2
+        out = torch.empty_like(q)
+        out[:R] = F.scaled_dot_product_attention(q[:R], k[:R], v[:R], scale=scale)
+        p = _probabilities(q[R:], k[R:], scale)  # (R, H, N, T)
+        if self.store is not None:
+            self.store.add_(p.mean(dim=1).to(self.store.dtype))
+        if self.source is not None:
+            p = inject_cross(self.source.to(p.dtype), p, self.mapper, self.mix, self.equalizer, self.gate)
+        out[R:] = (p @ v[R:].to(p.dtype)).to(q.dtype)
+        return out
+
+
+@dataclass
+class _TargetsSelf:
+    source: tuple | None  # (q_src, k_src) when this call injects
+    store: torch.Tensor | None  # (R, N, N)
+
+    def attend(self, q, k, v, scale):
+        R = q.shape[0] // 2
+        if self.store is None:  # injection alone: SDPA with the source's queries and keys on the targets' rows
+            qs, ks = q.clone(), k.clone()
+            qs[R:], ks[R:] = self.source
+            return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
+        out = torch.empty_like(q)
+        out[:R] = F.scaled_dot_product_attention(q[:R], k[:R], v[:R], scale=scale)
+        p = _probabilities(q[R:], k[R:], scale)
+        self.store.add_(p.mean(dim=1).to(self.store.dtype))
+        if self.source is not None:
+            p = _probabilities(*self.source, scale).expand_as(p)
+        out[R:] = (p @ v[R:].to(p.dtype)).to(q.dtype)
+        return out
+
+
+class CachedControl(Control):
+    """A compiled edit's control, driven over its targets' rows with the source read from an `EditCache`."""
+
+    def __init__(self, control: Control, cache: EditCache):
+        self.__dict__.update(control.__dict__)  # the compiled tables and buffers, as the uncached edit has them
+        self.cache = cache
+        self._check_covered()
+
+    def _check_covered(self) -> None:
+        cache, e = self.cache, self.edit
+        if self.calls != cache.calls:
+            raise ValueError(f"the edit makes {self.calls} UNet calls, the cache {cache.calls}")
+        if self.self_maps and not cache.self_maps:
+            raise ValueError("the controller keeps self maps (self_maps=True); make the cache with self_maps=True")
+        if e is None:
+            return
+        a, b = cache.cross_window
+        outside = [i for i in range(self.calls) if self.cross_on[i] and not a <= i < b]
+        if outside:
+            raise ValueError(f"the edit's cross window injects at UNet calls {outside[0]} .. {outside[-1]}, but the "
+                             f"cache keeps the source's cross attention for calls {a} .. {b - 1} only; make the "
+                             f"cache with cross_steps covering the controller's")
+        sizes = [n for layer, n in cache.layers.values() if not layer.is_cross and n <= e.self_max_queries]
+        calls = [i for i in range(self.calls) if self.self_on[i]]
+        if calls and sizes:
+            a, b = cache.self_window
+            if calls[0] < a or calls[-1] >= b or max(sizes) > cache.self_max_queries:
+                raise ValueError(f"the edit replaces self attention at UNet calls {calls[0]} .. {calls[-1]} in "
+                                 f"layers of up to {max(sizes)} queries; the cache keeps calls {a} .. {b - 1} "
+                                 f"and layers of up to {cache.self_max_queries}: make it with self_steps and "
+                                 f"self_max_queries covering the controller's")
+
+    def _cross_plan(self, layer: AttnLayer, store, i: int) -> _TargetsCross:
+        store = None if store is None else store[1:]  # the targets' rows; the source's come from the cache
+        if not self.cross_on[i]:
+            return _TargetsCross(store, None)
+        e = self.edit
+        return _TargetsCross(store, self.cache.cross_probs(i, layer.index, self.device), e.mapper, e.mix,
+                             e.equalizer, e.gate[i])
+
+    def _self_plan(self, layer: AttnLayer, inject: bool, store, i: int) -> _TargetsSelf:
+        source = self.cache.source_qk(i, layer.index, self.device) if inject else None
+        return _TargetsSelf(source, None if store is None else store[1:])
+
+    def _step_maps(self) -> torch.Tensor:
+        maps = super()._step_maps()
+        maps[0] = self.cache.level_maps[self.blend.level][self.step].to(self.device)
+        return maps
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (P-1, C, h, w) of the targets -> the same, blended against the cached source row."""
+        source = self.cache.latents[self.step].to(latents.device, latents.dtype)
+        return super().end_step(torch.cat([source, latents]))[1:]
+
+    def attention(self, latent_hw, tokenizer=None):
+        for k, buf in self.cross_sum.items():
+            buf[0] = self.cache.cross_sum[k]
+        for k, buf in self.self_sum.items():
+            buf[0] = self.cache.self_sum[k]
+        return super().attention(latent_hw, tokenizer)

@@ -1,0 +1,167 @@
+"""Re-edits from an edit cache (p2p_engine.cache) equal the uncached edits they stand in for.
+
+The loop's logic is compared in float64, where a cached and an uncached edit agree to rounding (1e-10);
+float32 is then held to the accuracy the uncached edit itself has against float64 truth.
+"""
+import pytest
+import torch
+
+import p2p_engine as p2p
+
+SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
+STEPS = 8
+SELF = dict(self_max_queries=64)  # the tiny model's 8 x 8 self layers: replaced, as 16 x 16 are at full size
+
+
+def _load(path, dtype):
+    pipe = p2p.load(path, device="cpu", dtype=torch.float32, backend="torch")
+    if dtype == torch.float64:
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.double()
+        pipe.dtype = torch.float64
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe64(tiny_ckpt):
+    return _load(tiny_ckpt, torch.float64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _run_pair(pipe, prompts, controller, source: dict, cache_kw: dict | None = None, **edit_kw):
+    ref = pipe.edit(prompts, controller, progress=False, **source, **edit_kw)
+    cache = pipe.edit_cache(prompts[0], progress=False, **source, **(cache_kw or {}))
+    out = pipe.edit(prompts, controller, cache=cache, progress=False, **edit_kw)
+    return ref, out, cache
+
+
+def _assert_equal(ref, out, tol):
+    assert out.latents.shape == ref.latents.shape
+    assert _rel(out.latents, ref.latents) < tol
+    if ref.attention is not None:  # every layer's summed maps, source row included
+        for ours, theirs in [(out.attention._cross, ref.attention._cross), (out.attention._self, ref.attention._self)]:
+            assert ours.keys() == theirs.keys()
+            for k, buf in theirs.items():
+                assert _rel(ours[k], buf) < tol
+
+
+CASES = {
+    "replace, blend, self maps": dict(
+        prompts=[SOURCE, TARGET], controller=p2p.Replace(self_maps=True, **SELF),
+        edit_kw=dict(local_blend=p2p.LocalBlend(["cat", "dog"])), cache_kw=dict(self_maps=True, **SELF)),
+    "refine": dict(prompts=[SOURCE, "a big cat riding a red bicycle"], controller=p2p.Refine(**SELF)),
+    "reweight on replace, word windows, two targets": dict(
+        prompts=[SOURCE, TARGET, "a fox riding a bicycle"],
+        controller=p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps={"default_": 0.8, "bicycle": 0.3},
+                                self_steps=(0.1, 0.4), **SELF),
+        edit_kw=dict(local_blend=p2p.LocalBlend(["cat", "dog", "fox"], subtract=["bicycle"] * 3, start=0.25))),
+    "store only": dict(prompts=[SOURCE, TARGET], controller=p2p.Store()),
+    "pndm": dict(prompts=[SOURCE, TARGET], controller=p2p.Replace(**SELF), source=dict(sampler="pndm")),
+    "dpmsolver++": dict(prompts=[SOURCE, TARGET], controller=p2p.Replace(**SELF),
+                        source=dict(sampler="dpmsolver++")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_edit_equals_uncached_float64(pipe64, case):
+    c = CASES[case]
+    source = dict(seed=3, steps=STEPS, **c.get("source", {}))
+    cache_kw = dict(SELF, **c.get("cache_kw", {}))
+    ref, out, _ = _run_pair(pipe64, c["prompts"], c["controller"], source, cache_kw, **c.get("edit_kw", {}))
+    _assert_equal(ref, out, 1e-10)
+    assert len(out.images) == len(c["prompts"])
+
+
+@pytest.mark.parametrize("method", ["direct", "null_text"])
+def test_cached_edit_from_an_inversion_equals_uncached(pipe64, method):
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+    ref, out, _ = _run_pair(pipe64, [SOURCE, TARGET], p2p.Replace(**SELF), dict(inversion=inv), dict(SELF),
+                            local_blend=p2p.LocalBlend(["cat", "dog"]))
+    _assert_equal(ref, out, 1e-10)
+
+
+def test_float32_cached_edit_is_as_accurate_as_uncached(tiny_pipe, pipe64):
+    """Against the float64 truth, the cached float32 edit errs no more than a few times the uncached one."""
+    prompts, ctrl = [SOURCE, TARGET], p2p.Replace(**SELF)
+    blend = p2p.LocalBlend(["cat", "dog"])
+    source = dict(seed=5, steps=STEPS)
+    truth = pipe64.edit(prompts, ctrl, local_blend=blend, progress=False, **source)
+    ref, out, cache = _run_pair(tiny_pipe, prompts, ctrl, source, dict(SELF), local_blend=blend)
+    err_ref, err_out = _rel(ref.latents, truth.latents), _rel(out.latents, truth.latents)
+    print(f"fp32 vs fp64: uncached {err_ref:.2e}, cached {err_out:.2e}; cached vs uncached "
+          f"{_rel(out.latents, ref.latents):.2e}; cache {cache.nbytes} bytes")
+    assert err_ref < 1e-4  # float32 drift, not a different computation
+    assert err_out < 4 * err_ref
+
+
+def test_cache_is_reusable_and_its_size_is_stated(tiny_pipe):
+    cache = tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, **SELF)
+    held = {k: v.clone() for k, v in cache.cross.items()}
+    ctrl = p2p.Replace(**SELF)
+    a = tiny_pipe.edit([SOURCE, TARGET], ctrl, cache=cache, progress=False)
+    b = tiny_pipe.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, progress=False)
+    c = tiny_pipe.edit([SOURCE, TARGET], ctrl, cache=cache, progress=False)
+    assert torch.equal(a.latents, c.latents) and not torch.equal(a.latents, b.latents)
+    assert all(torch.equal(held[k], cache.cross[k]) for k in held)
+    assert torch.equal(a.latents[0], cache.latents[-1][0])
+    # the stated size counts every tensor, and the estimate made after the first call is exact
+    counted = sum(t.numel() * t.element_size() for t in [cache.latents, *cache.cross.values(),
+                  *(x for qk in cache.self_qk.values() for x in qk), *cache.level_maps.values(),
+                  *cache.cross_sum.values()])
+    assert cache.nbytes == counted
+    # the default windows: cross calls [0, int(0.8 * (steps + 1))), self calls [0, int(0.4 * steps))
+    assert {i for i, _ in cache.cross} == set(range(int(0.8 * (STEPS + 1))))
+    assert {i for i, _ in cache.self_qk} == set(range(int(0.4 * STEPS)))
+    with pytest.raises(ValueError, match="max_bytes"):
+        tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, max_bytes=cache.nbytes - 1, **SELF)
+    exact = tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, max_bytes=cache.nbytes, **SELF)
+    assert exact.nbytes == cache.nbytes
+
+
+def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
+    pipe = tiny_pipe
+    cache = pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, **SELF)
+    ctrl = p2p.Replace(**SELF)
+    with pytest.raises(ValueError, match="source prompt"):
+        pipe.edit([TARGET, SOURCE], ctrl, cache=cache, progress=False)
+    with pytest.raises(ValueError, match="seed, steps: an edit from a cache"):
+        pipe.edit([SOURCE, TARGET], ctrl, cache=cache, seed=1, steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="cross_steps"):
+        pipe.edit([SOURCE, TARGET], p2p.Replace(cross_steps=1.0, **SELF), cache=cache, progress=False)
+    with pytest.raises(ValueError, match="self_steps"):
+        pipe.edit([SOURCE, TARGET], p2p.Replace(self_steps=0.8, **SELF), cache=cache, progress=False)
+    with pytest.raises(ValueError, match="self_max_queries"):
+        pipe.edit([SOURCE, TARGET], p2p.Replace(self_max_queries=256), cache=cache, progress=False)
+    with pytest.raises(ValueError, match="self_maps=True"):
+        pipe.edit([SOURCE, TARGET], p2p.Replace(self_maps=True, **SELF), cache=cache, progress=False)
+    with pytest.raises(ValueError, match="target prompt"):
+        pipe.edit([SOURCE], None, cache=cache, progress=False)
+    with pytest.raises(ValueError, match="proximal"):
+        pipe.edit_cache(SOURCE, steps=STEPS, proximal="l0", progress=False)
+    with pytest.raises(ValueError, match="storage"):
+        pipe.edit_cache(SOURCE, steps=STEPS, storage="meta", progress=False)
+    other = p2p.load(tiny_ckpt, device="cpu", backend="torch")
+    with pytest.raises(ValueError, match="another pipeline"):
+        other.edit([SOURCE, TARGET], ctrl, cache=cache, progress=False)
+    # a narrower edit than the cache's windows is fine
+    pipe.edit([SOURCE, TARGET], p2p.Replace(cross_steps=0.5, self_steps=0.2, **SELF), cache=cache, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("storage", [None, "cpu"])
+def test_cuda_cached_edit_equals_uncached(tiny_ckpt, storage):
+    """On the GPU with the Triton kernels for the uncached edit; a cache offloaded to pinned host memory too."""
+    pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend="triton")
+    truth = _load(tiny_ckpt, torch.float64)
+    prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
+    source = dict(seed=2, steps=STEPS)
+    gold = truth.edit(prompts, ctrl, local_blend=blend, progress=False, **source).latents
+    ref, out, cache = _run_pair(pipe, prompts, ctrl, source, dict(SELF, storage=storage), local_blend=blend)
+    if storage == "cpu":
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in cache.cross.values())
+    err_ref, err_out = _rel(ref.latents.cpu(), gold), _rel(out.latents.cpu(), gold)
+    assert err_ref < 1e-3 and err_out < 4 * err_ref + 1e-6
