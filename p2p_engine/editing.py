@@ -111,9 +111,16 @@ def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, 
     return Source(latents, steps, guidance, sampler, steps_offset, timesteps, null, pivots, proximal, quantile, seed)
 
 
-def _sample(pipe, prompts, src: Source, control, *, pin: bool, progress: bool, desc: str) -> torch.Tensor:
-    """The loop (module docstring) over the rows of `prompts` from the source's start latent; `pin`: row 0 is the
-    source, pinned to a direct inversion's pivots. Returns the final latents (rows, C, h, w)."""
+def _sampler(pipe, src: Source):
+    """A fresh sampler of the source's settings (samplers keep state within one loop)."""
+    return make_sampler(src.sampler, pipe.scheduler, src.steps, pipe.device, steps_offset=src.steps_offset,
+                        timesteps=src.timesteps)
+
+
+def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bool, desc: str) -> torch.Tensor:
+    """The loop (module docstring) over the rows of `prompts` from the source's start latent with the sampler
+    `smp`; `pin`: row 0 is the source, pinned to a direct inversion's pivots. Returns the final latents
+    (rows, C, h, w)."""
     device, master = pipe.device, pipe.master_dtype
     P = len(prompts)
     latents = src.latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
@@ -122,8 +129,6 @@ def _sample(pipe, prompts, src: Source, control, *, pin: bool, progress: bool, d
     uncond = pipe.unconditional().expand(P) if src.null is None else None
     down = pipe.config.vae.downscale
     time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # SDXL: (2P, 6); None for SD 1.x/2.x
-    smp = make_sampler(src.sampler, pipe.scheduler, src.steps, device, steps_offset=src.steps_offset,
-                       timesteps=src.timesteps)
     calls = smp.timesteps
     if progress:
         from tqdm.auto import tqdm
@@ -145,11 +150,6 @@ def _sample(pipe, prompts, src: Source, control, *, pin: bool, progress: bool, d
         if control is not None:
             latents = control.end_step(latents)
     return latents
-
-
-def _calls(pipe, src: Source) -> int:
-    return len(make_sampler(src.sampler, pipe.scheduler, src.steps, "cpu", steps_offset=src.steps_offset,
-                            timesteps=src.timesteps).timesteps)
 
 
 @torch.no_grad()
@@ -190,10 +190,11 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
                             progress=progress, decode_images=decode_images)
     src = resolve_source(pipe, **source_args)
     h, w = src.latents.shape[-2:]
+    smp = _sampler(pipe, src)
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
                               layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
-                              calls=_calls(pipe, src), self_max_queries=pipe.self_max_queries(h, w))
-    latents = _sample(pipe, prompts, src, control, pin=True, progress=progress,
+                              calls=len(smp.timesteps), self_max_queries=pipe.self_max_queries(h, w))
+    latents = _sample(pipe, prompts, src, smp, control, pin=True, progress=progress,
                       desc="edit" if controller is not None else "sample")
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
@@ -223,9 +224,10 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
                          "the targets and cannot be cached; edit without a cache")
     h, w = src.latents.shape[-2:]
     limit = pipe.self_max_queries(h, w) if self_max_queries is None else self_max_queries
-    recorder = Recorder(pipe.device, storage, _calls(pipe, src), src.steps, cross_steps, self_steps, limit,
+    smp = _sampler(pipe, src)
+    recorder = Recorder(pipe.device, storage, len(smp.timesteps), src.steps, cross_steps, self_steps, limit,
                         self_maps, max_bytes)
-    latents = _sample(pipe, [prompt], src, recorder, pin=True, progress=progress, desc="source")
+    latents = _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source")
     image = to_pil(pipe.decode_latents(latents))[0]
     return recorder.finish(pipe, prompt, src, latents, image)
 
@@ -240,7 +242,8 @@ def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, st
     if control is None:
         raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
     control = CachedControl(control, cache)
-    targets = _sample(pipe, prompts[1:], src, control, pin=False, progress=progress, desc="re-edit")
+    targets = _sample(pipe, prompts[1:], src, _sampler(pipe, src), control, pin=False, progress=progress,
+                      desc="re-edit")
     latents = torch.cat([cache.latents[-1].to(pipe.device, pipe.master_dtype), targets])
     attention = control.attention((h, w), pipe.tokenizer) if store else None
     images = [cache.image] + to_pil(pipe.decode_latents(targets)) if decode_images else []

@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -99,23 +100,32 @@ def _batches(pipe, jobs: list[Job], batch_size: int, record_error):
         yield batch
 
 
-def _dist_setup(device):
-    """(rank, world, device, owns_group). Under torchrun (RANK/WORLD_SIZE set) joins the process group."""
+@contextmanager
+def process_group(device=None):
+    """Yields (rank, world, device) for the block. Under torchrun (RANK/WORLD_SIZE set) the process joins
+    the group once, here, and leaves it when the outermost block ends; a block inside another, or inside a
+    group the caller made, reuses that group. A group is never made twice in one process: the second
+    rendezvous races ranks still tearing down the first and can hang every rank."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
-        return 0, 1, device, False
+        yield 0, 1, device
+        return
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if cuda:
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
         # Ranks meet only at the end; shards can finish hours apart, so the barrier must wait that long.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=1))
-    return dist.get_rank(), dist.get_world_size(), device, owns
+        dist.init_process_group("nccl" if torch.device(device or "cpu").type == "cuda" else "gloo",
+                                timeout=timedelta(days=1))
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if owns:
+            dist.destroy_process_group()
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
@@ -146,8 +156,7 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
     jobs = read_jobs(job_file)
-    rank, world, device, owns_group = _dist_setup(device)
-    try:
+    with process_group(device) as (rank, world, device):
         out_dir.mkdir(parents=True, exist_ok=True)
         index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
         settings = {"steps": steps, "inner_steps": inner_steps, "method": method}
@@ -220,10 +229,6 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
             summary.index = out_dir / INDEX
         else:
             summary.index = merge_index(out_dir)
-    finally:
-        if owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
     summary.seconds = time.perf_counter() - start
     return summary
 

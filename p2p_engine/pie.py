@@ -141,7 +141,7 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
             backend: str = "auto", progress: bool = True) -> dict:
     """Run the protocol for every entry (of `types`) and method into OUT/<method>/; see the module docstring.
     Returns {method: jobs.Summary}."""
-    from .jobs import run_jobs
+    from .jobs import process_group, run_jobs
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -151,16 +151,17 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
         raise ValueError(f"no entries of edit types {types} in {Path(pie_dir) / MAPPING_FILE}")
     lines = "".join(json.dumps(protocol_job(e, pie_dir), sort_keys=True) + "\n" for e in entries)
     summaries = {}
-    for name in methods:
-        folder = Path(out) / name
-        job_file = folder / "jobs.jsonl"
-        with atomic_write(job_file, "w", encoding="utf-8") as f:
-            f.write(lines)
-        method, options = METHODS[name]
-        summaries[name] = run_jobs(job_file, model, folder, steps=steps, inner_steps=inner_steps, method=method,
-                                   steps_offset=steps_offset, edit_options=options, save_inversions=False,
-                                   batch_size=batch_size, device=device, dtype=dtype, backend=backend,
-                                   progress=progress)
+    with process_group(device) as (_, _, device):  # one group for every method's run, not one each
+        for name in methods:
+            folder = Path(out) / name
+            job_file = folder / "jobs.jsonl"
+            with atomic_write(job_file, "w", encoding="utf-8") as f:
+                f.write(lines)
+            method, options = METHODS[name]
+            summaries[name] = run_jobs(job_file, model, folder, steps=steps, inner_steps=inner_steps,
+                                       method=method, steps_offset=steps_offset, edit_options=options,
+                                       save_inversions=False, batch_size=batch_size, device=device, dtype=dtype,
+                                       backend=backend, progress=progress)
     return summaries
 
 

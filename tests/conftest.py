@@ -28,3 +28,17 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_pipe(tiny_ckpt):
     """`tiny_ckpt` loaded in float32 on the CPU with the pure-torch backend; tests must not modify it."""
     return p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="torch")
+
+
+@pytest.fixture(scope="session")
+def load_float64():
+    """A loader of checkpoints in float64, which `p2p.load` does not offer: truth free of float32 rounding, for
+    tests that compare two ways of running the same loop. Returns load(path) -> Pipeline (CPU, torch backend)."""
+    def load(path):
+        pipe = p2p.load(path, device="cpu", dtype=torch.float32, backend="torch")
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if m is not None:
+                m.double()
+        pipe.dtype = torch.float64
+        return pipe
+    return load

@@ -13,18 +13,9 @@ STEPS = 8
 SELF = dict(self_max_queries=64)  # the tiny model's 8 x 8 self layers: replaced, as 16 x 16 are at full size
 
 
-def _load(path, dtype):
-    pipe = p2p.load(path, device="cpu", dtype=torch.float32, backend="torch")
-    if dtype == torch.float64:
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.double()
-        pipe.dtype = torch.float64
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def pipe64(tiny_ckpt):
-    return _load(tiny_ckpt, torch.float64)
+def pipe64(tiny_ckpt, load_float64):
+    return load_float64(tiny_ckpt)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,10 +144,10 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("storage", [None, "cpu"])
-def test_cuda_cached_edit_equals_uncached(tiny_ckpt, storage):
+def test_cuda_cached_edit_equals_uncached(tiny_ckpt, load_float64, storage):
     """On the GPU with the Triton kernels for the uncached edit; a cache offloaded to pinned host memory too."""
     pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend="triton")
-    truth = _load(tiny_ckpt, torch.float64)
+    truth = load_float64(tiny_ckpt)
     prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
     source = dict(seed=2, steps=STEPS)
     gold = truth.edit(prompts, ctrl, local_blend=blend, progress=False, **source).latents

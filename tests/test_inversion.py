@@ -42,17 +42,11 @@ def ref_config(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def pipe64(tmp_path_factory):
+def pipe64(tiny_ckpt, load_float64):
     """The same tiny model in float64: the batched loop's logic compared free of float32 rounding noise,
     which Adam amplifies (batching alone moves fp32 embeddings by ~3e-5 relative, 7x the drift between
     thread counts, so an fp32 comparison could only be loose)."""
-    d = tmp_path_factory.mktemp("tiny64")
-    p2p.save_random_checkpoint(d / "m", "tiny", seed=0)
-    pipe = p2p.load(d / "m", device="cpu", dtype=torch.float32, backend="torch")
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.double()
-    pipe.dtype = torch.float64
-    return pipe
+    return load_float64(tiny_ckpt)
 
 
 def _unet(pipe, x, t, c):

@@ -238,7 +238,7 @@ def test_torchrun_shards_like_one_process(toy_run, tmp_path):
     dist = tmp_path / "dist"
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "p2p_engine", *args]
     cmd[cmd.index("--out") + 1] = str(dist)
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for method in ("direct", "null_text"):
         lines = [json.loads(x) for x in (dist / method / "index.jsonl").read_text().splitlines()]

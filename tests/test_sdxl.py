@@ -298,12 +298,13 @@ def test_save_load_and_direct(pipe, tmp_path):
     assert torch.equal(pipe.edit([SRC, TGT], inversion=direct, **kw).latents[:1], z0)
 
 
-def test_batch_equals_singles(folder):
+@pytest.fixture(scope="module")
+def pipe64(folder, load_float64):
+    return load_float64(folder)
+
+
+def test_batch_equals_singles(pipe64):
     """As for SD 1.x (tests/test_inversion.py), in float64 so that only the batching logic is compared."""
-    pipe64 = p2p.load(folder, device="cpu", dtype=torch.float32, backend="torch")
-    for m in (pipe64.unet, pipe64.vae, pipe64.text_encoder, pipe64.text_encoder_2):
-        m.double()
-    pipe64.dtype = torch.float64
     images = [photo(s) for s in (2, 3)]
     prompts = [SRC, "two birds in a tree"]
     kw = dict(steps=STEPS, inner_steps=3, progress=False, optimize_pooled=True)
@@ -316,13 +317,9 @@ def test_batch_equals_singles(folder):
         assert math.isclose(float(b.losses.nansum()), float(s.losses.nansum()), rel_tol=1e-6)
 
 
-def test_cached_re_edit_equals_uncached(folder):
+def test_cached_re_edit_equals_uncached(pipe64):
     """A re-edit from an edit cache (tests/test_cache.py for SD 1.x) carries SDXL's pooled embeddings and time ids
     for the targets' rows; float64, so that only the logic is compared."""
-    pipe64 = p2p.load(folder, device="cpu", dtype=torch.float32, backend="torch")
-    for m in (pipe64.unet, pipe64.vae, pipe64.text_encoder, pipe64.text_encoder_2):
-        m.double()
-    pipe64.dtype = torch.float64
     prompts, ctrl = [SRC, TGT], p2p.Replace()
     kw = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False)
     source = dict(seed=4, steps=STEPS, height=128, width=96)
