@@ -6,6 +6,8 @@ case per distinct layer shape (N queries, head dim D), with how many UNet layers
   materialised-probability path (what diffusers' AttnProcessor plus a controller does: fp16 scores,
   softmax, controller edits on the (B, H, N, T) map, bmm) and against SDPA with no control at all;
 - cross, diagnostic rows: the store alone and the injection alone;
+- cross, the store without atomics (`store_way="heads"`: a program per query block loops over the heads)
+  against the atomics and against SDPA;
 - self: ours without and with source injection against SDPA with no control, and what the engine runs
   for an injection (SDPA on the source's q, k; p2p_engine.attention).
 Each case first passes a correctness gate (ours vs the fp32 reference, within 2x torch's own fp16 drift),
@@ -136,6 +138,16 @@ def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[R
         rows.append(Row(case, "fused, store only", part, "SDPA, no control", sdpa, fl, check))
         part = time_events(lambda: cross_attention(q, kc, vc, inject_only, scale), repeats=repeats)
         rows.append(Row(case, "fused, inject only", part, "SDPA, no control", sdpa, floor_ms(T), check))
+        # the store without atomics: one program per query block loops over the 8 heads and writes each
+        # store entry once (H x fewer programs); side by side with the atomics, the winner becomes STORE_WAY
+        with torch.inference_mode():
+            heads_out = cross_attention(q, kc, vc, cross_plan(N, device), scale, store_way="heads")
+        heads_check = check_close("cross emit+inject, heads in program", heads_out, ref, base, dtype)
+        heads = time_events(lambda: cross_attention(q, kc, vc, plan, scale, store_way="heads"), repeats=repeats)
+        rows.append(Row(case, "fused emit+inject, heads in program", heads, "fused emit+inject, atomics", fused, fl,
+                        heads_check))
+        rows.append(Row(case, "fused emit+inject, heads in program", heads, "SDPA, no control", sdpa, fl,
+                        heads_check + "; goal: within 2x of SDPA at N = 4096"))
 
         # -- self: correctness gate, then time
         inject = SelfPlan(num_prompts=P, inject=True)

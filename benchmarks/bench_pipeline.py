@@ -1,5 +1,5 @@
 """Whole pipelines: generation, a P2P edit, and null-text inversion, ours against the reference way; a
-re-edit from an edit cache against our uncached edit.
+re-edit from an edit cache against our uncached edit; the captured edit loop against the eager one.
 
 The baselines are re-statements of the reference implementation (google/prompt-to-prompt) on diffusers parts
 loaded from the same random checkpoint: diffusers' UNet and VAE, transformers' CLIP text encoder, diffusers'
@@ -18,6 +18,8 @@ Correctness gates before any timing (few steps, against the baseline in higher p
 - edit: Replace without LocalBlend, our latents vs the reference way's (LocalBlend is timed but not gated
   here: its layer choice on a non-SD1.5 layout is the engine's, tested in tests/test_editing*);
 - re-edit from an edit cache (targets' rows only): the same gate as the edit;
+- the captured edit (`capture=True`: a replayed CUDA graph on a GPU, the same static step run call by call on
+  the CPU): the same gate, then timed against the reference way, our eager edit and our captured generation;
 - inversion: our null embeddings and z_T vs the reference loop's.
 
     python -m benchmarks.bench_pipeline [--smoke]     or     p2p-engine bench --only pipeline
@@ -285,8 +287,14 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     latent = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0))  # shared start noise
     blend_res = s // 4  # the reference's 16 x 16 maps for 64 x 64 latents
 
-    def ours_edit(n, blend=True):
-        kw = dict(local_blend=p2p.LocalBlend(BLEND_WORDS)) if blend else {}
+    # the captured loop (CUDA graph on a GPU; on the CPU the same static step run call by call)
+    from p2p_engine.editing import edit as edit_fn
+    captured = _accepts(edit_fn, "capture")
+    captured_name = "ours, CUDA graph" if on_gpu else "ours, static-state loop"
+
+    def ours_edit(n, blend=True, **kw):
+        if blend:
+            kw["local_blend"] = p2p.LocalBlend(BLEND_WORDS)
         return ours.edit(prompts, controller=p2p.Replace(cross_steps=CROSS_STEPS, self_steps=SELF_STEPS),
                          seed=0, steps=n, guidance=GUIDANCE, latents=latent.to(device, dtype), progress=False, **kw)
 
@@ -299,10 +307,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         return ours.edit(prompts, controller=p2p.Replace(cross_steps=CROSS_STEPS, self_steps=SELF_STEPS),
                          cache=cache, progress=False, **kw)
 
-    def ours_generate(n):
+    def ours_generate(n, **kw):
         # uncontrolled: no controller and no stored maps
         return ours.generate(prompts, seed=0, steps=n, guidance=GUIDANCE, latents=latent.to(device, dtype),
-                             store=False, progress=False)
+                             store=False, progress=False, **kw)
 
     def ref_edit(model, n, blend=True):
         ctrl = RefReplaceStoreBlend(model, prompts, n, BLEND_WORDS if blend else None, blend_res)
@@ -323,6 +331,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         edit_check += f"; with LocalBlend err {blend_err:.2e} (not gated)"
         reedit_check = check_close("re-edit from a cache", ours_reedit(ours_cache(check_steps), blend=False).latents,
                                    ref_hi_lat, ref_lo_lat, dtype)
+        if captured:
+            cap_check = check_close("captured edit", ours_edit(check_steps, blend=False, capture=True).latents,
+                                    ref_hi_lat, ref_lo_lat, dtype)
 
     image = photo_like(cfg.image_size)
     from p2p_engine.inversion import invert_batch as invert_fn  # where Pipeline.invert's keywords land
@@ -369,6 +380,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     gen_ref = measure(lambda: ref.sample(prompts, latent, steps), device, warmup=warmup, repeats=repeats)
     edit_ours = measure(lambda: ours_edit(steps), device, warmup=warmup, repeats=repeats)
     edit_ref = measure(lambda: ref_edit(ref, steps), device, warmup=warmup, repeats=repeats)
+    if captured:
+        edit_cap = measure(lambda: ours_edit(steps, capture=True), device, warmup=warmup, repeats=repeats)
+        gen_cap = measure(lambda: ours_generate(steps, capture=True), device, warmup=warmup, repeats=repeats)
     # a re-edit from an edit cache of the source: the targets' rows only (issue 16's goal: <= 0.6x the edit)
     with torch.inference_mode():
         cache = ours_cache(steps)
@@ -392,6 +406,16 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             check=f"{reedit_check}; goal: re-edit <= 0.6x the edit (speed-up >= 1.67x); cache "
                   f"{cache.nbytes / 2**20:.0f} MB, made in {build.median:.0f} ms"),
     ]
+    if captured:
+        rows += [
+            Row(f"P2P edit (Replace+Store+LocalBlend), {steps} steps", captured_name, edit_cap,
+                "reference way on diffusers", edit_ref, sample_floor, check=f"{cap_check}; goal: >= 3x"),
+            Row(f"P2P edit, captured vs eager, {steps} steps", captured_name, edit_cap, "ours eager", edit_ours,
+                sample_floor, check=cap_check),
+            Row(f"P2P edit vs uncontrolled, both captured, {steps} steps", f"{captured_name} edit", edit_cap,
+                f"{captured_name} generation", gen_cap, sample_floor,
+                check="goal: edit within 1.1x of generation (speed-up >= 0.91x)"),
+        ]
     inv_case = f"null-text inversion per image, {inv_steps} steps, {iters}"
     # (name, keywords, images, model, repeats); on a GPU the eager loop's time equals the graph's within 0.5%
     # (H200, 2026-11-26), so the lease goes to the batched runs and to fp16 instead
@@ -403,6 +427,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     if on_gpu and not smoke:
         # not the default (results differ from fp32 by more than float drift): what fp16 would buy
         variants.append(("ours graph-captured, fp16 UNet, fp32 embedding", {"use_graph": True}, 1, ours, 1))
+        # issue 16's goal: <= 4 s per image and >= 15x the reference loop, fp16 UNet at batch 8
+        variants.append(("ours graph-captured batched x8, fp16 UNet, fp32 embedding", {"use_graph": True}, 8,
+                         ours, 1))
     per_image_s = inv_ref.median / 1e3  # the first guess at what one image costs; then the last variant's
     final_loss32 = None
     for name, extra, n, model, reps in variants:
@@ -424,7 +451,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
                        t.mem_kind)  # per image
         per_image_s = t.median / 1e3
-        check = inv_check
+        check = inv_check if model is ours32 else "not gated (fp16 UNet)"
         if results:
             final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
             if model is ours32:

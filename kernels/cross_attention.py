@@ -72,18 +72,13 @@ def _softmax_rows(q, k_ptrs, kv_mask, t_mask, scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
-               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-               H, N, T, D, P, scale,
-               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-               HAS_STORE: tl.constexpr, HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr,
-               HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-               MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr):
-    # Grid (cdiv(N, BLOCK_N), B * H); q/o (B, H, N, D), k/v (B, H, T, D), any strides with unit D stride.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, h, pid_n,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                N, T, D, P, scale,
+                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr, HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr,
+                PREC: tl.constexpr, MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr):
+    # One (row b, head h, query block) of the output; returns the block's own pre-injection p for the store.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -99,13 +94,7 @@ def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
 
     q = tl.load(Q + b64 * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
     p = _softmax_rows(q, K + b64 * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
-
-    nt_mask = n_mask[:, None] & t_mask[None, :]
-    nt_off = offs_n[:, None] * T + offs_t[None, :]
-    if HAS_STORE:
-        if b >= P:
-            # The store sees every conditional row's own, pre-injection p; heads meet by atomics.
-            tl.atomic_add(STORE + (b - P).to(tl.int64) * N * T + nt_off, p / H, mask=nt_mask)
+    p_own = p
     if HAS_INJECT:
         if b > P:
             # The source row (P) sits in this same launch but in another program, with no
@@ -136,6 +125,51 @@ def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
         o = tl.dot(p, v, input_precision="ieee")
     o_off = b64 * so_b + h64 * so_h + offs_n[:, None] * so_n + offs_d[None, :]
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=q_mask)
+    return p_own
+
+
+@triton.jit
+def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
+               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+               H, N, T, D, P, scale,
+               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_STORE: tl.constexpr, HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr,
+               HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+               MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr, HEADS_IN_PROGRAM: tl.constexpr):
+    # q/o (B, H, N, D), k/v (B, H, T, D), any strides with unit D stride. Two ways to meet the store:
+    # - grid (cdiv(N, BLOCK_N), B * H): one head per program, heads summed into the store by atomics;
+    # - HEADS_IN_PROGRAM, grid (cdiv(N, BLOCK_N), B): the program loops over the heads, sums their p in
+    #   registers and writes each store entry once (read, add, write: no other program owns it), with H
+    #   times fewer programs to spread over the GPU.
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    nt_mask = (offs_n < N)[:, None] & (offs_t < T)[None, :]
+    nt_off = offs_n[:, None] * T + offs_t[None, :]
+    if HEADS_IN_PROGRAM:
+        b = tl.program_id(1)
+        p_sum = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for h in range(H):
+            # b * 0 + h: the head as a tensor (the interpreter's range() gives Python ints)
+            p_sum += _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, b * 0 + h, pid_n,
+                                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                                 N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT, HAS_MIX, HAS_EQ,
+                                 HAS_GATE, PREC, MAP_PREC, HALF_PV)
+        if HAS_STORE:
+            if b >= P:
+                ptrs = STORE + (b - P).to(tl.int64) * N * T + nt_off
+                tl.store(ptrs, tl.load(ptrs, mask=nt_mask, other=0.0) + p_sum / H, mask=nt_mask)
+    else:
+        bh = tl.program_id(1)
+        b = bh // H
+        p = _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, bh % H, pid_n,
+                        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                        N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT, HAS_MIX, HAS_EQ,
+                        HAS_GATE, PREC, MAP_PREC, HALF_PV)
+        if HAS_STORE:
+            if b >= P:
+                # The store sees every conditional row's own, pre-injection p; heads meet by atomics.
+                tl.atomic_add(STORE + (b - P).to(tl.int64) * N * T + nt_off, p / H, mask=nt_mask)
 
 
 def _plan_vector(name: str, x: torch.Tensor | None, shape: tuple, device) -> torch.Tensor | None:
@@ -156,13 +190,24 @@ def _config(dtype: torch.dtype, BLOCK_D: int) -> tuple[int, int]:
     return (64, 4) if BLOCK_D <= 128 else (32, 8)
 
 
+STORE_WAYS = ("atomic", "heads")
+# How a storing call meets its store (`_cross_fwd`'s two grids); "atomic" until the side-by-side timing of
+# benchmarks/bench_attention.py on a GPU says otherwise (the heads-in-program way is not yet measured).
+STORE_WAY = "atomic"
+
+
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    plan: CrossPlan | None, scale: float) -> torch.Tensor:
+                    plan: CrossPlan | None, scale: float, store_way: str | None = None) -> torch.Tensor:
     """Triton cross attention under `plan`; q (B, H, N, D), k/v (B, H, T, D) -> (B, H, N, D).
 
     Same contract as `cross_attention_reference`. T <= 128. CUDA tensors, or CPU
-    tensors with TRITON_INTERPRET=1 set before import.
+    tensors with TRITON_INTERPRET=1 set before import. `store_way` (default STORE_WAY): "atomic" (a
+    program per head, heads summed into the store by atomics) or "heads" (a program per query block
+    loops over the heads and writes each store entry once); without a store both are one computation.
     """
+    store_way = STORE_WAY if store_way is None else store_way
+    if store_way not in STORE_WAYS:
+        raise ValueError(f"cross_attention: store_way must be one of {STORE_WAYS}, got {store_way!r}")
     check_inputs("cross_attention", q, k, v)
     B, H, N, D = q.shape
     T = k.shape[2]
@@ -192,7 +237,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     half = q.dtype in (torch.float16, torch.bfloat16)
     BLOCK_T, BLOCK_D = next_pow2(T), next_pow2(D)
     BLOCK_N, num_warps = _config(q.dtype, BLOCK_D)
-    grid = (triton.cdiv(N, BLOCK_N), B * H)
+    heads = store is not None and store_way == "heads"
+    grid = (triton.cdiv(N, BLOCK_N), B if heads else B * H)
     _cross_fwd[grid](
         q, k, v, out, store if store is not None else dummy,
         mapper if mapper is not None else dummy, mix if mix is not None else dummy,
@@ -207,7 +253,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         PREC="tf32" if half else "ieee",
         # Half inputs carry ~11 bits anyway: tf32 (tensor cores) for p_src @ mapper costs no accuracy
         # that the half output keeps, and FMA fp32 would dominate the run time; fp32 inputs stay exact.
-        MAP_PREC="tf32" if half else "ieee", HALF_PV=half,
+        MAP_PREC="tf32" if half else "ieee", HALF_PV=half, HEADS_IN_PROGRAM=heads,
         num_warps=num_warps,
     )
     return out

@@ -3,9 +3,9 @@
 `self_attention(q, k, v, plan, scale)` (Triton) and
 `self_attention_reference(q, k, v, plan, scale)` (pure torch): q, k, v
 (B, H, N, D) with B = 2P rows [uncond x P, cond x P] -> out (B, H, N, D).
-When `plan.inject`, target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale)
-@ v_tgt (the source's map on the target's values); every other row is plain
-attention. `plan.store` (P, N, N) fp32 receives, added in place, the
+When `plan.inject` (and `plan.gate`, if given, is non-zero on the device),
+target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale) @ v_tgt (the
+source's map on the target's values); every other row is plain attention. `plan.store` (P, N, N) fp32 receives, added in place, the
 head-averaged pre-injection maps of the conditional rows.
 
 The kernel never materialises N x N (online softmax over key blocks), so a
@@ -49,8 +49,11 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     P = plan.num_prompts
     check_plan_rows("self_attention_reference", q.shape[0], P)
+    on = None if plan.gate is None or not inject else plan.gate.ne(0)  # (1,): the injection's device switch
     if store is None:
         qs, ks = _source_queries_keys(q, k, P)
+        if on is not None:
+            qs, ks = torch.where(on, qs, q), torch.where(on, ks, k)
         return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
     out = torch.empty_like(q)
     out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
@@ -59,16 +62,16 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, N)
     store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, N)
     if inject:
-        p = p[:1].expand_as(p)
+        p = p[:1].expand_as(p) if on is None else torch.where(on, p[:1].expand_as(p), p)
     out[P:] = (p @ vc).to(q.dtype)
     return out
 
 
 @triton.jit
-def _self_fwd(Q, K, V, O, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+def _self_fwd(Q, K, V, O, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
               H, N, D, P, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              INJECT: tl.constexpr, PREC: tl.constexpr):
+              INJECT: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr):
     # Grid (cdiv(N, BLOCK_M), B * H); q, k, v, o (B, H, N, D), any strides with unit D stride.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -77,7 +80,10 @@ def _self_fwd(Q, K, V, O, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, 
     qk_b = b
     if INJECT:
         # Target rows score with the source's q and k (row P, same head), values stay their own.
-        qk_b = tl.where(b > P, P, b)
+        take = b > P
+        if HAS_GATE:  # the plan's device-side switch: 0 leaves every row its own q and k
+            take = take & (tl.load(GATE) != 0)
+        qk_b = tl.where(take, P, b)
     q_base = qk_b.to(tl.int64) * sq_b + h * sq_h
     k_base = qk_b.to(tl.int64) * sk_b + h * sk_h
     v_base = b.to(tl.int64) * sv_b + h * sv_h
@@ -155,9 +161,13 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     BLOCK_D = next_pow2(D)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(q.dtype, BLOCK_D)
     grid = (triton.cdiv(N, BLOCK_M), B * H)
-    _self_fwd[grid](q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    gate = plan.gate if inject and plan.gate is not None else None
+    if gate is not None and (gate.numel() != 1 or gate.device != q.device):
+        raise ValueError(f"self_attention: the plan's gate must be one value on {q.device}, got "
+                         f"{tuple(gate.shape)} on {gate.device}")
+    _self_fwd[grid](q, k, v, out, gate if gate is not None else out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                     H, N, D, plan.num_prompts if plan is not None else 0, float(scale),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject, HAS_GATE=gate is not None,
                     # fp32 inputs stay exact (no tf32); half inputs take Triton's default tensor-core path.
                     PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)

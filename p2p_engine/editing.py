@@ -25,10 +25,12 @@ the guidance and the scheduler's arithmetic stay in the master dtype
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from . import captured
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
@@ -39,6 +41,10 @@ from .words import check_prompts
 DEFAULT_STEPS = 50
 DEFAULT_MAX_BYTES = 16 << 30  # an edit cache's default bound
 PROXIMAL = (None, "l0")
+# capture=None runs the captured loop on CUDA only once this is True: it turns on when the CUDA tests of the
+# captured loop (tests/test_captured.py, run by benchmarks/gpu_session.sh) have passed on a GPU.
+CAPTURE_BY_DEFAULT = False
+_capture_failures: set[str] = set()
 
 
 @dataclass
@@ -157,7 +163,8 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
          guidance: float | None = None, sampler: str | None = None, steps_offset: int | None = None,
          height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None, local_blend=None,
          inversion=None, proximal: str | None = None, quantile: float | None = None, store: bool = True,
-         cache: EditCache | None = None, progress: bool = True, decode_images: bool = True) -> EditOutput:
+         cache: EditCache | None = None, capture: bool | None = None, progress: bool = True,
+         decode_images: bool = True) -> EditOutput:
     """Generate (controller=None) or edit P prompts, prompt 0 the source.
 
     Args:
@@ -176,6 +183,10 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         store: keep the cross maps of every layer (summed over steps) in `out.attention`.
         cache: an `EditCache` of prompt 0 (`Pipeline.edit_cache`): only the targets' rows run, and the source's
             settings (seed .. quantile above) are the cache's: giving any of them is an error.
+        capture: run the loop on static state (`p2p_engine.captured`): on CUDA one step recorded as a CUDA graph
+            and replayed (if recording fails, the eager loop runs and the failure is reported once), elsewhere
+            the same step run call by call. DDIM only, not with a cache. None: on CUDA when
+            CAPTURE_BY_DEFAULT and the edit allows it, else eager.
     """
     prompts = check_prompts(prompts, pipe.tokenizer)
     source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,
@@ -186,6 +197,9 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         if given:
             raise ValueError(f"{', '.join(given)}: an edit from a cache runs the source settings the cache was made "
                              f"with; leave them out")
+        if capture:
+            raise ValueError("capture: re-edits from a cache run eagerly (their plans copy host memory); leave "
+                             "capture out")
         return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
                             progress=progress, decode_images=decode_images)
     src = resolve_source(pipe, **source_args)
@@ -194,8 +208,22 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
                               layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
                               calls=len(smp.timesteps), self_max_queries=pipe.self_max_queries(h, w))
-    latents = _sample(pipe, prompts, src, smp, control, pin=True, progress=progress,
-                      desc="edit" if controller is not None else "sample")
+    desc = "edit" if controller is not None else "sample"
+    latents = None
+    cuda = pipe.device.type == "cuda"
+    if capture is None:
+        capture = CAPTURE_BY_DEFAULT and cuda and captured.unsupported(smp, control) is None
+    if capture:
+        try:
+            latents, control = captured.static_sample(pipe, prompts, src, smp, control, pin=True,
+                                                      progress=progress, desc=desc, graph=cuda)
+        except captured.CaptureFailed as e:
+            if str(e) not in _capture_failures:
+                _capture_failures.add(str(e))
+                warnings.warn(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop",
+                              RuntimeWarning, stacklevel=3)
+    if latents is None:
+        latents = _sample(pipe, prompts, src, smp, control, pin=True, progress=progress, desc=desc)
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
     return EditOutput(images=images, latents=latents, attention=attention)

@@ -32,7 +32,10 @@ AttentionStore sees them: store[i] += mean_h p[P + i].
 Self attention, for target rows inside the self-replace window: the output is
 softmax(q_src k_src^T * scale) @ v_tgt (the source's map applied to the
 target's values). `store` (only for N <= 32*32) receives the head-averaged
-(P, N, N) maps of the conditional rows before injection.
+(P, N, N) maps of the conditional rows before injection. A `gate` makes the
+injection a device-side choice: a captured loop (`p2p_engine.captured`) reads
+it from its step counter, so one recorded call serves calls inside and outside
+the self window; a gate of 0 gives exactly the plain attention.
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ class CrossPlan:
 @dataclass
 class SelfPlan:
     num_prompts: int  # P
-    inject: bool = False  # targets use the source's map
+    inject: bool = False  # targets use the source's map ...
     store: torch.Tensor | None = None  # (P, N, N) fp32, accumulated in place
+    gate: torch.Tensor | None = None  # ... (1,) tensor: only where it is non-zero (None: always)
 
     @property
     def injects(self) -> bool:

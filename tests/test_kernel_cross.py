@@ -75,7 +75,7 @@ def restated(q, k, v, parts: dict | None, scale: float):
     return p @ v, cond_mean
 
 
-def check(mode, P, H, N, T, D, dtype, device, seed=0):
+def check(mode, P, H, N, T, D, dtype, device, seed=0, store_way="atomic"):
     gen = torch.Generator().manual_seed(seed)
     B = 2 * P
     q = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
@@ -89,7 +89,7 @@ def check(mode, P, H, N, T, D, dtype, device, seed=0):
     ref_plan = build_plan(parts, P, N, T, device, torch.float32)
     ref = cross_attention_reference(q, k, v, ref_plan, scale)
     ker_plan = build_plan(parts, P, N, T, device, torch.float32)
-    out = cross_attention(q, k, v, ker_plan, scale)
+    out = cross_attention(q, k, v, ker_plan, scale, store_way=store_way)
 
     # The reference itself against the plain re-statement, both in float64.
     restated_out, restated_mean = restated(q.double(), k.double(), v.double(), parts, scale)
@@ -136,6 +136,31 @@ def test_targets_and_short_prompt(mode, P, device):
 @pytest.mark.parametrize("mode", ["none", "all"])
 def test_half(mode, device):
     check(mode, P=2, H=2, N=37, T=77, D=40, dtype=torch.float16, device=device, seed=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["store", "all"])
+@pytest.mark.parametrize("P,H", [(2, 3), (3, 2)])
+def test_heads_in_program_store(mode, P, H, device):
+    """The store met without atomics (one program loops over the heads) holds to the same bounds."""
+    check(mode, P=P, H=H, N=21, T=77, D=40, dtype=torch.float32, device=device, seed=P + H, store_way="heads")
+
+
+def test_store_ways_agree_and_unknown_is_refused():
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(9)
+    P, H, N, T, D = 2, 2, 19, 77, 16
+    q, k, v = (torch.randn(2 * P, H, n, D, generator=gen).to(device) for n in (N, T, T))
+    parts = make_plan_parts("all", P, T, gen)
+    outs = {}
+    for way in ("atomic", "heads"):
+        plan = build_plan(parts, P, N, T, device, torch.float32)
+        plan.store += 1.0  # accumulated onto what is there, both ways
+        outs[way] = cross_attention(q, k, v, plan, D ** -0.5, store_way=way), plan.store
+    assert torch.equal(outs["atomic"][0], outs["heads"][0])  # the outputs are one computation
+    torch.testing.assert_close(outs["atomic"][1], outs["heads"][1], rtol=4 * 2.0**-24, atol=0)  # sum order
+    with pytest.raises(ValueError, match="store_way"):
+        cross_attention(q, k, v, None, 1.0, store_way="rows")
 
 
 def test_strided_views_and_output_layout():
@@ -202,6 +227,13 @@ def test_cuda_sd_shapes(mode, dtype, N, D):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["store", "all"])
+@pytest.mark.parametrize("N,D", [(4096, 40), (1024, 80), (256, 160), (64, 160)])
+def test_cuda_heads_in_program_store(mode, N, D):
+    check(mode, P=2, H=8, N=N, T=77, D=D, dtype=torch.float16, device="cuda", store_way="heads")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["none", "all"])
 @pytest.mark.parametrize("T", [77, 5])
 def test_cuda_fp32_odd(mode, T):
@@ -225,18 +257,19 @@ for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (t
     for D in dims:
         BD = ca.next_pow2(D)
         block_n, warps = ca._config(dtype, BD)
-        c = dict(BLOCK_N=block_n, BLOCK_T=128, BLOCK_D=BD, HAS_STORE=True, HAS_INJECT=True, HAS_MIX=True,
-                 HAS_EQ=True, HAS_GATE=True, PREC="tf32" if half else "ieee",
-                 MAP_PREC="tf32" if half else "ieee", HALF_PV=half)
-        sig = {n: f"*{dt}" for n in "QKVO"} | {n: "*fp32" for n in ("STORE", "MAPPER", "MIX", "EQ", "GATE")}
-        sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
-        sig |= {n: "i32" for n in ("H", "N", "T", "D", "P")} | {"scale": "fp32"} | {k: "constexpr" for k in c}
-        k = triton.compile(ASTSource(ca._cross_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps))
-        assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, k.metadata.shared)
+        for heads in (False, True) if half else (False,):  # the two ways to meet the store
+            c = dict(BLOCK_N=block_n, BLOCK_T=128, BLOCK_D=BD, HAS_STORE=True, HAS_INJECT=True, HAS_MIX=True,
+                     HAS_EQ=True, HAS_GATE=True, PREC="tf32" if half else "ieee",
+                     MAP_PREC="tf32" if half else "ieee", HALF_PV=half, HEADS_IN_PROGRAM=heads)
+            sig = {n: f"*{dt}" for n in "QKVO"} | {n: "*fp32" for n in ("STORE", "MAPPER", "MIX", "EQ", "GATE")}
+            sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+            sig |= {n: "i32" for n in ("H", "N", "T", "D", "P")} | {"scale": "fp32"} | {k: "constexpr" for k in c}
+            k = triton.compile(ASTSource(ca._cross_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps))
+            assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, heads, k.metadata.shared)
         bm, bn, warps, stages = sa._config(dtype, BD)
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, PREC="tf32" if half else "ieee")
-        sig = {n: f"*{dt}" for n in "QKVO"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, HAS_GATE=True, PREC="tf32" if half else "ieee")
+        sig = {n: f"*{dt}" for n in "QKVO"} | {"GATE": "*fp32"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
         sig |= {n: "i32" for n in ("H", "N", "D", "P")} | {"scale": "fp32"}
         sig |= {k: "constexpr" for k in c}
         k = triton.compile(ASTSource(sa._self_fwd, sig, c), target=GPUTarget("cuda", 90, 32),

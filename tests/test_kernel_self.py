@@ -101,6 +101,31 @@ def test_strided_views(inject):
     assert out.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("store", [False, True])
+def test_gate_switches_injection_on_the_device(store):
+    """A gated plan equals the injecting plan where the gate is 1 and the plain one where it is 0, bit for bit,
+    in the kernel and in the reference (a captured loop's self window)."""
+    device = DEVICES[0]
+    P, H, N, D = 3, 2, 21, 16
+    q, k, v = inputs(P, H, N, D, torch.float32, device, 7)
+
+    def run(fn, inject, gate=None):
+        st = torch.zeros(P, N, N, device=device) if store else None
+        g = None if gate is None else torch.tensor([gate], device=device)
+        out = fn(q, k, v, SelfPlan(num_prompts=P, inject=inject, store=st, gate=g), D ** -0.5)
+        return out, st
+
+    for fn in (self_attention, self_attention_reference):
+        for gate, inject in ((1.0, True), (0.0, False)):
+            got, st_got = run(fn, True, gate)
+            want, st_want = run(fn, inject)
+            assert torch.equal(got, want), (fn.__name__, gate)
+            if store:
+                assert torch.equal(st_got, st_want)
+    with pytest.raises(ValueError, match="gate must be one value"):
+        self_attention(q, k, v, SelfPlan(num_prompts=P, inject=True, gate=torch.ones(2, device=device)), 1.0)
+
+
 def test_errors_name_the_fix():
     q = torch.randn(4, 2, 8, 16, device=DEVICES[0])
     with pytest.raises(ValueError, match="same length"):

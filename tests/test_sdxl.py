@@ -328,3 +328,17 @@ def test_cached_re_edit_equals_uncached(pipe64):
     assert cache.self_qk  # SDXL's default self limit (h/4)(w/4) takes its coarsest layers
     out = pipe64.edit(prompts, ctrl, cache=cache, **kw)
     assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-10
+
+
+def test_static_loop_equals_eager(pipe64):
+    """The captured loop's static step (tests/test_captured.py for SD 1.x) with SDXL's pooled embeddings, time ids
+    and a null-text inversion's per-step pooled null; a non-square size, so the buffers allocated up front take
+    each level's own height and width; float64."""
+    img = (torch.rand(80, 112, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    inv = pipe64.invert(img, SRC, steps=STEPS, inner_steps=1, progress=False)
+    for source in (dict(seed=4, steps=STEPS, height=128, width=96), dict(inversion=inv)):
+        kw = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False, **source)
+        ref = pipe64.edit([SRC, TGT], p2p.Replace(), capture=False, **kw)
+        out = pipe64.edit([SRC, TGT], p2p.Replace(), capture=True, **kw)
+        assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-12
+        assert out.attention.layers == ref.attention.layers

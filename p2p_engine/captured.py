@@ -1,0 +1,242 @@
+"""The sampling loop with static state: one step that a CUDA graph can record once and replay every call.
+
+The eager loop (`editing._sample`) decides on the host, call by call, what the
+attention layers do: whether a cross gate is open, whether the self window is,
+whether LocalBlend has started; the control allocates its map buffers when a
+layer first asks. A recorded graph replays the kernels of one call and runs no
+Python, so here every such choice is a device tensor read through a step
+counter that lives on the device and that the step itself advances:
+
+- the timestep, the DDIM alphas, an inversion's null text and a direct
+  inversion's pivot are tables indexed by the counter;
+- cross injection runs on every call with that call's gate row (a closed gate
+  gives exactly the target's own probabilities: injected * 0 + p * 1);
+- self injection takes the source's queries and keys where the call's window
+  flag is set (`SelfPlan.gate`; 0 gives exactly plain attention);
+- LocalBlend's mask is built every call and `torch.where` keeps the unblended
+  latents before its start;
+- every map buffer is allocated before the first call, for the layers the UNet
+  declares (`unet.attn_layers`) at the sizes the latent gives them.
+
+Only the cross gate changes any arithmetic: a call whose gate is closed and
+whose maps are not stored takes the plan's explicit softmax instead of SDPA, so
+such calls agree with the eager loop to float rounding, every other call bit
+for bit. The loop's static step equals the eager loop for every controller
+(tests/test_captured.py, on the CPU, where it runs step by step unrecorded). On
+CUDA `capture_sample` records it once (after a warm-up that compiles the
+kernels) and replays it; DDIM only (PNDM and DPM-Solver++ keep host-side
+history), and not for re-edits from a cache, whose plans copy host memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from .conditioning import Text
+from .control import Control
+from .plan import CrossPlan, SelfPlan, inject_cross
+from .samplers import DDIMSampler
+from .scheduler import ddim_step
+from .words import MAX_TOKENS
+
+
+class CaptureFailed(RuntimeError):
+    """Recording the step as a CUDA graph failed; the caller runs the eager loop instead."""
+
+
+def unsupported(smp, control) -> str | None:
+    """Why the static loop cannot run this edit, or None."""
+    if not isinstance(smp, DDIMSampler):
+        return "only DDIM sampling is captured (PNDM and DPM-Solver++ keep host-side history); use sampler='ddim'"
+    if control is not None and type(control) is not Control:
+        return "re-edits from a cache and cache recording run eagerly (their plans copy host memory)"
+    return None
+
+
+def _queries(h: int, w: int, level: int) -> int:
+    for _ in range(level):  # each level halves with a stride-2 convolution (padding 1): ceil
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
+
+
+def _at(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """table[i] for a (1,) device counter, without a host sync: (1, *table.shape[1:])."""
+    return table.index_select(0, i)
+
+
+class StaticControl(Control):
+    """A `Control` whose per-call choices are read from the device counter and whose buffers exist up front."""
+
+    def __init__(self, control: Control, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
+        super().__init__(control.prompts, control.calls, control.device, edit=control.edit, blend=control.blend,
+                         store=control.keep, self_maps=control.self_maps)
+        self.counter = counter
+        e, dev = self.edit, self.device
+        self.gates_cross = e is not None and bool(e.gate.any())  # once, before the loop
+        self.self_gate = None
+        if e is not None and e.self_window[0] < e.self_window[1]:
+            self.self_gate = torch.zeros(self.calls, 1, device=dev)
+            self.self_gate[e.self_window[0]:e.self_window[1]] = 1
+        self.blend_on = None
+        if self.blend is not None:
+            self.blend_on = (torch.arange(self.calls) + 1 > self.blend.start).view(-1, 1, 1, 1, 1).to(dev)
+        h, w = latent_hw
+        for layer in layers:
+            n = _queries(h, w, layer.level)
+            self.layers[layer.index] = (layer, n)
+            maps = torch.zeros(self.P, n, MAX_TOKENS if layer.is_cross else n, device=dev)
+            if layer.is_cross and self._is_blend_layer(layer):
+                self.step_buf[layer.index] = maps
+                if self.keep:
+                    self.cross_sum[layer.index] = torch.zeros_like(maps)
+                self.blend_sum = torch.zeros_like(maps)
+            elif layer.is_cross and self.keep:
+                self.cross_sum[layer.index] = maps
+            elif not layer.is_cross and self.self_maps and n <= 32 * 32:
+                self.self_sum[layer.index] = maps
+        self.gate_now = self.self_gate_now = None
+
+    def begin_step(self) -> None:
+        """This call's gates, read from the counter (recorded into the graph with the rest of the step)."""
+        if self.gates_cross:
+            self.gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
+        if self.self_gate is not None:
+            self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
+
+    def plan(self, layer, n_queries: int):
+        e, i = self.edit, layer.index
+        if layer.is_cross:
+            store = self.step_buf.get(i) if self._is_blend_layer(layer) else self.cross_sum.get(i)
+            if self.gates_cross:
+                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, self.gate_now)
+            return CrossPlan(self.P, store) if store is not None else None
+        inject = self.self_gate is not None and n_queries <= e.self_max_queries
+        store = self.self_sum.get(i)
+        if inject or store is not None:
+            return SelfPlan(self.P, inject, store, self.self_gate_now if inject else None)
+        return None
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """As `Control.end_step`, with the blend's start and the gate read from the counter."""
+        if self.step_buf:
+            step_maps = self._step_maps()
+            if self.keep:
+                for k, buf in self.step_buf.items():
+                    self.cross_sum[k].add_(buf)
+            if self.gates_cross:
+                e = self.edit
+                src, tgt = step_maps[:1], step_maps[1:]
+                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, self.gate_now)])
+            self.blend_sum.add_(step_maps)
+            for buf in self.step_buf.values():
+                buf.zero_()
+            latents = torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
+        self.step += 1
+        return latents
+
+
+class StaticLoop:
+    """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call."""
+
+    def __init__(self, pipe, prompts, src, smp: DDIMSampler, control: Control | None, *, pin: bool):
+        self.pipe, self.src, self.smp = pipe, src, smp
+        device, master = pipe.device, pipe.master_dtype
+        P = self.P = len(prompts)
+        self.start = src.latents.expand(P, -1, -1, -1).clone()  # (P, C, h, w)
+        self.latents = self.start.clone()
+        h, w = self.start.shape[-2:]
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        self.timesteps = torch.tensor(smp.timesteps, dtype=torch.long, device=device)
+        self.cond = pipe.encode_text(prompts)  # (P, 77, D)
+        self.uncond = pipe.unconditional().expand(P) if src.null is None else None
+        down = pipe.config.vae.downscale
+        self.time_ids = pipe.time_ids(h * down, w * down, 2 * P)
+        self.pivots = src.pivots if pin else None
+        self.control = None
+        if control is not None:
+            self.control = StaticControl(control, pipe.unet.attn_layers, (h, w), self.counter)
+        self.master = master
+
+    def reset(self) -> None:
+        """Back to call 0: the start latent, the counter and every map buffer (after a warm-up)."""
+        self.latents.copy_(self.start)
+        self.counter.zero_()
+        c = self.control
+        if c is not None:
+            for buf in [*c.cross_sum.values(), *c.self_sum.values(), *c.step_buf.values()]:
+                buf.zero_()
+            if c.blend_sum is not None:
+                c.blend_sum.zero_()
+            c.step = 0
+
+    def step(self) -> None:
+        pipe, src, i, P = self.pipe, self.src, self.counter, self.P
+        if self.uncond is not None:
+            u = self.uncond
+        else:
+            null = src.null
+            u = Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(P)
+        text = Text.cat([u, self.cond])
+        x = torch.cat([self.latents, self.latents]).to(pipe.dtype)
+        if self.control is not None:
+            self.control.begin_step()
+        out = pipe.unet(x, _at(self.timesteps, i), text.context, control=self.control, pooled=text.pooled,
+                        time_ids=self.time_ids).to(self.master)
+        out_u, out_c = out.chunk(2)
+        delta = out_c - out_u
+        if src.proximal == "l0":
+            thr = torch.quantile(delta.abs().flatten(), src.quantile)
+            delta = delta - delta.clamp(-thr, thr)
+        a, a_prev = _at(self.smp.a, i).reshape(()), _at(self.smp.a_prev, i).reshape(())
+        latents = ddim_step(out_u + src.guidance * delta, self.latents, a, a_prev, self.smp.v_pred)
+        if self.pivots is not None:  # before LocalBlend, as in the eager loop
+            latents[0] = _at(self.pivots, i)[0]
+        if self.control is not None:
+            latents = self.control.end_step(latents)
+        self.latents.copy_(latents)
+        self.counter.add_(1)
+
+
+def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool, desc: str,
+                  graph: bool) -> tuple[torch.Tensor, StaticControl | None]:
+    """The edit loop on static state: (final latents (P, C, h, w), the control that holds its maps).
+
+    graph=False runs the step call by call (any device; what the tests compare with the eager loop);
+    graph=True records it as a CUDA graph and replays it, raising `CaptureFailed` if recording fails.
+    """
+    why = unsupported(smp, control)
+    if why is not None:
+        raise ValueError(f"capture: {why}")
+    loop = StaticLoop(pipe, prompts, src, smp, control, pin=pin)
+    calls = range(len(smp.timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+        calls = tqdm(calls, desc=f"{desc} (captured)" if graph else desc)
+    if not graph:
+        for _ in calls:
+            loop.step()
+        return loop.latents, loop.control
+    if pipe.device.type != "cuda":
+        raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
+    graph_ = _record(loop)
+    for _ in calls:
+        graph_.replay()
+    return loop.latents, loop.control
+
+
+def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
+    """Warm the step up on a side stream (Triton compiles, the allocator settles), record it, reset."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(min(2, len(loop.smp.timesteps))):  # the counter must stay inside the tables
+                loop.step()
+        torch.cuda.current_stream().wait_stream(side)
+        loop.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loop.step()
+    except Exception as e:  # noqa: BLE001 -- reported by the caller, which falls back to the eager loop
+        raise CaptureFailed(f"{type(e).__name__}: {e}") from e
+    loop.reset()  # recording ran nothing, but the warm-up did
+    return graph

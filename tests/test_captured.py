@@ -1,0 +1,162 @@
+"""The static-state loop (p2p_engine.captured) equals the eager loop for every controller.
+
+On the CPU `capture=True` runs the very step a CUDA graph records, call by call, so the loop's logic (device
+counter, gated injection, LocalBlend by `where`, buffers allocated up front) is checked here in float64 against
+the eager loop; on CUDA the recorded graph is checked against the eager loop in the same precision.
+"""
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import p2p_engine as p2p
+from p2p_engine import captured, editing
+
+SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
+STEPS = 8
+SELF = dict(self_max_queries=64)  # the tiny model's 8 x 8 self layers are replaced, as 16 x 16 are at full size
+
+
+@pytest.fixture(scope="module")
+def pipe64(tiny_ckpt, load_float64):
+    return load_float64(tiny_ckpt)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _pair(pipe, prompts, controller, **kw):
+    eager = pipe.edit(prompts, controller, capture=False, progress=False, **kw)
+    static = pipe.edit(prompts, controller, capture=True, progress=False, **kw)
+    return eager, static
+
+
+def _assert_same(eager, static, tol):
+    assert _rel(static.latents, eager.latents) <= tol
+    if eager.attention is None:
+        assert static.attention is None
+        return
+    for ours, theirs in [(static.attention._cross, eager.attention._cross),
+                         (static.attention._self, eager.attention._self)]:
+        assert ours.keys() == theirs.keys()
+        for k, buf in theirs.items():
+            assert ours[k].shape == buf.shape and _rel(ours[k], buf) <= tol
+    assert static.attention.layers == eager.attention.layers  # the sizes allocated up front are the ones used
+
+
+CASES = {
+    "generation": dict(prompts=[SOURCE, TARGET], controller=None, kw=dict(store=False)),
+    "store with self maps": dict(prompts=[SOURCE, TARGET], controller=p2p.Store(self_maps=True)),
+    "replace, blend, self maps": dict(
+        prompts=[SOURCE, TARGET], controller=p2p.Replace(cross_steps=0.5, self_steps=(0.25, 0.6), self_maps=True,
+                                                         **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))),
+    "refine, not stored": dict(prompts=[SOURCE, "a big cat riding a red bicycle"],
+                               controller=p2p.Refine(cross_steps=0.6, **SELF), kw=dict(store=False)),
+    "reweight on replace, word windows, blend with subtract, three prompts": dict(
+        prompts=[SOURCE, TARGET, "a fox riding a bicycle"],
+        controller=p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps={"default_": 0.8, "bicycle": 0.3},
+                                self_steps=(0.1, 0.4), **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "dog", "fox"], subtract=["bicycle"] * 3, start=0.25))),
+    "odd latent sizes, whose levels round up": dict(
+        prompts=[SOURCE, TARGET], controller=p2p.Replace(self_maps=True, **SELF),
+        kw=dict(height=80, width=112, local_blend=p2p.LocalBlend(["cat", "dog"]))),
+    "no self window, proximal guidance": dict(
+        prompts=[SOURCE, TARGET], controller=p2p.Replace(self_steps=0.0), kw=dict(proximal="l0")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_loop_equals_eager_float64(pipe64, case):
+    c = CASES[case]
+    eager, static = _pair(pipe64, c["prompts"], c["controller"], seed=3, steps=STEPS, **c.get("kw", {}))
+    _assert_same(eager, static, 1e-12)
+
+
+def test_generation_and_stored_edits_are_bit_identical(pipe64):
+    """Where no window closes, the static step runs the eager step's very operations. (A closed cross gate on
+    an unstored call, or a closed self window, is the plan's explicit softmax or SDPA with an explicit scale
+    where the eager call is plain SDPA: equal to rounding, as the float64 tests above hold.)"""
+    for controller, kw in [(None, dict(store=False)), (p2p.Store(), {}),
+                           (p2p.Replace(cross_steps=1.0, self_steps=1.0, **SELF),
+                            dict(local_blend=p2p.LocalBlend(["cat", "dog"])))]:
+        eager, static = _pair(pipe64, [SOURCE, TARGET], controller, seed=1, steps=STEPS, **kw)
+        assert torch.equal(static.latents, eager.latents), controller
+
+
+@pytest.mark.parametrize("method", ["null_text", "direct"])
+def test_static_loop_from_an_inversion(pipe64, method):
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+    eager, static = _pair(pipe64, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv,
+                          local_blend=p2p.LocalBlend(["cat", "dog"]))
+    _assert_same(eager, static, 1e-12)
+    if method == "direct":  # the pivot pins the source row in the static loop too
+        assert torch.equal(static.latents[0], inv.pivots[-1].to(static.latents))
+
+
+def test_float32_static_loop_within_float32_drift(tiny_pipe, pipe64):
+    prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
+    truth = pipe64.edit(prompts, ctrl, local_blend=blend, seed=5, steps=STEPS, progress=False).latents
+    eager, static = _pair(tiny_pipe, prompts, ctrl, local_blend=blend, seed=5, steps=STEPS)
+    err_eager, err_static = _rel(eager.latents, truth), _rel(static.latents, truth)
+    assert err_eager < 1e-4 and err_static <= 2 * err_eager + 1e-7
+
+
+def test_capture_refuses_what_it_cannot_run(tiny_pipe):
+    with pytest.raises(ValueError, match="only DDIM"):
+        tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), sampler="pndm", steps=3, capture=True, progress=False)
+    cache = tiny_pipe.edit_cache(SOURCE, steps=3, progress=False)
+    with pytest.raises(ValueError, match="cache run eagerly"):
+        tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, progress=False)
+    src = editing.resolve_source(tiny_pipe, steps=2)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA pipeline"):
+        captured.static_sample(tiny_pipe, [SOURCE], src, editing._sampler(tiny_pipe, src), None, pin=True,
+                               progress=False, desc="sample", graph=True)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
+    """The recorded step replayed over every call equals the eager loop on the GPU: bit for bit where the
+    static step runs the eager step's operations, else to float32 rounding."""
+    pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend=backend)
+    prompts, blend = [SOURCE, TARGET], p2p.LocalBlend(["cat", "dog"], start=0.3)
+    with _no_capture_warning():
+        for controller, kw, exact in [(None, dict(store=False), True),
+                                      (p2p.Replace(cross_steps=1.0, self_steps=0.5, **SELF),
+                                       dict(local_blend=blend), True),
+                                      (p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5, **SELF),
+                                       dict(local_blend=blend, store=False), False)]:
+            eager, graphed = _pair(pipe, prompts, controller, seed=2, steps=STEPS, **kw)
+            if exact:
+                assert torch.equal(graphed.latents, eager.latents), controller
+            else:
+                assert _rel(graphed.latents, eager.latents) < 1e-5, controller
+            if eager.attention is not None:
+                for k, buf in eager.attention._cross.items():
+                    assert _rel(graphed.attention._cross[k], buf) < 1e-5
+
+
+@cuda
+def test_cuda_graph_from_a_null_text_inversion(tiny_ckpt):
+    pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float16, backend="triton")
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    inv = pipe.invert(img, SOURCE, steps=STEPS, inner_steps=2, progress=False)
+    with _no_capture_warning():
+        eager, graphed = _pair(pipe, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv,
+                               local_blend=p2p.LocalBlend(["cat", "dog"]))
+    assert _rel(graphed.latents, eager.latents) < 1e-2  # fp16 UNet: the loops' own rounding
+
+
+@contextlib.contextmanager
+def _no_capture_warning():
+    """A failed recording falls back to the eager loop with a warning; on the GPU the tests want the graph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="recording the edit step", category=RuntimeWarning)
+        yield
