@@ -117,6 +117,8 @@ def cmd_edit(args) -> int:
         kwargs["local_blend"] = p2p.LocalBlend([w.split(",") if "," in w else w for w in args.blend])
     if inversion is not None:
         kwargs["inversion"] = inversion
+    if args.capture:
+        kwargs["capture"] = True
     out = pipe.edit(prompts, progress=True, **kwargs)
     _save_png(side_by_side(out.images), out_path)
     print(f"wrote {len(out.images)} images side by side to {out_path}")
@@ -304,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "at --quantile of its magnitudes")
     p.add_argument("--quantile", type=fraction, default=0.75, help="proximal guidance's quantile (default 0.75)")
     p.add_argument("--inversion", metavar="FILE", help="edit a real image inverted by `p2p-engine invert`")
+    p.add_argument("--capture", action="store_true",
+                   help="run the captured loop: on CUDA one step recorded as a CUDA graph and replayed (DDIM)")
     p.add_argument("--out", default="out.png", help="output PNG")
     p.set_defaults(func=cmd_edit)
 

@@ -6,8 +6,10 @@ Adam step taken, *then* `loss.item() < 1e-5 + i * 2e-5` breaks; so the iteration
 still updates the embedding.
 
 Here the early stop lives on the device: a per-image `done` flag masks the Adam update (parameter and
-state), so the inner loop needs no host sync and one iteration can be captured in a CUDA graph and
-replayed. Adam is written out with torch.optim.Adam's arithmetic (single-tensor path) and per-image state,
+state), so one iteration can be captured in a CUDA graph and replayed, and images of a batch stop on
+their own. The loop reads the flags back once per iteration to leave the step when every image has
+stopped (the remaining iterations would change nothing); an eager iteration also runs the UNet on the
+images still optimising only (a captured one keeps the batch's shape and masks). Adam is written out with torch.optim.Adam's arithmetic (single-tensor path) and per-image state,
 so N images in one batch equal N single runs. `inversion.invert_batch` calls `null_optimize` after the
 DDIM inversion.
 """
@@ -87,18 +89,32 @@ class _Iteration:
         self.loss = torch.zeros(param.shape[0], dtype=dt, device=dev)  # (N,) this iteration's loss, NaN if done before
         self.adam = _Adam(param)
 
-    def __call__(self):
-        p = self.param.detach().requires_grad_(True)
-        pooled = self.pooled
+    def __call__(self, compact: bool = False):
+        """One iteration. `compact` (eager only: it reads the flags back) runs the UNet on the images that
+        have not stopped; the stopped ones get a zero gradient, which their masked Adam step ignores."""
+        rows = None
+        if compact and bool(self.done.any()):
+            rows = (~self.done).nonzero().squeeze(1)
+
+        def mine(x):
+            return x if rows is None or x is None else x.index_select(0, rows)
+
+        p = mine(self.param).detach().requires_grad_(True)
+        pooled = mine(self.pooled)
         if self.pooled_adam is not None:
             pooled = pooled.detach().requires_grad_(True)
+        latent = mine(self.latent)
         with torch.enable_grad():
-            out_u = self.pipe.predict(self.latent, self.t, p, pooled=pooled, time_ids=self.time_ids)
-            noise = out_u + self.guidance * (self.out_c - out_u)
-            prev = ddim_step(noise, self.latent, self.a, self.a_prev, self.v_pred)
-            loss = ((prev - self.target) ** 2).mean(dim=(1, 2, 3))  # (N,) each image's own MSE
+            out_u = self.pipe.predict(latent, self.t, p, pooled=pooled, time_ids=mine(self.time_ids))
+            noise = out_u + self.guidance * (mine(self.out_c) - out_u)
+            prev = ddim_step(noise, latent, self.a, self.a_prev, self.v_pred)
+            loss = ((prev - mine(self.target)) ** 2).mean(dim=(1, 2, 3))  # each image's own MSE
             grads = torch.autograd.grad(loss.sum(), [p] if self.pooled_adam is None else [p, pooled])
         loss = loss.detach()
+        if rows is not None:  # back to the batch's rows
+            loss = torch.zeros_like(self.loss).index_copy_(0, rows, loss)
+            grads = [torch.zeros_like(full).index_copy_(0, rows, g)
+                     for full, g in zip((self.param, self.pooled), grads)]
         active = ~self.done
         with torch.no_grad():
             self.adam.step(self.param, grads[0], self.lr, active)
@@ -145,6 +161,10 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
     pooled = None if uncond.pooled is None else uncond.pooled.detach().to(pipe.master_dtype).clone()
     latent = traj[-1]
     it = _Iteration(pipe, param, latent, guidance, pooled, time_ids, optimize_pooled and pooled is not None)
+
+    def eager():  # the UNet runs on the images still optimising only
+        it(compact=True)
+
     run = None
     nulls = torch.empty((steps, n) + tuple(param.shape[1:]), dtype=param.dtype, device=dev)
     pooled_nulls = None if pooled is None else torch.empty((steps,) + tuple(pooled.shape), dtype=param.dtype,
@@ -171,17 +191,20 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
             if it.pooled_adam is not None:
                 it.pooled_adam.reset()
         if run is None:  # capture once the buffers hold real values (step 0), so warm-up sees no NaN
-            run = it
+            run = eager
             if use_graph:
                 try:
                     run = _graph_iteration(it)
                 except Exception as e:  # a model part that is not capturable: go on eagerly, but say so
                     warnings.warn(f"CUDA-graph capture of the null-text iteration failed ({e}); "
                                   "using the eager loop")
-                    run = it
         for j in range(inner_steps):
             run()
             losses[i, j].copy_(it.loss)
+            # Once every image has stopped, the rest of this step's iterations would be masked no-ops: skip
+            # them. One host sync per iteration, against an iteration's forward and backward pass.
+            if j + 1 < inner_steps and bool(it.done.all()):
+                break
         with torch.no_grad():
             nulls[i].copy_(it.param)
             if pooled_nulls is not None:

@@ -238,3 +238,19 @@ def test_edit_samplers_and_offset(ckpt, photo, tmp_path, capsys):
     _fails_cleanly(["edit", "--model", str(ckpt), "--inversion", str(inv), "--target", "a blue ball", "--sampler",
                     "pndm", "--out", str(tmp_path / "no.png")], capsys, "--sampler")
     assert not (tmp_path / "no.png").exists()
+
+
+def test_edit_capture(ckpt, tmp_path, capsys):
+    """--capture runs the captured loop (on the CPU its static step, call by call): the picture of the eager loop
+    to float rounding; a sampler it cannot capture is refused with the one it can."""
+    base = ["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle", "--target", "a dog riding a bicycle",
+            "--blend", "cat", "dog", *STEPS]
+    pictures = []
+    for extra in ([], ["--capture"]):
+        out = tmp_path / f"capture{len(extra)}.png"
+        assert main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        with Image.open(out) as im:
+            pictures.append(np.asarray(im.convert("RGB")).astype(int))
+    assert np.abs(pictures[0] - pictures[1]).max() <= 1
+    _fails_cleanly([*base, "--capture", "--sampler", "pndm", "--out", str(tmp_path / "no.png")], capsys, "ddim")
+    assert not (tmp_path / "no.png").exists()

@@ -182,6 +182,44 @@ def test_early_stop_matches_reference(pipe, ref_config):
     assert _rel(inv.null_embeddings, nulls_ref) < 1e-5
 
 
+def test_a_step_ends_when_every_image_has_stopped(pipe, monkeypatch):
+    """Once every image of the batch has met its threshold, the step's remaining iterations are not run (they
+    would change nothing): the UNet is called as often as `unet_evaluations` counts, and the result equals a
+    run whose inner loop never had those iterations to skip."""
+    images = [prepare(photo(s), pipe.config.image_size) for s in (6, 7)]
+    prompts = ["a cat", "a dog"]
+    kw = dict(steps=STEPS, progress=False, epsilon=1e9, use_graph=False)  # every image stops at iteration 1
+    one = invert_batch(pipe, images, prompts, inner_steps=1, **kw)
+    calls = []
+    predict = pipe.predict
+    monkeypatch.setattr(pipe, "predict", lambda *a, **k: calls.append(1) or predict(*a, **k))
+    many = invert_batch(pipe, images, prompts, inner_steps=INNER, **kw)
+    # per step: the DDIM inversion's call, the conditional output, one iteration, the advance
+    assert len(calls) == STEPS * 4 and many[0].unet_evaluations()["inversion"] == STEPS * 4
+    for a, b in zip(one, many):
+        assert torch.equal(a.null_embeddings, b.null_embeddings) and torch.equal(a.latent_T, b.latent_T)
+        assert b.losses.shape[1] == INNER and b.losses[:, 1:].isnan().all()
+
+
+def test_stopped_images_leave_the_batch(pipe, monkeypatch):
+    """An eager iteration runs the UNet on the images still optimising only: the rows it is given sum to the
+    iterations the images used (what `unet_evaluations` counts), not to the batch size times the longest."""
+    images = [prepare(photo(s), pipe.config.image_size) for s in (3, 4, 5)]
+    prompts = ["a cat", "two birds in a tree", "a house by a lake"]
+    kw = dict(steps=STEPS, inner_steps=INNER, progress=False, use_graph=False)
+    free = invert_batch(pipe, images, prompts, early_stop=False, **kw)
+    eps0 = sorted(inv.losses[:, 1].min().item() for inv in free)[1]  # some images stop at iteration 2, some not
+    rows = []
+    predict = pipe.predict
+    monkeypatch.setattr(pipe, "predict", lambda x, *a, **k: rows.append(x.shape[0]) or predict(x, *a, **k))
+    invs = invert_batch(pipe, images, prompts, epsilon=eps0, epsilon_slope=0.0, **kw)
+    used = sum(int((~inv.losses.isnan()).sum()) for inv in invs)
+    longest = sum(max(int((~inv.losses[i].isnan()).sum()) for inv in invs) for i in range(STEPS))
+    assert used < 3 * longest  # the images did stop at different iterations
+    assert sum(rows) == 3 * STEPS * 3 + used  # DDIM inversion, conditional outputs and advances: 3 rows each
+    assert sum(inv.unet_evaluations()["inversion"] for inv in invs) == sum(rows)
+
+
 def test_batch_equals_singles(pipe64):
     size = pipe64.config.image_size
     images = [prepare(photo(s, 64 + 8 * s, 96), size) for s in (3, 4, 5)]
