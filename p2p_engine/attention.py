@@ -23,10 +23,11 @@ BACKENDS = ("torch", "triton")
 def triton_interpreter() -> bool:
     """Switch Triton's interpreter on where there is no CUDA; returns whether the kernels run interpreted.
 
-    The one place that sets TRITON_INTERPRET. Triton reads it when a kernel is decorated, i.e. when
-    `p2p_engine.kernels` is first imported, so this must run before that import: the attention seam
-    calls it before it imports the kernels, and the tests call it before theirs. A value the user set
-    in the environment is left as it is.
+    The one place that sets TRITON_INTERPRET. Triton reads it when a function is decorated: our kernels
+    when `p2p_engine.kernels` is first imported, and Triton's own library (`tl.max`, ...) when
+    `triton.language` is, which other packages (transformers) may do first. So `import p2p_engine` calls
+    this before anything else, and the seam checks before it runs a kernel (`_kernels`). A value the user
+    set in the environment is left as it is.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -35,7 +36,12 @@ def triton_interpreter() -> bool:
 
 @functools.cache
 def _kernels():
-    triton_interpreter()
+    if triton_interpreter():
+        import triton.language as tl
+        if type(tl.max).__name__ != "InterpretedFunction":
+            raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set, so its library cannot run "
+                               "interpreted on the CPU: import p2p_engine before other packages that use Triton, "
+                               "set TRITON_INTERPRET=1 in the environment, or use backend='torch'")
     from . import kernels
     return kernels
 

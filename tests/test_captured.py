@@ -120,38 +120,45 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
+def _mean_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().mean() / b.double().abs().mean()).item()
+
+
 @cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
-    """The recorded step replayed over every call equals the eager loop on the GPU: bit for bit where the
-    static step runs the eager step's operations, else to float32 rounding."""
+    """The recorded step replayed over every call against the eager loop on the GPU. Bit for bit where both run
+    the same kernels (generation; stored maps, which do not feed back). Elsewhere they differ by rounding: a
+    closed self window is SDPA in the eager loop and the gated kernel here, and the Triton store sums heads by
+    atomics in no fixed order. LocalBlend's threshold can flip a pixel on such rounding, so with it the mean
+    difference is held, not the largest. A stale buffer or a step read from the wrong row is far off both."""
     pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend=backend)
-    prompts, blend = [SOURCE, TARGET], p2p.LocalBlend(["cat", "dog"], start=0.3)
+    prompts = [SOURCE, TARGET]
     with _no_capture_warning():
-        for controller, kw, exact in [(None, dict(store=False), True),
-                                      (p2p.Replace(cross_steps=1.0, self_steps=0.5, **SELF),
-                                       dict(local_blend=blend), True),
-                                      (p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5, **SELF),
-                                       dict(local_blend=blend, store=False), False)]:
+        for controller, kw in [(None, dict(store=False)), (p2p.Store(self_maps=True), {})]:
             eager, graphed = _pair(pipe, prompts, controller, seed=2, steps=STEPS, **kw)
-            if exact:
-                assert torch.equal(graphed.latents, eager.latents), controller
-            else:
-                assert _rel(graphed.latents, eager.latents) < 1e-5, controller
-            if eager.attention is not None:
-                for k, buf in eager.attention._cross.items():
-                    assert _rel(graphed.attention._cross[k], buf) < 1e-5
+            assert torch.equal(graphed.latents, eager.latents), controller
+        eager, graphed = _pair(pipe, prompts, p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5,
+                                                           self_steps=(0.25, 0.6), **SELF), seed=2, steps=STEPS)
+        assert _rel(graphed.latents, eager.latents) < 1e-4
+        for k, buf in eager.attention._cross.items():
+            assert _rel(graphed.attention._cross[k], buf) < 1e-4
+        eager, graphed = _pair(pipe, prompts, p2p.Replace(**SELF), seed=2, steps=STEPS,
+                               local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))
+        assert _mean_rel(graphed.latents, eager.latents) < 1e-3
 
 
 @cuda
 def test_cuda_graph_from_a_null_text_inversion(tiny_ckpt):
     pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float16, backend="triton")
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
-    inv = pipe.invert(img, SOURCE, steps=STEPS, inner_steps=2, progress=False)
-    with _no_capture_warning():
-        eager, graphed = _pair(pipe, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv,
-                               local_blend=p2p.LocalBlend(["cat", "dog"]))
-    assert _rel(graphed.latents, eager.latents) < 1e-2  # fp16 UNet: the loops' own rounding
+    for method in ("null_text", "direct"):
+        inv = pipe.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+        with _no_capture_warning():
+            eager, graphed = _pair(pipe, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv)
+        assert _rel(graphed.latents, eager.latents) < 1e-2  # an fp16 UNet: the loops' own rounding
+        if method == "direct":
+            assert torch.equal(graphed.latents[0], inv.pivots[-1].to(graphed.latents))
 
 
 @contextlib.contextmanager

@@ -218,6 +218,38 @@ def test_cpu_without_interpreter_says_how(monkeypatch):
         cross_attention(q, q, q, None, 1.0)
 
 
+STANDALONE_EDIT = """
+import tempfile, pathlib, p2p_engine as p2p
+d = pathlib.Path(tempfile.mkdtemp()) / "m"
+p2p.save_random_checkpoint(d, "tiny", seed=0)  # builds transformers models, which import triton.language
+pipe = p2p.load(d, device="cpu", backend="triton")
+out = pipe.edit(["a cat riding a bicycle", "a dog riding a bicycle"], p2p.Replace(), steps=2, progress=False)
+print("edited", tuple(out.latents.shape))
+"""
+TRITON_FIRST = """
+import triton.language, torch
+from p2p_engine.attention import attention
+from p2p_engine.plan import CrossPlan
+q = torch.randn(4, 2, 8, 16)
+attention(q, q, q, CrossPlan(2, store=torch.zeros(2, 8, 8)), is_cross=True, backend="triton")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no CUDA")
+def test_interpreter_in_a_fresh_process():
+    """Outside the tests (which switch the interpreter on first) the Triton backend runs on the CPU once
+    p2p_engine is imported first, and says how to fix the import order when Triton came first."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", STANDALONE_EDIT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "edited (2, 4, 16, 16)" in run.stdout, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", TRITON_FIRST], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "import p2p_engine before" in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
@@ -282,12 +314,12 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile and run the kernels")
 def test_gpu_configs_compile_for_sm90():
     """The GPU launch configs compile for an H100 (sm_90) and fit its shared memory, no GPU needed:
-    Triton's bundled ptxas does the work. Runs in a child without the interpreter switched on."""
+    Triton's bundled ptxas does the work. Runs in a child with the interpreter switched off."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # an explicit 0: importing p2p_engine leaves it alone
     res = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("Triton's ptxas is not available")
