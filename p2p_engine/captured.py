@@ -206,6 +206,8 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
     why = unsupported(smp, control)
     if why is not None:
         raise ValueError(f"capture: {why}")
+    if graph and pipe.device.type != "cuda":
+        raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
     loop = StaticLoop(pipe, prompts, src, smp, control, pin=pin)
     calls = range(len(smp.timesteps))
     if progress:
@@ -215,16 +217,15 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
         for _ in calls:
             loop.step()
         return loop.latents, loop.control
-    if pipe.device.type != "cuda":
-        raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
-    graph_ = _record(loop)
+    recorded = _record(loop)
     for _ in calls:
-        graph_.replay()
+        recorded.replay()
     return loop.latents, loop.control
 
 
 def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
-    """Warm the step up on a side stream (Triton compiles, the allocator settles), record it, reset."""
+    """Warm the step up on a side stream (Triton compiles, the allocator settles), reset the state the warm-up
+    advanced, and record one step (recording runs nothing: the state stays at call 0)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -238,5 +239,4 @@ def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
             loop.step()
     except Exception as e:  # noqa: BLE001 -- reported by the caller, which falls back to the eager loop
         raise CaptureFailed(f"{type(e).__name__}: {e}") from e
-    loop.reset()  # recording ran nothing, but the warm-up did
     return graph
