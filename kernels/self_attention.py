@@ -5,8 +5,9 @@
 (B, H, N, D) with B = 2P rows [uncond x P, cond x P] -> out (B, H, N, D).
 When `plan.inject` (and `plan.gate`, if given, is non-zero on the device),
 target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale) @ v_tgt (the
-source's map on the target's values); every other row is plain attention. `plan.store` (P, N, N) fp32 receives, added in place, the
-head-averaged pre-injection maps of the conditional rows.
+source's map on the target's values); every other row is plain attention.
+`plan.store` (P, N, N) fp32 receives, added in place, the head-averaged
+pre-injection maps of the conditional rows.
 
 The kernel never materialises N x N (online softmax over key blocks), so a
 stored map cannot come from it: a call whose plan stores falls back to the
@@ -165,9 +166,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gate is not None and (gate.numel() != 1 or gate.device != q.device):
         raise ValueError(f"self_attention: the plan's gate must be one value on {q.device}, got "
                          f"{tuple(gate.shape)} on {gate.device}")
-    _self_fwd[grid](q, k, v, out, gate if gate is not None else out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    _self_fwd[grid](q, k, v, out, gate if gate is not None else out,  # `out` stands in, never read
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                     H, N, D, plan.num_prompts if plan is not None else 0, float(scale),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject, HAS_GATE=gate is not None,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject,
+                    HAS_GATE=gate is not None,
                     # fp32 inputs stay exact (no tf32); half inputs take Triton's default tensor-core path.
                     PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)

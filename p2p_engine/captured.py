@@ -33,7 +33,7 @@ import torch
 
 from .conditioning import Text
 from .control import Control
-from .plan import CrossPlan, SelfPlan, inject_cross
+from .plan import CrossPlan, SelfPlan
 from .samplers import DDIMSampler
 from .scheduler import ddim_step
 from .words import MAX_TOKENS
@@ -93,12 +93,12 @@ class StaticControl(Control):
                 self.cross_sum[layer.index] = maps
             elif not layer.is_cross and self.self_maps and n <= 32 * 32:
                 self.self_sum[layer.index] = maps
-        self.gate_now = self.self_gate_now = None
+        self.cross_gate_now = self.self_gate_now = None
 
     def begin_step(self) -> None:
         """This call's gates, read from the counter (recorded into the graph with the rest of the step)."""
         if self.gates_cross:
-            self.gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
+            self.cross_gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
         if self.self_gate is not None:
             self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
 
@@ -107,7 +107,7 @@ class StaticControl(Control):
         if layer.is_cross:
             store = self.step_buf.get(i) if self._is_blend_layer(layer) else self.cross_sum.get(i)
             if self.gates_cross:
-                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, self.gate_now)
+                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, self.cross_gate_now)
             return CrossPlan(self.P, store) if store is not None else None
         inject = self.self_gate is not None and n_queries <= e.self_max_queries
         store = self.self_sum.get(i)
@@ -115,23 +115,11 @@ class StaticControl(Control):
             return SelfPlan(self.P, inject, store, self.self_gate_now if inject else None)
         return None
 
-    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
-        """As `Control.end_step`, with the blend's start and the gate read from the counter."""
-        if self.step_buf:
-            step_maps = self._step_maps()
-            if self.keep:
-                for k, buf in self.step_buf.items():
-                    self.cross_sum[k].add_(buf)
-            if self.gates_cross:
-                e = self.edit
-                src, tgt = step_maps[:1], step_maps[1:]
-                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, self.gate_now)])
-            self.blend_sum.add_(step_maps)
-            for buf in self.step_buf.values():
-                buf.zero_()
-            latents = torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
-        self.step += 1
-        return latents
+    def _call_gate(self) -> torch.Tensor | None:
+        return self.cross_gate_now  # read from the counter; closed rows give exactly the own maps
+
+    def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
 
 
 class StaticLoop:

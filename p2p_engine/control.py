@@ -261,7 +261,6 @@ class Control:
     # -- called by the sampling loop after each scheduler step -------------------------------------
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (P, 4, h, w) after the scheduler step -> the same, blended."""
-        i = self.step
         if self.step_buf:
             step_maps = self._step_maps()
             if self.keep:
@@ -270,17 +269,27 @@ class Control:
             # The reference's store holds the maps *after* injection (its edit writes into the stored
             # tensor), and LocalBlend reads that store: rebuild the injected maps for this step. The
             # injection is linear per column, so applying it to the layer sum is exact.
-            if self.cross_on[i]:
+            gate = self._call_gate()
+            if gate is not None:
                 e = self.edit
                 src, tgt = step_maps[:1], step_maps[1:]
-                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, e.gate[i])])
-            self.blend_sum = step_maps if self.blend_sum is None else self.blend_sum + step_maps
+                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, gate)])
+            if self.blend_sum is None:
+                self.blend_sum = torch.zeros_like(step_maps)
+            self.blend_sum.add_(step_maps)  # in place: a captured step keeps adding into the same buffer
             for buf in self.step_buf.values():
                 buf.zero_()
-            if i + 1 > self.blend.start:
-                latents = self._blend(latents)
+            latents = self._blend_from_start(latents)
         self.step += 1
         return latents
+
+    def _call_gate(self) -> torch.Tensor | None:
+        """This call's cross gate (P-1, T), or None when the call injects nothing."""
+        return self.edit.gate[self.step] if self.cross_on[self.step] else None
+
+    def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
+        """LocalBlend from the call after `blend.start` on; the latents as they are before."""
+        return self._blend(latents) if self.step + 1 > self.blend.start else latents
 
     def _step_maps(self) -> torch.Tensor:
         """This call's pre-injection maps (P, N, T), summed over the blend layers."""

@@ -9,9 +9,9 @@ Here the early stop lives on the device: a per-image `done` flag masks the Adam 
 state), so one iteration can be captured in a CUDA graph and replayed, and images of a batch stop on
 their own. The loop reads the flags back once per iteration to leave the step when every image has
 stopped (the remaining iterations would change nothing); an eager iteration also runs the UNet on the
-images still optimising only (a captured one keeps the batch's shape and masks). Adam is written out with torch.optim.Adam's arithmetic (single-tensor path) and per-image state,
-so N images in one batch equal N single runs. `inversion.invert_batch` calls `null_optimize` after the
-DDIM inversion.
+images still optimising only (a captured one keeps the batch's shape and masks). Adam is written out
+with torch.optim.Adam's arithmetic (single-tensor path) and per-image state, so N images in one batch
+equal N single runs. `inversion.invert_batch` calls `null_optimize` after the DDIM inversion.
 """
 from __future__ import annotations
 
