@@ -20,7 +20,12 @@ Correctness gates before any timing (few steps, against the baseline in higher p
 - re-edit from an edit cache (targets' rows only): the same gate as the edit;
 - the captured edit (`capture=True`: a replayed CUDA graph on a GPU, the same static step run call by call on
   the CPU): the same gate, then timed against the reference way, our eager edit and our captured generation;
+  the captured re-edit from a cache: the same gate, timed against the captured uncached edit;
 - inversion: our null embeddings and z_T vs the reference loop's.
+
+On a GPU each inversion row also states the peak memory per image a process holding that one model would reach:
+this process holds several models (ours in two precisions and the baselines), so the peak allocated during the
+run over what was allocated before it (working memory) plus the one model's weights.
 
     python -m benchmarks.bench_pipeline [--smoke]     or     p2p-engine bench --only pipeline
 """
@@ -302,8 +307,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         return ours.edit_cache(SOURCE, seed=0, steps=n, guidance=GUIDANCE, latents=latent.to(device, dtype),
                                progress=False)
 
-    def ours_reedit(cache, blend=True):
-        kw = dict(local_blend=p2p.LocalBlend(BLEND_WORDS)) if blend else {}
+    def ours_reedit(cache, blend=True, **kw):
+        if blend:
+            kw["local_blend"] = p2p.LocalBlend(BLEND_WORDS)
         return ours.edit(prompts, controller=p2p.Replace(cross_steps=CROSS_STEPS, self_steps=SELF_STEPS),
                          cache=cache, progress=False, **kw)
 
@@ -334,6 +340,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         if captured:
             cap_check = check_close("captured edit", ours_edit(check_steps, blend=False, capture=True).latents,
                                     ref_hi_lat, ref_lo_lat, dtype)
+            cap_reedit_check = check_close(
+                "captured re-edit", ours_reedit(ours_cache(check_steps), blend=False, capture=True).latents,
+                ref_hi_lat, ref_lo_lat, dtype)
 
     image = photo_like(cfg.image_size)
     from p2p_engine.inversion import invert_batch as invert_fn  # where Pipeline.invert's keywords land
@@ -387,6 +396,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     with torch.inference_mode():
         cache = ours_cache(steps)
     reedit = measure(lambda: ours_reedit(cache), device, warmup=warmup, repeats=repeats)
+    if captured:
+        reedit_cap = measure(lambda: ours_reedit(cache, capture=True), device, warmup=warmup, repeats=repeats)
     build = measure(lambda: ours_cache(steps), device, warmup=0, repeats=1)
     timing_kw = dict(invert_kw, steps=inv_steps, inner_steps=inner)
     warm_kw = dict(invert_kw, steps=2, inner_steps=2)  # compiles, autotunes and captures before the clock runs
@@ -415,6 +426,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             Row(f"P2P edit vs uncontrolled, both captured, {steps} steps", f"{captured_name} edit", edit_cap,
                 f"{captured_name} generation", gen_cap, sample_floor,
                 check="goal: edit within 1.1x of generation (speed-up >= 0.91x)"),
+            Row(f"re-edit from a cache vs uncached edit, both captured, {steps} steps",
+                f"{captured_name} cached re-edit", reedit_cap, f"{captured_name} edit", edit_cap,
+                sample_floor / len(prompts) * (len(prompts) - 1),
+                check=f"{cap_reedit_check}; goal: re-edit <= 0.6x the edit (speed-up >= 1.67x)"),
         ]
     inv_case = f"null-text inversion per image, {inv_steps} steps, {iters}"
     # (name, keywords, images, model, repeats); on a GPU the eager loop's time equals the graph's within 0.5%
@@ -440,6 +455,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             continue
         kw = dict(timing_kw, **extra)
         results = []
+        held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
         if n == 1:
             model.invert(image, SOURCE, **dict(warm_kw, **extra))
             t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
@@ -452,6 +468,12 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                        t.mem_kind)  # per image
         per_image_s = t.median / 1e3
         check = inv_check if model is ours32 else "not gated (fp16 UNet)"
+        if held is not None:  # what a process holding this one model would peak at, per image
+            weights = sum(t_.numel() * t_.element_size() for m in (model.unet, model.vae, model.text_encoder)
+                          for t_ in m.parameters())
+            work = torch.cuda.max_memory_allocated(device) - held
+            check += (f"; peak in a one-model process: {(weights + work) / n / 2**20:.0f} MB per image "
+                      f"({work / n / 2**20:.0f} MB working memory + {weights / n / 2**20:.0f} MB of weights)")
         if results:
             final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
             if model is ours32:

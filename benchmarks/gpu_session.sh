@@ -40,13 +40,15 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 
 # 1. CUDA tests: the kernel files run every case compiled on the GPU (fp16/bf16 included), and the
 #    CUDA-graph null-text loop, the graphed UNet forward and the captured edit loop (test_captured: if it
-#    passes, editing.CAPTURE_BY_DEFAULT may be turned on) against the eager ones, and cached re-edits.
+#    passes, editing.CAPTURE_BY_DEFAULT may be turned on) against the eager ones, cached re-edits (eager and
+#    captured), and channels-last memory (load's CUDA default) against the usual layout.
 say cuda tests
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 timeout "$(limit 90)" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernel_cross.py \
     tests/test_kernel_self.py "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py \
     "tests/test_cache.py::test_cuda_cached_edit_equals_uncached" tests/test_captured.py \
+    "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     2>&1 | tail -40 | tee -a "$LOG"
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.

@@ -17,6 +17,11 @@ targets read from it can be recorded by one run of the source prompt alone
   cross maps (LocalBlend's mask reads the source's row), and per layer the sums
   over calls that `out.attention` shows (the self maps' too with `self_maps`).
 
+Each layer's per-call tensors are kept as one table over its window's calls
+(call c at row c - window start), put together when the run ends (one layer's
+table at a time, so the cache is held twice for at most one layer): a captured
+re-edit (`p2p_engine.captured`) indexes the tables with its device step counter.
+
 An edit with the cache (`pipe.edit(prompts, controller, cache=cache)`,
 `CachedControl`) runs the batch [uncond x (P-1), cond x (P-1)] of its targets;
 its plans compute what the edit's plans compute for rows P+1 .. 2P-1, with the
@@ -31,7 +36,8 @@ SD 1.5 at 512 x 512 in fp32 has 26,944 cross-attention queries per call (5 x
 2.7 GB for the 41 calls of the default window 0.8 of 50 steps; the self queries
 and keys of its 16 x 16 layers add 2 x (5 x 256 + 64) x 1280 x 4 bytes = 14 MB
 per call (0.28 GB for 20 calls) and the per-call level maps 83 MB. `storage="cpu"`
-keeps a CUDA run's cache in pinned host memory, copied back call by call.
+keeps a CUDA run's cache in pinned host memory, copied back call by call (such a
+re-edit runs eagerly: a graph cannot index host memory by a device counter).
 """
 from __future__ import annotations
 
@@ -68,8 +74,8 @@ class EditCache:
     layers: dict  # layer index -> (AttnLayer, queries)
     latents: torch.Tensor  # (calls, 1, C, h, w) master dtype, after each call's step
     image: object  # the source's decoded PIL image
-    cross: dict = field(default_factory=dict)  # (call, layer) -> p (1, H, N, T)
-    self_qk: dict = field(default_factory=dict)  # (call, layer) -> (q, k), each (1, H, N, D)
+    cross: dict = field(default_factory=dict)  # layer -> p (window calls, 1, H, N, T), from call cross_window[0]
+    self_qk: dict = field(default_factory=dict)  # layer -> (q, k), each (window calls, 1, H, N, D), from self_window[0]
     level_maps: dict = field(default_factory=dict)  # level -> (calls, N, T) fp32
     cross_sum: dict = field(default_factory=dict)  # layer -> (N, T) fp32, summed over calls
     self_sum: dict = field(default_factory=dict)  # layer -> (N, N) fp32
@@ -92,12 +98,20 @@ class EditCache:
         if len(prompts) < 2:
             raise ValueError("an edit from a cache needs at least one target prompt after the source")
 
+    @property
+    def on_device(self) -> torch.device:
+        """Where the cache's tensors are (the pipeline's device, or "cpu" for a cache offloaded to host memory)."""
+        return self.latents.device
+
     def cross_probs(self, call: int, layer: int, device) -> torch.Tensor:
-        return self.cross[(call, layer)].to(device, non_blocking=True)
+        """The source's p (1, H, N, T) of one call inside the cross window."""
+        return self.cross[layer][call - self.cross_window[0]].to(device, non_blocking=True)
 
     def source_qk(self, call: int, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k = self.self_qk[(call, layer)]
-        return q.to(device, non_blocking=True), k.to(device, non_blocking=True)
+        """The source's (q, k), each (1, H, N, D), of one call inside the self window."""
+        i = call - self.self_window[0]
+        q, k = self.self_qk[layer]
+        return q[i].to(device, non_blocking=True), k[i].to(device, non_blocking=True)
 
 
 # -- recording: the source prompt alone --------------------------------------------------------------------
@@ -196,13 +210,15 @@ class Recorder:
             level = self.level_step.get(layer.level)
             self.level_step[layer.level] = mean if level is None else level + mean
         if self._inside(self.cross_window):
-            self.cross[(self.step, layer.index)] = self._keep(p)
+            self.cross.setdefault(layer.index, []).append(self._keep(p))
 
     def record_self(self, layer: AttnLayer, q: torch.Tensor, k: torch.Tensor) -> None:
         if self.step == 0:
             self.call_bytes["self"] += 2 * q.numel() * q.element_size()
         if self._inside(self.self_window):
-            self.self_qk[(self.step, layer.index)] = (self._keep(q), self._keep(k))
+            qs, ks = self.self_qk.setdefault(layer.index, ([], []))
+            qs.append(self._keep(q))
+            ks.append(self._keep(k))
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         i = self.step
@@ -234,13 +250,24 @@ class Recorder:
                              f"{self.max_bytes / 2**30:.2f} GiB: narrow its cross_steps / self_steps windows or "
                              f"self_max_queries, raise max_bytes, or keep it in host memory (storage='cpu')")
 
+    def _table(self, calls: list) -> torch.Tensor:
+        """One layer's recorded calls stacked into a table (calls, ...) where the cache lives, the list emptied:
+        at most one layer's table is held twice while the cache is put together."""
+        out = torch.empty((len(calls), *calls[0].shape), dtype=calls[0].dtype, device=self.storage,
+                          pin_memory=self.storage.type == "cpu" and self.device.type == "cuda")
+        torch.stack(calls, out=out)
+        calls.clear()
+        return out
+
     def finish(self, pipe, prompt: str, src, latents: torch.Tensor, image) -> EditCache:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # pinned copies are asynchronous
+        cross = {k: self._table(calls) for k, calls in self.cross.items()}
+        self_qk = {k: (self._table(qs), self._table(ks)) for k, (qs, ks) in self.self_qk.items()}
         return EditCache(prompt, src, self.calls, self.cross_window, self.self_window, self.self_max_queries,
-                         self.self_maps, dict(self.layers), torch.stack(self.latents), image, self.cross,
-                         self.self_qk, self.level_maps, self.cross_sum,
-                         {k: v[0] for k, v in self.self_sum.items()}, weakref.ref(pipe))
+                         self.self_maps, dict(self.layers), self._table(self.latents), image, cross, self_qk,
+                         self.level_maps, self.cross_sum, {k: v[0] for k, v in self.self_sum.items()},
+                         weakref.ref(pipe))
 
 
 # -- replaying: the targets' rows only ----------------------------------------------------------------------
@@ -271,21 +298,28 @@ class _TargetsCross:
 class _TargetsSelf:
     source: tuple | None  # (q_src, k_src) when this call injects
     store: torch.Tensor | None  # (R, N, N)
+    gate: torch.Tensor | None = None  # (1,): inject only where non-zero (a captured loop's window; None: always)
 
     def attend(self, q, k, v, scale):
         R = q.shape[0] // 2
         if self.store is None:  # injection alone: SDPA with the source's queries and keys on the targets' rows
             qs, ks = q.clone(), k.clone()
-            qs[R:], ks[R:] = self.source
+            qs[R:], ks[R:] = (self._gated(s, own) for s, own in zip(self.source, (q[R:], k[R:])))
             return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
         out = torch.empty_like(q)
         out[:R] = F.scaled_dot_product_attention(q[:R], k[:R], v[:R], scale=scale)
         p = _probabilities(q[R:], k[R:], scale)
         self.store.add_(p.mean(dim=1).to(self.store.dtype))
         if self.source is not None:
-            p = _probabilities(*self.source, scale).expand_as(p)
+            p = self._gated(_probabilities(*self.source, scale), p)
         out[R:] = (p @ v[R:].to(p.dtype)).to(q.dtype)
         return out
+
+    def _gated(self, source: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """The source's tensor for every target row, or (gate 0) the row's own, exactly either."""
+        if self.gate is None:
+            return source.expand_as(own)
+        return torch.where(self.gate.view(1, 1, 1, 1) != 0, source, own)
 
 
 class CachedControl(Control):
@@ -343,8 +377,13 @@ class CachedControl(Control):
         return super().end_step(torch.cat([source, latents]))[1:]
 
     def attention(self, latent_hw, tokenizer=None):
-        for k, buf in self.cross_sum.items():
-            buf[0] = self.cache.cross_sum[k]
-        for k, buf in self.self_sum.items():
-            buf[0] = self.cache.self_sum[k]
+        fill_source_sums(self, self.cache)
         return super().attention(latent_hw, tokenizer)
+
+
+def fill_source_sums(control: Control, cache: EditCache) -> None:
+    """Row 0 of a re-edit's summed maps (which only its targets filled) from the cache's source."""
+    for k, buf in control.cross_sum.items():
+        buf[0] = cache.cross_sum[k]
+    for k, buf in control.self_sum.items():
+        buf[0] = cache.self_sum[k]

@@ -25,12 +25,20 @@ for bit. The loop's static step equals the eager loop for every controller
 (tests/test_captured.py, on the CPU, where it runs step by step unrecorded). On
 CUDA `capture_sample` records it once (after a warm-up that compiles the
 kernels) and replays it; DDIM only (PNDM and DPM-Solver++ keep host-side
-history), and not for re-edits from a cache, whose plans copy host memory.
+history).
+
+A re-edit from an edit cache (`p2p_engine.cache`) takes the same step over its
+targets' rows (`StaticCachedControl`): the cache keeps the source's
+probabilities, queries and keys as per-layer tables over the calls of its
+windows, so the counter picks the call's entry there as it picks the gate's;
+the cache must live on the pipeline's device (a graph cannot index host
+memory by a device counter).
 """
 from __future__ import annotations
 
 import torch
 
+from .cache import CachedControl, _TargetsCross, _TargetsSelf, fill_source_sums
 from .conditioning import Text
 from .control import Control
 from .plan import CrossPlan, SelfPlan
@@ -47,8 +55,13 @@ def unsupported(smp, control) -> str | None:
     """Why the static loop cannot run this edit, or None."""
     if not isinstance(smp, DDIMSampler):
         return "only DDIM sampling is captured (PNDM and DPM-Solver++ keep host-side history); use sampler='ddim'"
-    if control is not None and type(control) is not Control:
-        return "re-edits from a cache and cache recording run eagerly (their plans copy host memory)"
+    if isinstance(control, CachedControl):
+        where = control.cache.on_device
+        if where != control.device:
+            return (f"a captured re-edit reads its cache on the pipeline's device, and this cache is on {where}; "
+                    f"make it with storage=None, or run the re-edit with capture=False")
+    elif control is not None and type(control) is not Control:
+        return f"a {type(control).__name__} runs eagerly"
     return None
 
 
@@ -122,6 +135,60 @@ class StaticControl(Control):
         return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
 
 
+def _row(counter: torch.Tensor, window: tuple[int, int], table: torch.Tensor | None) -> torch.Tensor | None:
+    """The (1,) row of a table over the calls [window) for the call the counter is at, clamped inside it (the
+    calls outside a window read an entry their gate then zeroes)."""
+    if table is None:
+        return None
+    return (counter - window[0]).clamp(0, table.shape[0] - 1)
+
+
+class StaticCachedControl(StaticControl):
+    """A re-edit's control (`cache.CachedControl`) on static state: its targets' plans, with the source's
+    attention, LocalBlend maps and latents read from the cache's tables at the counter."""
+
+    def __init__(self, control: CachedControl, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
+        super().__init__(control, layers, latent_hw, counter)
+        self.cache = control.cache
+        self.cross_row = self.self_row = None
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        c = self.cache
+        self.cross_row = _row(self.counter, c.cross_window, next(iter(c.cross.values()), None))
+        self.self_row = _row(self.counter, c.self_window, next(iter(c.self_qk.values()), (None,))[0])
+
+    def plan(self, layer, n_queries: int):
+        e, i, c = self.edit, layer.index, self.cache
+        if layer.is_cross:
+            store = self.step_buf.get(i) if self._is_blend_layer(layer) else self.cross_sum.get(i)
+            store = None if store is None else store[1:]  # the targets' rows; the source's come from the cache
+            if self.gates_cross:
+                return _TargetsCross(store, _at(c.cross[i], self.cross_row)[0], e.mapper, e.mix, e.equalizer,
+                                     self.cross_gate_now)
+            return _TargetsCross(store, None) if store is not None else None
+        inject = self.self_gate is not None and n_queries <= e.self_max_queries
+        store = self.self_sum.get(i)
+        if not (inject or store is not None):
+            return None
+        source = tuple(_at(t, self.self_row)[0] for t in c.self_qk[i]) if inject else None
+        return _TargetsSelf(source, None if store is None else store[1:], self.self_gate_now if inject else None)
+
+    def _step_maps(self) -> torch.Tensor:
+        maps = super()._step_maps()
+        maps[0] = _at(self.cache.level_maps[self.blend.level], self.counter)[0]
+        return maps
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (P-1, C, h, w) of the targets -> the same, blended against the cached source row."""
+        source = _at(self.cache.latents, self.counter)[0].to(latents.dtype)
+        return super().end_step(torch.cat([source, latents]))[1:]
+
+    def attention(self, latent_hw, tokenizer=None):
+        fill_source_sums(self, self.cache)
+        return super().attention(latent_hw, tokenizer)
+
+
 class StaticLoop:
     """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call."""
 
@@ -141,7 +208,8 @@ class StaticLoop:
         self.pivots = src.pivots if pin else None
         self.control = None
         if control is not None:
-            self.control = StaticControl(control, pipe.unet.attn_layers, (h, w), self.counter)
+            kind = StaticCachedControl if isinstance(control, CachedControl) else StaticControl
+            self.control = kind(control, pipe.unet.attn_layers, (h, w), self.counter)
         self.master = master
 
     def reset(self) -> None:

@@ -158,6 +158,23 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
     return latents
 
 
+def _run(pipe, prompts, src: Source, smp, control, capture: bool | None, *, pin: bool, progress: bool, desc: str):
+    """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (latents, control)."""
+    cuda = pipe.device.type == "cuda"
+    if capture is None:
+        capture = CAPTURE_BY_DEFAULT and cuda and captured.unsupported(smp, control) is None
+    if capture:
+        try:
+            return captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc,
+                                          graph=cuda)
+        except captured.CaptureFailed as e:
+            if str(e) not in _capture_failures:
+                _capture_failures.add(str(e))
+                warnings.warn(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop",
+                              RuntimeWarning, stacklevel=4)
+    return _sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control
+
+
 @torch.no_grad()
 def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int | None = None,
          guidance: float | None = None, sampler: str | None = None, steps_offset: int | None = None,
@@ -185,8 +202,8 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
             settings (seed .. quantile above) are the cache's: giving any of them is an error.
         capture: run the loop on static state (`p2p_engine.captured`): on CUDA one step recorded as a CUDA graph
             and replayed (if recording fails, the eager loop runs and the failure is reported once), elsewhere
-            the same step run call by call. DDIM only, not with a cache. None: on CUDA when
-            CAPTURE_BY_DEFAULT and the edit allows it, else eager.
+            the same step run call by call. DDIM only; with a cache, one on the pipeline's device. None: on CUDA
+            when CAPTURE_BY_DEFAULT and the edit allows it, else eager.
     """
     prompts = check_prompts(prompts, pipe.tokenizer)
     source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,
@@ -197,11 +214,8 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         if given:
             raise ValueError(f"{', '.join(given)}: an edit from a cache runs the source settings the cache was made "
                              f"with; leave them out")
-        if capture:
-            raise ValueError("capture: re-edits from a cache run eagerly (their plans copy host memory); leave "
-                             "capture out")
         return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
-                            progress=progress, decode_images=decode_images)
+                            capture=capture, progress=progress, decode_images=decode_images)
     src = resolve_source(pipe, **source_args)
     h, w = src.latents.shape[-2:]
     smp = _sampler(pipe, src)
@@ -209,21 +223,7 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
                               layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
                               calls=len(smp.timesteps), self_max_queries=pipe.self_max_queries(h, w))
     desc = "edit" if controller is not None else "sample"
-    latents = None
-    cuda = pipe.device.type == "cuda"
-    if capture is None:
-        capture = CAPTURE_BY_DEFAULT and cuda and captured.unsupported(smp, control) is None
-    if capture:
-        try:
-            latents, control = captured.static_sample(pipe, prompts, src, smp, control, pin=True,
-                                                      progress=progress, desc=desc, graph=cuda)
-        except captured.CaptureFailed as e:
-            if str(e) not in _capture_failures:
-                _capture_failures.add(str(e))
-                warnings.warn(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop",
-                              RuntimeWarning, stacklevel=3)
-    if latents is None:
-        latents = _sample(pipe, prompts, src, smp, control, pin=True, progress=progress, desc=desc)
+    latents, control = _run(pipe, prompts, src, smp, control, capture, pin=True, progress=progress, desc=desc)
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
     return EditOutput(images=images, latents=latents, attention=attention)
@@ -260,7 +260,8 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
     return recorder.finish(pipe, prompt, src, latents, image)
 
 
-def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, progress, decode_images):
+def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, capture, progress,
+                 decode_images):
     src = cache.source
     h, w = src.latents.shape[-2:]
     cache.check_for(pipe, prompts)
@@ -270,8 +271,8 @@ def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, st
     if control is None:
         raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
     control = CachedControl(control, cache)
-    targets = _sample(pipe, prompts[1:], src, _sampler(pipe, src), control, pin=False, progress=progress,
-                      desc="re-edit")
+    targets, control = _run(pipe, prompts[1:], src, _sampler(pipe, src), control, capture, pin=False,
+                            progress=progress, desc="re-edit")
     latents = torch.cat([cache.latents[-1].to(pipe.device, pipe.master_dtype), targets])
     attention = control.attention((h, w), pipe.tokenizer) if store else None
     images = [cache.image] + to_pil(pipe.decode_latents(targets)) if decode_images else []

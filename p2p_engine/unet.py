@@ -229,6 +229,15 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
+    channels_last = False  # whether the convolutions run in NHWC memory (`set_channels_last`)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Keep the convolution weights, and run every forward's activations, in channels-last (NHWC) memory:
+        cuDNN's layout on recent GPUs, which ran the SD 1.5 step 7-28% faster on an H200 (RESULTS.md). Inputs
+        and outputs stay (B, C, h, w) in the usual layout; only the memory order inside the forward changes."""
+        self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        self.channels_last = bool(on)
+
     def set_backend(self, name: str) -> None:
         if name not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
@@ -251,6 +260,8 @@ class UNet(nn.Module):
             ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(B, -1)
             emb = emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(emb.dtype))
 
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -276,4 +287,4 @@ class UNet(nn.Module):
                 # sizes that do not halve evenly: upsample to the skip's size, as diffusers does
                 size = skips[-1].shape[-2:] if skips else None
                 x = block.upsamplers[0](x, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()

@@ -91,7 +91,7 @@ def test_float32_cached_edit_is_as_accurate_as_uncached(tiny_pipe, pipe64):
 
 def test_cache_is_reusable_and_its_size_is_stated(tiny_pipe):
     cache = tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, **SELF)
-    held = {k: v.clone() for k, v in cache.cross.items()}
+    held = {k: v.clone() for k, v in cache.cross.items()}  # layer -> (window calls, 1, H, N, T)
     ctrl = p2p.Replace(**SELF)
     a = tiny_pipe.edit([SOURCE, TARGET], ctrl, cache=cache, progress=False)
     b = tiny_pipe.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, progress=False)
@@ -104,9 +104,13 @@ def test_cache_is_reusable_and_its_size_is_stated(tiny_pipe):
                   *(x for qk in cache.self_qk.values() for x in qk), *cache.level_maps.values(),
                   *cache.cross_sum.values()])
     assert cache.nbytes == counted
-    # the default windows: cross calls [0, int(0.8 * (steps + 1))), self calls [0, int(0.4 * steps))
-    assert {i for i, _ in cache.cross} == set(range(int(0.8 * (STEPS + 1))))
-    assert {i for i, _ in cache.self_qk} == set(range(int(0.4 * STEPS)))
+    # the default windows: cross calls [0, int(0.8 * (steps + 1))), self calls [0, int(0.4 * steps)), kept for
+    # every cross layer and the self layers of up to self_max_queries queries
+    cross_layers = [i for i, (layer, _) in cache.layers.items() if layer.is_cross]
+    self_layers = [i for i, (layer, n) in cache.layers.items() if not layer.is_cross and n <= SELF["self_max_queries"]]
+    assert sorted(cache.cross) == cross_layers and sorted(cache.self_qk) == self_layers and self_layers
+    assert {t.shape[0] for t in cache.cross.values()} == {int(0.8 * (STEPS + 1))}
+    assert {t.shape[0] for qk in cache.self_qk.values() for t in qk} == {int(0.4 * STEPS)}
     with pytest.raises(ValueError, match="max_bytes"):
         tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, max_bytes=cache.nbytes - 1, **SELF)
     exact = tiny_pipe.edit_cache(SOURCE, seed=1, steps=STEPS, progress=False, max_bytes=cache.nbytes, **SELF)

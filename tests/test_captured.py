@@ -97,6 +97,43 @@ def test_static_loop_from_an_inversion(pipe64, method):
         assert torch.equal(static.latents[0], inv.pivots[-1].to(static.latents))
 
 
+CACHED = {
+    "replace, blend, self maps, windows that start late": dict(
+        prompts=[SOURCE, TARGET],
+        controller=p2p.Replace(cross_steps=(0.3, 0.8), self_steps=(0.25, 0.6), self_maps=True, **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3)),
+        cache_kw=dict(cross_steps=(0.2, 1.0), self_steps=(0.1, 0.7), self_maps=True)),
+    "reweight on replace, word windows, blend with subtract, three prompts": CASES[
+        "reweight on replace, word windows, blend with subtract, three prompts"],
+    "store only": dict(prompts=[SOURCE, TARGET], controller=p2p.Store()),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHED))
+def test_static_re_edit_from_a_cache_float64(pipe64, case):
+    """A re-edit from a cache on static state: the source's attention, LocalBlend maps and latents read from the
+    cache's tables at the device counter, equal to the eager re-edit and to the uncached edit."""
+    c = CACHED[case]
+    kw = c.get("kw", {})
+    cache = pipe64.edit_cache(SOURCE, seed=3, steps=STEPS, progress=False, **dict(SELF, **c.get("cache_kw", {})))
+    eager = pipe64.edit(c["prompts"], c["controller"], cache=cache, capture=False, progress=False, **kw)
+    static = pipe64.edit(c["prompts"], c["controller"], cache=cache, capture=True, progress=False, **kw)
+    _assert_same(eager, static, 1e-12)
+    uncached = pipe64.edit(c["prompts"], c["controller"], seed=3, steps=STEPS, capture=False, progress=False, **kw)
+    _assert_same(uncached, static, 1e-10)
+
+
+@pytest.mark.parametrize("method", ["null_text", "direct"])
+def test_static_re_edit_from_an_inverted_cache(pipe64, method):
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+    cache = pipe64.edit_cache(SOURCE, inversion=inv, progress=False, **SELF)
+    kw = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False)
+    uncached = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv, capture=False, **kw)
+    static = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), cache=cache, capture=True, **kw)
+    _assert_same(uncached, static, 1e-10)
+
+
 def test_float32_static_loop_within_float32_drift(tiny_pipe, pipe64):
     prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
     truth = pipe64.edit(prompts, ctrl, local_blend=blend, seed=5, steps=STEPS, progress=False).latents
@@ -109,7 +146,8 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
     with pytest.raises(ValueError, match="only DDIM"):
         tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), sampler="pndm", steps=3, capture=True, progress=False)
     cache = tiny_pipe.edit_cache(SOURCE, steps=3, progress=False)
-    with pytest.raises(ValueError, match="cache run eagerly"):
+    cache.latents = cache.latents.to("meta")  # as a cache offloaded to host memory is to a CUDA pipeline
+    with pytest.raises(ValueError, match="reads its cache on the pipeline's device, and this cache is on meta"):
         tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, progress=False)
     src = editing.resolve_source(tiny_pipe, steps=2)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA pipeline"):
@@ -146,6 +184,24 @@ def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
         eager, graphed = _pair(pipe, prompts, p2p.Replace(**SELF), seed=2, steps=STEPS,
                                local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))
         assert _mean_rel(graphed.latents, eager.latents) < 1e-3
+
+
+@cuda
+def test_cuda_graph_re_edit_from_a_cache(tiny_ckpt):
+    """A re-edit from a cache on the GPU, replayed against the eager re-edit: both run the cache's pure-torch
+    plans, apart from a closed self window (plain SDPA eagerly, the gated swap here): rounding. A cache in host
+    memory is refused with capture=True."""
+    pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend="triton")
+    ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5, self_steps=(0.25, 0.6), **SELF)
+    cache = pipe.edit_cache(SOURCE, seed=2, steps=STEPS, progress=False, **SELF)
+    with _no_capture_warning():
+        eager, graphed = _pair(pipe, [SOURCE, TARGET], ctrl, cache=cache)
+    assert _rel(graphed.latents, eager.latents) < 1e-4
+    for k, buf in eager.attention._cross.items():
+        assert _rel(graphed.attention._cross[k], buf) < 1e-4
+    host = pipe.edit_cache(SOURCE, seed=2, steps=STEPS, progress=False, storage="cpu", **SELF)
+    with pytest.raises(ValueError, match="storage=None"):
+        pipe.edit([SOURCE, TARGET], ctrl, cache=host, capture=True, progress=False)
 
 
 @cuda

@@ -1,0 +1,73 @@
+"""Channels-last memory (`load(..., channels_last=True)`, the default on CUDA) changes where the UNet's
+activations sit in memory, not what it computes: in float64 every path agrees with the usual layout to
+rounding (a convolution in NHWC sums in another order), and the interpreted Triton kernels read the same q, k, v.
+"""
+import pytest
+import torch
+
+import p2p_engine as p2p
+
+SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
+SELF = dict(self_max_queries=64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def pipes64(tiny_ckpt, load_float64):
+    usual, nhwc = load_float64(tiny_ckpt), load_float64(tiny_ckpt)
+    nhwc.unet.set_channels_last(True)
+    return usual, nhwc
+
+
+def test_load_sets_the_layout(tiny_ckpt):
+    assert not p2p.load(tiny_ckpt, device="cpu").unet.channels_last  # the CPU default
+    pipe = p2p.load(tiny_ckpt, device="cpu", channels_last=True)
+    assert pipe.unet.channels_last and pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pipe.unet.set_channels_last(False)
+    assert pipe.unet.conv_in.weight.is_contiguous() and not pipe.unet.channels_last
+
+
+def test_forward_equals_the_usual_layout(pipes64):
+    usual, nhwc = pipes64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 10, 14, generator=g, dtype=torch.float64)  # odd levels round up
+    ctx = torch.randn(2, 77, usual.config.unet.cross_attention_dim, generator=g, dtype=torch.float64)
+    a, b = usual.unet(x, 500, ctx), nhwc.unet(x, 500, ctx)
+    assert b.is_contiguous() and b.shape == a.shape  # the caller gets the usual layout back
+    assert _rel(b, a) < 1e-12
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_edits_equal_the_usual_layout(pipes64, capture):
+    usual, nhwc = pipes64
+    kw = dict(seed=1, steps=4, local_blend=p2p.LocalBlend(["cat", "dog"]), capture=capture, progress=False)
+    ctrl = p2p.Replace(self_maps=True, **SELF)
+    a, b = usual.edit([SOURCE, TARGET], ctrl, **kw), nhwc.edit([SOURCE, TARGET], ctrl, **kw)
+    assert _rel(b.latents, a.latents) < 1e-12
+    for k, buf in a.attention._cross.items():
+        assert _rel(b.attention._cross[k], buf) < 1e-12
+
+
+def test_null_text_inversion_equals_the_usual_layout(pipes64):
+    """The inner loop differentiates through the convolutions in the other layout."""
+    usual, nhwc = pipes64
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    a, b = (p.invert(img, SOURCE, steps=3, inner_steps=2, progress=False) for p in (usual, nhwc))
+    assert _rel(b.latent_T, a.latent_T) < 1e-12
+    assert _rel(b.null_embeddings, a.null_embeddings) < 1e-9  # Adam's first steps amplify rounding
+
+
+def test_triton_kernels_read_the_same_inputs(tiny_ckpt, pipes64):
+    """An edit on the Triton backend in float32 (interpreted on the CPU; on a GPU compiled, and the captured
+    loop replayed as a CUDA graph) errs against the float64 truth no more than the usual layout does (on a GPU
+    both convolve in TF32, by different algorithms)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(seed=2, steps=2 if device == "cpu" else 8, progress=False)
+    ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), self_steps=1.0, **SELF)
+    truth = pipes64[0].edit([SOURCE, TARGET], ctrl, **kw).latents
+    errs = [_rel(p2p.load(tiny_ckpt, device=device, backend="triton", channels_last=cl).edit(
+        [SOURCE, TARGET], ctrl, capture=device == "cuda", **kw).latents.cpu(), truth) for cl in (False, True)]
+    assert errs[0] < 1e-2 and errs[1] <= 2 * errs[0] + 1e-6, errs
