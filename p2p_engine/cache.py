@@ -80,6 +80,7 @@ class EditCache:
     cross_sum: dict = field(default_factory=dict)  # layer -> (N, T) fp32, summed over calls
     self_sum: dict = field(default_factory=dict)  # layer -> (N, N) fp32
     owner: object = None  # weakref to the Pipeline that made it
+    kept_loops: list = field(default_factory=list, repr=False)  # captured re-edits' loops (captured._kept)
 
     @property
     def nbytes(self) -> int:

@@ -33,13 +33,25 @@ probabilities, queries and keys as per-layer tables over the calls of its
 windows, so the counter picks the call's entry there as it picks the gate's;
 the cache must live on the pipeline's device (a graph cannot index host
 memory by a device counter).
+
+A recorded loop is kept for later edits (`_kept`: the last MAX_KEPT per
+pipeline, and per edit cache for its re-edits). An edit whose loop has the same
+`StaticLoop.signature` (shapes, dtypes, the guidance and other values the
+recording bakes in, which plan each layer gets) copies its own tensors (start
+noise, timesteps and alphas, prompts, null texts, pivots, gates, mapper,
+LocalBlend's words) into the kept loop and replays its graph: no warm-up, no
+recording. Edits return copies of the kept loop's outputs. `forget(pipe)` drops
+a pipeline's kept loops and the memory their graphs hold.
 """
 from __future__ import annotations
+
+import copy
+import weakref
 
 import torch
 
 from .cache import CachedControl, _TargetsCross, _TargetsSelf, fill_source_sums
-from .conditioning import Text
+from .conditioning import StepTexts, Text
 from .control import Control
 from .plan import CrossPlan, SelfPlan
 from .samplers import DDIMSampler
@@ -107,6 +119,13 @@ class StaticControl(Control):
             elif not layer.is_cross and self.self_maps and n <= 32 * 32:
                 self.self_sum[layer.index] = maps
         self.cross_gate_now = self.self_gate_now = None
+
+    def snapshot(self) -> "StaticControl":
+        """This control with copies of its summed maps: what an edit returns while the loop is kept."""
+        out = copy.copy(self)
+        out.cross_sum = {k: v.clone() for k, v in self.cross_sum.items()}
+        out.self_sum = {k: v.clone() for k, v in self.self_sum.items()}
+        return out
 
     def begin_step(self) -> None:
         """This call's gates, read from the counter (recorded into the graph with the rest of the step)."""
@@ -189,11 +208,21 @@ class StaticCachedControl(StaticControl):
         return super().attention(latent_hw, tokenizer)
 
 
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()  # a later edit refills it: never a tensor the caller holds
+
+
 class StaticLoop:
-    """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call."""
+    """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call.
+
+    Everything `step` reads that differs between edits of the same shapes is a tensor the loop owns (`feeds`);
+    the rest (`signature`) is what a recording bakes in, so a loop of an equal signature can be refilled and
+    replayed instead of recorded again."""
 
     def __init__(self, pipe, prompts, src, smp: DDIMSampler, control: Control | None, *, pin: bool):
-        self.pipe, self.src, self.smp = pipe, src, smp
+        # the UNet, not the pipeline: loops kept for a pipeline must not keep it alive (`_kept_by_pipe`)
+        self.unet, self.dtype = pipe.unet, pipe.dtype
+        self.model = (pipe.dtype, pipe.backend, pipe.unet.channels_last)  # what its recording bakes in
         device, master = pipe.device, pipe.master_dtype
         P = self.P = len(prompts)
         self.start = src.latents.expand(P, -1, -1, -1).clone()  # (P, C, h, w)
@@ -201,16 +230,58 @@ class StaticLoop:
         h, w = self.start.shape[-2:]
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.timesteps = torch.tensor(smp.timesteps, dtype=torch.long, device=device)
+        self.a, self.a_prev, self.v_pred = smp.a.clone(), smp.a_prev.clone(), smp.v_pred
+        self.guidance, self.proximal, self.quantile = src.guidance, src.proximal, src.quantile
         self.cond = pipe.encode_text(prompts)  # (P, 77, D)
-        self.uncond = pipe.unconditional().expand(P) if src.null is None else None
+        self.uncond = pipe.unconditional().expand(P) if src.null is None else None  # the pipeline's own
+        self.null = None if src.null is None else StepTexts(src.null.context.clone(), _own(src.null.pooled))
         down = pipe.config.vae.downscale
-        self.time_ids = pipe.time_ids(h * down, w * down, 2 * P)
-        self.pivots = src.pivots if pin else None
+        self.time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # the shapes' own
+        self.pivots = _own(src.pivots) if pin else None
         self.control = None
         if control is not None:
             kind = StaticCachedControl if isinstance(control, CachedControl) else StaticControl
             self.control = kind(control, pipe.unet.attn_layers, (h, w), self.counter)
         self.master = master
+
+    def feeds(self) -> dict[str, torch.Tensor | None]:
+        """The tensors an edit fills (the map buffers are zeroed by `reset`)."""
+        out = dict(start=self.start, timesteps=self.timesteps, a=self.a, a_prev=self.a_prev, cond=self.cond.context,
+                   cond_pooled=self.cond.pooled, pivots=self.pivots)
+        if self.null is not None:
+            out.update(null=self.null.context, null_pooled=self.null.pooled)
+        c = self.control
+        if c is not None:
+            e = c.edit
+            for name in ("gate", "mapper", "mix", "equalizer"):
+                out[name] = None if e is None else getattr(e, name)
+            out.update(self_gate=c.self_gate, blend_on=c.blend_on, blend_words=getattr(c, "blend_words", None),
+                       blend_sub=getattr(c, "blend_sub", None))
+        return out
+
+    def signature(self) -> tuple:
+        """What a recording of `step` bakes in: the feeds' shapes and dtypes, the Python values it reads, which
+        plan each layer gets, and the model's settings."""
+        c = self.control
+        feeds = tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.feeds().items())
+        loop = (self.P, self.v_pred, self.guidance, self.proximal, self.quantile, self.uncond is None, self.model)
+        if c is None:
+            return feeds, loop
+        e, b = c.edit, c.blend
+        control = (type(c), c.gates_cross, c.keep, c.self_maps, None if e is None else e.self_max_queries,
+                   None if b is None else (b.level, b.thresholds),
+                   tuple(sorted((i, n) for i, (_, n) in c.layers.items())))
+        return feeds, loop, control
+
+    def refill(self, other: "StaticLoop") -> None:
+        """Take another edit's feeds (a loop of the same signature) and its prompts, back at call 0."""
+        for name, src in other.feeds().items():
+            dst = self.feeds()[name]
+            if dst is not None:
+                dst.copy_(src)
+        if self.control is not None:
+            self.control.prompts = other.control.prompts
+        self.reset()
 
     def reset(self) -> None:
         """Back to call 0: the start latent, the counter and every map buffer (after a warm-up)."""
@@ -225,25 +296,25 @@ class StaticLoop:
             c.step = 0
 
     def step(self) -> None:
-        pipe, src, i, P = self.pipe, self.src, self.counter, self.P
+        i, P = self.counter, self.P
         if self.uncond is not None:
             u = self.uncond
         else:
-            null = src.null
+            null = self.null
             u = Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(P)
         text = Text.cat([u, self.cond])
-        x = torch.cat([self.latents, self.latents]).to(pipe.dtype)
+        x = torch.cat([self.latents, self.latents]).to(self.dtype)
         if self.control is not None:
             self.control.begin_step()
-        out = pipe.unet(x, _at(self.timesteps, i), text.context, control=self.control, pooled=text.pooled,
+        out = self.unet(x, _at(self.timesteps, i), text.context, control=self.control, pooled=text.pooled,
                         time_ids=self.time_ids).to(self.master)
         out_u, out_c = out.chunk(2)
         delta = out_c - out_u
-        if src.proximal == "l0":
-            thr = torch.quantile(delta.abs().flatten(), src.quantile)
+        if self.proximal == "l0":
+            thr = torch.quantile(delta.abs().flatten(), self.quantile)
             delta = delta - delta.clamp(-thr, thr)
-        a, a_prev = _at(self.smp.a, i).reshape(()), _at(self.smp.a_prev, i).reshape(())
-        latents = ddim_step(out_u + src.guidance * delta, self.latents, a, a_prev, self.smp.v_pred)
+        a, a_prev = _at(self.a, i).reshape(()), _at(self.a_prev, i).reshape(())
+        latents = ddim_step(out_u + self.guidance * delta, self.latents, a, a_prev, self.v_pred)
         if self.pivots is not None:  # before LocalBlend, as in the eager loop
             latents[0] = _at(self.pivots, i)[0]
         if self.control is not None:
@@ -264,19 +335,47 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
         raise ValueError(f"capture: {why}")
     if graph and pipe.device.type != "cuda":
         raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
-    loop = StaticLoop(pipe, prompts, src, smp, control, pin=pin)
+    loop, recorded = _kept(pipe, StaticLoop(pipe, prompts, src, smp, control, pin=pin), graph)
     calls = range(len(smp.timesteps))
     if progress:
         from tqdm.auto import tqdm
         calls = tqdm(calls, desc=f"{desc} (captured)" if graph else desc)
-    if not graph:
-        for _ in calls:
-            loop.step()
-        return loop.latents, loop.control
-    recorded = _record(loop)
     for _ in calls:
-        recorded.replay()
-    return loop.latents, loop.control
+        if recorded is not None:
+            recorded.replay()
+        else:
+            loop.step()
+    # copies: the kept loop's buffers are the next edit's
+    return loop.latents.clone(), None if loop.control is None else loop.control.snapshot()
+
+
+# -- loops kept for later edits of the same shapes ------------------------------------------------------------
+
+MAX_KEPT = 2  # recorded loops kept per pipeline, and per edit cache for its re-edits (least recently used out)
+_kept_by_pipe: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _kept(pipe, loop: StaticLoop, graph: bool):
+    """(the loop to run, its CUDA graph or None): a kept loop of the same signature refilled with this edit's
+    feeds (recorded once, replayed by every later edit), else this loop, recorded when `graph` and kept."""
+    c = loop.control
+    pool = c.cache.kept_loops if isinstance(c, StaticCachedControl) else _kept_by_pipe.setdefault(pipe, [])
+    key = (graph, loop.signature())
+    for i, (k, kept, recorded) in enumerate(pool):
+        if k == key:
+            kept.refill(loop)
+            pool.append(pool.pop(i))
+            return kept, recorded
+    recorded = _record(loop) if graph else None
+    pool.append((key, loop, recorded))
+    del pool[:-MAX_KEPT]
+    return loop, recorded
+
+
+def forget(pipe) -> None:
+    """Drop the loops (and CUDA graphs, with their memory) kept for `pipe`'s edits (an edit cache's own re-edit
+    loops go when the cache does)."""
+    _kept_by_pipe.pop(pipe, None)
 
 
 def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
@@ -286,7 +385,7 @@ def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(min(2, len(loop.smp.timesteps))):  # the counter must stay inside the tables
+            for _ in range(min(2, loop.timesteps.shape[0])):  # the counter must stay inside the tables
                 loop.step()
         torch.cuda.current_stream().wait_stream(side)
         loop.reset()

@@ -202,8 +202,9 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
             settings (seed .. quantile above) are the cache's: giving any of them is an error.
         capture: run the loop on static state (`p2p_engine.captured`): on CUDA one step recorded as a CUDA graph
             and replayed (if recording fails, the eager loop runs and the failure is reported once), elsewhere
-            the same step run call by call. DDIM only; with a cache, one on the pipeline's device. None: on CUDA
-            when CAPTURE_BY_DEFAULT and the edit allows it, else eager.
+            the same step run call by call. DDIM only; with a cache, one on the pipeline's device. A later edit
+            of the same shapes and settings replays the recorded loop with its own inputs (`captured.forget`
+            drops it). None: on CUDA when CAPTURE_BY_DEFAULT and the edit allows it, else eager.
     """
     prompts = check_prompts(prompts, pipe.tokenizer)
     source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,

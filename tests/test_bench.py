@@ -98,8 +98,8 @@ def test_bench_pipeline_smoke(benchmark):
     rows = benchmark.pedantic(bench_pipeline.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
     _assert_rows(rows)
     gated = [r for r in rows if "generation" not in r.baseline_name]
-    assert len(gated) == 7 and all("<=" in r.check for r in gated)
-    assert sum("static-state loop" in r.ours_name for r in rows) == 4  # the captured loop's rows, ungraphed here
+    assert len(gated) == 8 and all("<=" in r.check for r in gated)
+    assert sum("static-state loop" in r.ours_name for r in rows) == 5  # the captured loop's rows, ungraphed here
     assert any(r.check.startswith("captured re-edit: err") for r in rows)
 
 

@@ -134,6 +134,71 @@ def test_static_re_edit_from_an_inverted_cache(pipe64, method):
     _assert_same(uncached, static, 1e-10)
 
 
+def _kept(pipe):
+    return [loop for _, loop, _ in captured._kept_by_pipe.get(pipe, [])]
+
+
+def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64):
+    """The second edit of the same shapes refills the first's loop (on a GPU: replays its graph) instead of
+    building and recording one. Every feed differs between the two (start noise, timesteps and alphas by
+    steps_offset, prompts, mapper and mix, equalizer, cross and self windows, LocalBlend's words, subtraction
+    and start), so a feed the refill forgot would leave the first edit's value in place. The first edit's
+    output is not touched by the second."""
+    def run(target, words, scale, cross, self_steps, blend_start, seed, offset, capture=True, **kw):
+        ctrl = p2p.Reweight({"riding": scale}, prev=p2p.Refine(), cross_steps=cross, self_steps=self_steps, **SELF)
+        blend = p2p.LocalBlend([["cat"], words], subtract=["bicycle", "bicycle"], start=blend_start)
+        return pipe64.edit([SOURCE, target], ctrl, local_blend=blend, seed=seed, steps=STEPS, steps_offset=offset,
+                           capture=capture, progress=False, **kw)
+    a_args = ("a big cat riding a red bicycle", ["big", "cat"], 2.0, {"default_": 0.8, "red": 0.3}, (0.1, 0.4),
+              0.3, 1, 1)
+    b_args = ("a cat riding a small red bicycle", ["small"], 0.5, 0.6, (0.25, 0.6), 0.5, 2, 0)
+    captured.forget(pipe64)
+    fresh_b = run(*b_args)
+    captured.forget(pipe64)
+    a = run(*a_args)
+    a_latents = a.latents.clone()
+    a_maps = {k: v.clone() for k, v in a.attention._cross.items()}
+    [loop] = _kept(pipe64)
+    b = run(*b_args)
+    assert _kept(pipe64) == [loop]  # served by the kept loop
+    assert torch.equal(b.latents, fresh_b.latents)
+    assert all(torch.equal(b.attention._cross[k], v) for k, v in fresh_b.attention._cross.items())
+    assert b.attention.prompts == fresh_b.attention.prompts
+    assert torch.equal(a.latents, a_latents) and all(torch.equal(a.attention._cross[k], v) for k, v in a_maps.items())
+    # what a recording bakes in is not refilled: another guidance (or layout, or plan) gets its own loop
+    other = run(*b_args, guidance=3.0)
+    assert len(_kept(pipe64)) == 2 and loop in _kept(pipe64)
+    assert _rel(other.latents, run(*b_args, capture=False, guidance=3.0).latents) <= 1e-12
+    captured.forget(pipe64)
+    assert _kept(pipe64) == []
+
+
+def test_kept_loops_of_inversions_and_edit_caches(pipe64):
+    """Edits from two inversions share a loop (their null texts and pivots are refilled); re-edits from one
+    cache share the cache's loop."""
+    imgs = [(torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
+            for s in (3, 4)]
+    kw = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False)
+    for method in ("null_text", "direct"):  # the optimised null texts; the pivots
+        invs = [pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+                for img in imgs]
+        captured.forget(pipe64)
+        fresh = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), inversion=invs[1], capture=True, **kw)
+        captured.forget(pipe64)
+        pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), inversion=invs[0], capture=True, **kw)
+        second = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), inversion=invs[1], capture=True, **kw)
+        assert len(_kept(pipe64)) == 1 and torch.equal(second.latents, fresh.latents), method
+    assert torch.equal(second.latents[0], invs[1].pivots[-1].to(second.latents))
+
+    cache = pipe64.edit_cache(SOURCE, seed=5, steps=STEPS, progress=False, **SELF)
+    ctrl = p2p.Replace(**SELF)
+    fox = dict(local_blend=p2p.LocalBlend(["cat", "fox"]), progress=False)
+    fresh = pipe64.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, capture=False, **fox)
+    pipe64.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, **kw)
+    second = pipe64.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, capture=True, **fox)
+    assert len(cache.kept_loops) == 1 and _rel(second.latents, fresh.latents) <= 1e-12
+
+
 def test_float32_static_loop_within_float32_drift(tiny_pipe, pipe64):
     prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
     truth = pipe64.edit(prompts, ctrl, local_blend=blend, seed=5, steps=STEPS, progress=False).latents
