@@ -8,8 +8,11 @@ still updates the embedding.
 Here the early stop lives on the device: a per-image `done` flag masks the Adam update (parameter and
 state), so one iteration can be captured in a CUDA graph and replayed, and images of a batch stop on
 their own. The loop reads the flags back once per iteration to leave the step when every image has
-stopped (the remaining iterations would change nothing); an eager iteration also runs the UNet on the
-images still optimising only (a captured one keeps the batch's shape and masks). Adam is written out
+stopped (the remaining iterations would change nothing). How the stopped images leave the batch's work
+(`COMPACTION`, per path): an eager iteration runs the UNet on the images still optimising only ("rows");
+a captured one keeps the batch's shape and masks ("mask"), or ("buckets", `_Buckets`) gathers the
+images still optimising into an iteration of half, a quarter, ... of the rows, recorded once per size
+and replayed. Adam is written out
 with torch.optim.Adam's arithmetic (single-tensor path) and per-image state, so N images in one batch
 equal N single runs. `inversion.invert_batch` calls `null_optimize` after the DDIM inversion.
 """
@@ -148,6 +151,82 @@ def _graph_iteration(it: _Iteration):
     return g.replay
 
 
+# How stopped images leave the batch's work: "rows" (eager only: the UNet runs on the exact rows still
+# optimising), "mask" (the batch's shape; stopped rows are masked) or "buckets" (`_Buckets`). A captured
+# iteration keeps "mask" until a GPU run times "buckets" against it (benchmarks/bench_pipeline.py).
+COMPACTION = {"eager": "rows", "graph": "mask"}
+
+
+def _bucket(active: int, rows: int) -> int:
+    """The rows of the smallest iteration, among rows, ceil(rows / 2), ceil(rows / 4), ..., 1, that holds
+    the images still optimising."""
+    size = rows
+    while size > 1 and -(-size // 2) >= active:
+        size = -(-size // 2)
+    return size
+
+
+class _Buckets:
+    """Stopped images leave a fixed-shape iteration: once the images still optimising fit in half the rows
+    (or a quarter, ...), they are gathered, with stopped images filling the rest (masked, as in the full
+    batch), into an iteration of that size, run (captured once per size, then replayed) and scattered back.
+    Every image's arithmetic is its own, so this equals the full batch up to the rounding of other batch
+    sizes. The gathers and scatters are copies of the optimised state, small beside a UNet pass."""
+
+    def __init__(self, pipe, it: "_Iteration", run_full, capture: bool):
+        self.pipe, self.it, self.run_full, self.capture = pipe, it, run_full, capture
+        self.sized: dict[int, tuple] = {}  # rows -> (_Iteration, how to run it)
+
+    def _state(self, it: "_Iteration") -> list:
+        """The per-image tensors one iteration reads and writes, in a fixed order (None where absent)."""
+        pa = it.pooled_adam
+        return [it.param, it.adam.m, it.adam.v, it.adam.count, it.done, it.pooled,
+                None if pa is None else pa.m, None if pa is None else pa.v, None if pa is None else pa.count]
+
+    def _sized(self, rows: int):
+        if rows not in self.sized:
+            it = self.it
+            pick = slice(0, rows)
+            sub = _Iteration(self.pipe, it.param[pick].clone(), it.latent[pick], it.guidance,
+                             None if it.pooled is None else it.pooled[pick].clone(),
+                             None if it.time_ids is None else it.time_ids[pick].clone(), it.pooled_adam is not None)
+            self.sized[rows] = (sub, None)
+        return self.sized[rows]
+
+    def __call__(self, active: int) -> None:
+        it = self.it
+        rows = _bucket(active, it.done.shape[0])
+        if rows == it.done.shape[0]:
+            self.run_full()
+            return
+        own = (~it.done).nonzero().squeeze(1)  # (active,)
+        idx = torch.cat([own, it.done.nonzero().squeeze(1)[:rows - active]])
+        sub, run = self._sized(rows)
+        with torch.no_grad():
+            for dst, src in zip(self._state(sub) + [sub.latent, sub.out_c, sub.target, sub.time_ids],
+                                self._state(it) + [it.latent, it.out_c, it.target, it.time_ids]):
+                if dst is not None:
+                    dst.copy_(src.index_select(0, idx))
+            for dst, src in [(sub.t, it.t), (sub.a, it.a), (sub.a_prev, it.a_prev), (sub.lr, it.lr),
+                             (sub.thresh, it.thresh)]:
+                dst.copy_(src)
+        if run is None:  # recorded once its buffers hold real values
+            run = sub
+            if self.capture:
+                try:
+                    run = _graph_iteration(sub)
+                except Exception as e:  # noqa: BLE001 -- this size runs eagerly, said once
+                    warnings.warn(f"CUDA-graph capture of the {rows}-row null-text iteration failed ({e}); "
+                                  "running it eagerly")
+            self.sized[rows] = (sub, run)
+        run()
+        with torch.no_grad():
+            for dst, src in zip(self._state(it), self._state(sub)):
+                if dst is not None:
+                    dst.index_copy_(0, own, src[:active])
+            it.loss.fill_(float("nan")).index_copy_(0, own, sub.loss[:active])
+
+
 def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress,
                   time_ids=None, optimize_pooled: bool = False):
     """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond `Text` of N rows (fp32 master copies); ts the sampling
@@ -162,10 +241,12 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
     latent = traj[-1]
     it = _Iteration(pipe, param, latent, guidance, pooled, time_ids, optimize_pooled and pooled is not None)
 
-    def eager():  # the UNet runs on the images still optimising only
-        it(compact=True)
+    mode = None  # COMPACTION's, once it is known whether the iteration is captured
 
-    run = None
+    def eager():  # "rows": the UNet runs on the images still optimising only
+        it(compact=mode == "rows")
+
+    run = buckets = None
     nulls = torch.empty((steps, n) + tuple(param.shape[1:]), dtype=param.dtype, device=dev)
     pooled_nulls = None if pooled is None else torch.empty((steps,) + tuple(pooled.shape), dtype=param.dtype,
                                                            device=dev)
@@ -198,13 +279,22 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
                 except Exception as e:  # a model part that is not capturable: go on eagerly, but say so
                     warnings.warn(f"CUDA-graph capture of the null-text iteration failed ({e}); "
                                   "using the eager loop")
+            mode = COMPACTION["eager" if run is eager else "graph"]
+            if mode == "buckets":
+                buckets = _Buckets(pipe, it, run, capture=run is not eager)
+        active = n
         for j in range(inner_steps):
-            run()
+            if buckets is not None:
+                buckets(active)
+            else:
+                run()
             losses[i, j].copy_(it.loss)
             # Once every image has stopped, the rest of this step's iterations would be masked no-ops: skip
             # them. One host sync per iteration, against an iteration's forward and backward pass.
-            if j + 1 < inner_steps and bool(it.done.all()):
-                break
+            if j + 1 < inner_steps:
+                active = int((~it.done).sum())
+                if active == 0:
+                    break
         with torch.no_grad():
             nulls[i].copy_(it.param)
             if pooled_nulls is not None:
