@@ -60,14 +60,16 @@ def test_null_text_inversion_equals_the_usual_layout(pipes64):
     assert _rel(b.null_embeddings, a.null_embeddings) < 1e-9  # Adam's first steps amplify rounding
 
 
-def test_triton_kernels_read_the_same_inputs(tiny_ckpt, pipes64):
+def test_triton_kernels_read_the_same_inputs(tiny_ckpt, pipes64, monkeypatch):
     """An edit on the Triton backend in float32 (interpreted on the CPU; on a GPU compiled, and the captured
-    loop replayed as a CUDA graph) errs against the float64 truth no more than the usual layout does (on a GPU
-    both convolve in TF32, by different algorithms)."""
+    loop replayed as a CUDA graph) errs against the float64 truth no more than the usual layout does. TF32
+    convolutions are off here: the two layouts take different cuDNN algorithms, whose TF32 errors differ."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     kw = dict(seed=2, steps=2 if device == "cpu" else 8, progress=False)
     ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), self_steps=1.0, **SELF)
     truth = pipes64[0].edit([SOURCE, TARGET], ctrl, **kw).latents
     errs = [_rel(p2p.load(tiny_ckpt, device=device, backend="triton", channels_last=cl).edit(
         [SOURCE, TARGET], ctrl, capture=device == "cuda", **kw).latents.cpu(), truth) for cl in (False, True)]
-    assert errs[0] < 1e-2 and errs[1] <= 2 * errs[0] + 1e-6, errs
+    print(f"float32 against float64: usual layout {errs[0]:.2e}, channels-last {errs[1]:.2e}")
+    assert errs[0] < 1e-4 and errs[1] <= 2 * errs[0] + 1e-6, errs
