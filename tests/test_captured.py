@@ -6,6 +6,7 @@ the eager loop; on CUDA the recorded graph is checked against the eager loop in 
 """
 import contextlib
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -171,6 +172,17 @@ def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64):
     assert _rel(other.latents, run(*b_args, capture=False, guidance=3.0).latents) <= 1e-12
     captured.forget(pipe64)
     assert _kept(pipe64) == []
+
+
+def test_kept_loops_do_not_keep_their_pipeline_alive(tiny_ckpt):
+    import gc
+    pipe = p2p.load(tiny_ckpt, device="cpu")
+    pipe.edit([SOURCE, TARGET], p2p.Replace(), steps=2, capture=True, progress=False)
+    assert len(_kept(pipe)) == 1
+    ref = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert ref() is None
 
 
 def test_kept_loops_of_inversions_and_edit_caches(pipe64):
