@@ -355,36 +355,44 @@ class CachedControl(Control):
                                  f"and layers of up to {cache.self_max_queries}: make it with self_steps and "
                                  f"self_max_queries covering the controller's")
 
-    def _cross_plan(self, layer: AttnLayer, store, i: int) -> _TargetsCross:
+    def _cross_plan(self, layer: AttnLayer, store) -> _TargetsCross:
         store = None if store is None else store[1:]  # the targets' rows; the source's come from the cache
-        if not self.cross_on[i]:
+        e, gate = self.edit, self._call_gate()
+        if gate is None:
             return _TargetsCross(store, None)
-        e = self.edit
-        return _TargetsCross(store, self.cache.cross_probs(i, layer.index, self.device), e.mapper, e.mix,
-                             e.equalizer, e.gate[i])
+        return _TargetsCross(store, self._source_probs(layer.index), e.mapper, e.mix, e.equalizer, gate)
 
-    def _self_plan(self, layer: AttnLayer, inject: bool, store, i: int) -> _TargetsSelf:
-        source = self.cache.source_qk(i, layer.index, self.device) if inject else None
-        return _TargetsSelf(source, None if store is None else store[1:])
+    def _self_plan(self, layer: AttnLayer, inject: bool, store) -> _TargetsSelf:
+        source = self._source_qk(layer.index) if inject else None
+        return _TargetsSelf(source, None if store is None else store[1:], self._call_self_gate() if inject else None)
 
     def _step_maps(self) -> torch.Tensor:
         maps = super()._step_maps()
-        maps[0] = self.cache.level_maps[self.blend.level][self.step].to(self.device)
+        maps[0] = self._source_level_maps()
         return maps
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (P-1, C, h, w) of the targets -> the same, blended against the cached source row."""
-        source = self.cache.latents[self.step].to(latents.device, latents.dtype)
-        return super().end_step(torch.cat([source, latents]))[1:]
+        return super().end_step(torch.cat([self._source_latents(latents), latents]))[1:]
 
     def attention(self, latent_hw, tokenizer=None):
-        fill_source_sums(self, self.cache)
+        for k, buf in self.cross_sum.items():  # row 0, which only the targets' calls did not fill
+            buf[0] = self.cache.cross_sum[k]
+        for k, buf in self.self_sum.items():
+            buf[0] = self.cache.self_sum[k]
         return super().attention(latent_hw, tokenizer)
 
+    # What this call reads of the source, as hooks (a captured re-edit, `captured.StaticCachedControl`, reads
+    # the cache's tables at its device counter instead): p (1, H, N, T); (q, k), each (1, H, N, D); LocalBlend's
+    # level maps (N, T); the latents (1, C, h, w) after this call, in `like`'s device and dtype.
+    def _source_probs(self, layer: int) -> torch.Tensor:
+        return self.cache.cross_probs(self.step, layer, self.device)
 
-def fill_source_sums(control: Control, cache: EditCache) -> None:
-    """Row 0 of a re-edit's summed maps (which only its targets filled) from the cache's source."""
-    for k, buf in control.cross_sum.items():
-        buf[0] = cache.cross_sum[k]
-    for k, buf in control.self_sum.items():
-        buf[0] = cache.self_sum[k]
+    def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.source_qk(self.step, layer, self.device)
+
+    def _source_level_maps(self) -> torch.Tensor:
+        return self.cache.level_maps[self.blend.level][self.step].to(self.device)
+
+    def _source_latents(self, like: torch.Tensor) -> torch.Tensor:
+        return self.cache.latents[self.step].to(like.device, like.dtype)

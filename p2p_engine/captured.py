@@ -23,7 +23,7 @@ whose maps are not stored takes the plan's explicit softmax instead of SDPA, so
 such calls agree with the eager loop to float rounding, every other call bit
 for bit. The loop's static step equals the eager loop for every controller
 (tests/test_captured.py, on the CPU, where it runs step by step unrecorded). On
-CUDA `capture_sample` records it once (after a warm-up that compiles the
+CUDA `static_sample` records it once (after a warm-up that compiles the
 kernels) and replays it; DDIM only (PNDM and DPM-Solver++ keep host-side
 history).
 
@@ -50,10 +50,9 @@ import weakref
 
 import torch
 
-from .cache import CachedControl, _TargetsCross, _TargetsSelf, fill_source_sums
+from .cache import CachedControl
 from .conditioning import StepTexts, Text
 from .control import Control
-from .plan import CrossPlan, SelfPlan
 from .samplers import DDIMSampler
 from .scheduler import ddim_step
 from .words import MAX_TOKENS
@@ -92,8 +91,9 @@ class StaticControl(Control):
     """A `Control` whose per-call choices are read from the device counter and whose buffers exist up front."""
 
     def __init__(self, control: Control, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
-        super().__init__(control.prompts, control.calls, control.device, edit=control.edit, blend=control.blend,
-                         store=control.keep, self_maps=control.self_maps)
+        # Control's own, not the next in line: a StaticCachedControl's eager control has made and checked it
+        Control.__init__(self, control.prompts, control.calls, control.device, edit=control.edit,
+                         blend=control.blend, store=control.keep, self_maps=control.self_maps)
         self.counter = counter
         e, dev = self.edit, self.device
         self.gates_cross = e is not None and bool(e.gate.any())  # once, before the loop
@@ -134,21 +134,17 @@ class StaticControl(Control):
         if self.self_gate is not None:
             self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
 
-    def plan(self, layer, n_queries: int):
-        e, i = self.edit, layer.index
-        if layer.is_cross:
-            store = self.step_buf.get(i) if self._is_blend_layer(layer) else self.cross_sum.get(i)
-            if self.gates_cross:
-                return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, self.cross_gate_now)
-            return CrossPlan(self.P, store) if store is not None else None
-        inject = self.self_gate is not None and n_queries <= e.self_max_queries
-        store = self.self_sum.get(i)
-        if inject or store is not None:
-            return SelfPlan(self.P, inject, store, self.self_gate_now if inject else None)
-        return None
+    def _injects_cross(self) -> bool:
+        return self.gates_cross  # every call, with the counter's gate row
+
+    def _injects_self(self) -> bool:
+        return self.self_gate is not None  # every call, switched by the counter's window flag
 
     def _call_gate(self) -> torch.Tensor | None:
         return self.cross_gate_now  # read from the counter; closed rows give exactly the own maps
+
+    def _call_self_gate(self) -> torch.Tensor | None:
+        return self.self_gate_now
 
     def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
@@ -162,7 +158,7 @@ def _row(counter: torch.Tensor, window: tuple[int, int], table: torch.Tensor | N
     return (counter - window[0]).clamp(0, table.shape[0] - 1)
 
 
-class StaticCachedControl(StaticControl):
+class StaticCachedControl(StaticControl, CachedControl):
     """A re-edit's control (`cache.CachedControl`) on static state: its targets' plans, with the source's
     attention, LocalBlend maps and latents read from the cache's tables at the counter."""
 
@@ -177,35 +173,17 @@ class StaticCachedControl(StaticControl):
         self.cross_row = _row(self.counter, c.cross_window, next(iter(c.cross.values()), None))
         self.self_row = _row(self.counter, c.self_window, next(iter(c.self_qk.values()), (None,))[0])
 
-    def plan(self, layer, n_queries: int):
-        e, i, c = self.edit, layer.index, self.cache
-        if layer.is_cross:
-            store = self.step_buf.get(i) if self._is_blend_layer(layer) else self.cross_sum.get(i)
-            store = None if store is None else store[1:]  # the targets' rows; the source's come from the cache
-            if self.gates_cross:
-                return _TargetsCross(store, _at(c.cross[i], self.cross_row)[0], e.mapper, e.mix, e.equalizer,
-                                     self.cross_gate_now)
-            return _TargetsCross(store, None) if store is not None else None
-        inject = self.self_gate is not None and n_queries <= e.self_max_queries
-        store = self.self_sum.get(i)
-        if not (inject or store is not None):
-            return None
-        source = tuple(_at(t, self.self_row)[0] for t in c.self_qk[i]) if inject else None
-        return _TargetsSelf(source, None if store is None else store[1:], self.self_gate_now if inject else None)
+    def _source_probs(self, layer: int) -> torch.Tensor:
+        return _at(self.cache.cross[layer], self.cross_row)[0]
 
-    def _step_maps(self) -> torch.Tensor:
-        maps = super()._step_maps()
-        maps[0] = _at(self.cache.level_maps[self.blend.level], self.counter)[0]
-        return maps
+    def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(_at(t, self.self_row)[0] for t in self.cache.self_qk[layer])
 
-    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (P-1, C, h, w) of the targets -> the same, blended against the cached source row."""
-        source = _at(self.cache.latents, self.counter)[0].to(latents.dtype)
-        return super().end_step(torch.cat([source, latents]))[1:]
+    def _source_level_maps(self) -> torch.Tensor:
+        return _at(self.cache.level_maps[self.blend.level], self.counter)[0]
 
-    def attention(self, latent_hw, tokenizer=None):
-        fill_source_sums(self, self.cache)
-        return super().attention(latent_hw, tokenizer)
+    def _source_latents(self, like: torch.Tensor) -> torch.Tensor:
+        return _at(self.cache.latents, self.counter)[0].to(like.dtype)
 
 
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -275,8 +253,7 @@ class StaticLoop:
 
     def refill(self, other: "StaticLoop") -> None:
         """Take another edit's feeds (a loop of the same signature) and its prompts, back at call 0."""
-        for name, src in other.feeds().items():
-            dst = self.feeds()[name]
+        for dst, src in zip(self.feeds().values(), other.feeds().values()):  # same names, same order
             if dst is not None:
                 dst.copy_(src)
         if self.control is not None:

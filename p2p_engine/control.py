@@ -215,24 +215,40 @@ class Control:
 
     # -- called by every attention layer ---------------------------------------------------------
     def plan(self, layer: AttnLayer, n_queries: int):
-        i = self.step
         if layer.index not in self.layers:
             self.layers[layer.index] = (layer, n_queries)
         if layer.is_cross:
             store = self._cross_buffer(layer, n_queries)
-            return self._cross_plan(layer, store, i) if (self.cross_on[i] or store is not None) else None
-        inject = self.self_on[i] and n_queries <= self.edit.self_max_queries
+            return self._cross_plan(layer, store) if (self._injects_cross() or store is not None) else None
+        inject = self._injects_self() and n_queries <= self.edit.self_max_queries
         store = self._self_buffer(layer, n_queries)
-        return self._self_plan(layer, inject, store, i) if (inject or store is not None) else None
+        return self._self_plan(layer, inject, store) if (inject or store is not None) else None
 
-    def _cross_plan(self, layer: AttnLayer, store, i: int) -> CrossPlan:
-        e = self.edit
-        if self.cross_on[i]:
-            return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, e.gate[i])
+    # The per-call choices, as hooks: a captured loop (`captured.StaticControl`) makes them device tensors.
+    def _injects_cross(self) -> bool:
+        """Whether this call's cross plans may inject (then `_call_gate` says where)."""
+        return self.cross_on[self.step]
+
+    def _injects_self(self) -> bool:
+        """Whether this call's self plans may inject (then `_call_self_gate` says whether they do)."""
+        return self.self_on[self.step]
+
+    def _call_gate(self) -> torch.Tensor | None:
+        """This call's cross gate (P-1, T), or None when the call injects nothing."""
+        return self.edit.gate[self.step] if self.cross_on[self.step] else None
+
+    def _call_self_gate(self) -> torch.Tensor | None:
+        """A (1,) device switch of this call's self injection, or None: `_injects_self` decided on the host."""
+        return None
+
+    def _cross_plan(self, layer: AttnLayer, store) -> CrossPlan:
+        e, gate = self.edit, self._call_gate()
+        if gate is not None:
+            return CrossPlan(self.P, store, e.mapper, e.mix, e.equalizer, gate)
         return CrossPlan(self.P, store)
 
-    def _self_plan(self, layer: AttnLayer, inject: bool, store, i: int) -> SelfPlan:
-        return SelfPlan(self.P, inject, store)
+    def _self_plan(self, layer: AttnLayer, inject: bool, store) -> SelfPlan:
+        return SelfPlan(self.P, inject, store, self._call_self_gate() if inject else None)
 
     def _self_buffer(self, layer, n):
         if not (self.self_maps and n <= 32 * 32):
@@ -282,10 +298,6 @@ class Control:
             latents = self._blend_from_start(latents)
         self.step += 1
         return latents
-
-    def _call_gate(self) -> torch.Tensor | None:
-        """This call's cross gate (P-1, T), or None when the call injects nothing."""
-        return self.edit.gate[self.step] if self.cross_on[self.step] else None
 
     def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
         """LocalBlend from the call after `blend.start` on; the latents as they are before."""

@@ -175,7 +175,8 @@ class _Buckets:
 
     def __init__(self, pipe, it: "_Iteration", run_full, capture: bool):
         self.pipe, self.it, self.run_full, self.capture = pipe, it, run_full, capture
-        self.sized: dict[int, tuple] = {}  # rows -> (_Iteration, how to run it)
+        self.sized: dict[int, _Iteration] = {}  # rows -> the iteration of that many rows
+        self.runs: dict = {}  # rows -> how it runs (its graph's replay, or the iteration itself)
 
     def _state(self, it: "_Iteration") -> list:
         """The per-image tensors one iteration reads and writes, in a fixed order (None where absent)."""
@@ -183,14 +184,14 @@ class _Buckets:
         return [it.param, it.adam.m, it.adam.v, it.adam.count, it.done, it.pooled,
                 None if pa is None else pa.m, None if pa is None else pa.v, None if pa is None else pa.count]
 
-    def _sized(self, rows: int):
+    def _sized(self, rows: int) -> "_Iteration":
         if rows not in self.sized:
             it = self.it
             pick = slice(0, rows)
-            sub = _Iteration(self.pipe, it.param[pick].clone(), it.latent[pick], it.guidance,
-                             None if it.pooled is None else it.pooled[pick].clone(),
-                             None if it.time_ids is None else it.time_ids[pick].clone(), it.pooled_adam is not None)
-            self.sized[rows] = (sub, None)
+            self.sized[rows] = _Iteration(self.pipe, it.param[pick].clone(), it.latent[pick], it.guidance,
+                                          None if it.pooled is None else it.pooled[pick].clone(),
+                                          None if it.time_ids is None else it.time_ids[pick].clone(),
+                                          it.pooled_adam is not None)
         return self.sized[rows]
 
     def __call__(self, active: int) -> None:
@@ -201,7 +202,7 @@ class _Buckets:
             return
         own = (~it.done).nonzero().squeeze(1)  # (active,)
         idx = torch.cat([own, it.done.nonzero().squeeze(1)[:rows - active]])
-        sub, run = self._sized(rows)
+        sub = self._sized(rows)
         with torch.no_grad():
             for dst, src in zip(self._state(sub) + [sub.latent, sub.out_c, sub.target, sub.time_ids],
                                 self._state(it) + [it.latent, it.out_c, it.target, it.time_ids]):
@@ -210,16 +211,15 @@ class _Buckets:
             for dst, src in [(sub.t, it.t), (sub.a, it.a), (sub.a_prev, it.a_prev), (sub.lr, it.lr),
                              (sub.thresh, it.thresh)]:
                 dst.copy_(src)
-        if run is None:  # recorded once its buffers hold real values
-            run = sub
+        if rows not in self.runs:  # recorded once its buffers hold real values
+            self.runs[rows] = sub
             if self.capture:
                 try:
-                    run = _graph_iteration(sub)
+                    self.runs[rows] = _graph_iteration(sub)
                 except Exception as e:  # noqa: BLE001 -- this size runs eagerly, said once
                     warnings.warn(f"CUDA-graph capture of the {rows}-row null-text iteration failed ({e}); "
                                   "running it eagerly")
-            self.sized[rows] = (sub, run)
-        run()
+        self.runs[rows]()
         with torch.no_grad():
             for dst, src in zip(self._state(it), self._state(sub)):
                 if dst is not None:
