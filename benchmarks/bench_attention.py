@@ -8,6 +8,9 @@ case per distinct layer shape (N queries, head dim D), with how many UNet layers
 - cross, diagnostic rows: the store alone and the injection alone;
 - cross, the store without atomics (`store_way="heads"`: a program per query block loops over the heads)
   against the atomics and against SDPA;
+- cross, a re-edit from an edit cache: the targets' rows only (batch 2), p_src read from the cache's table
+  of calls at a device row index (what a captured re-edit runs), against the pure-torch path on the same
+  plan (the re-edit's path before the kernel took cached sources) and SDPA on those rows without control;
 - self: ours without and with source injection against SDPA with no control, and what the engine runs
   for an injection (SDPA on the source's q, k; p2p_engine.attention).
 Each case first passes a correctness gate (ours vs the fp32 reference, within 2x torch's own fp16 drift),
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, run_suite, seconds_left
 from p2p_engine.attention import attention
 from p2p_engine.kernels import cross_attention, cross_attention_reference, self_attention, self_attention_reference
-from p2p_engine.plan import CrossPlan, SelfPlan
+from p2p_engine.plan import CrossPlan, SelfPlan, inject_cross
 
 P, B, H, T = 2, 4, 8, 77
 # (N, D, number of UNet layers with this shape): 64, 32, 16 px levels have 5 layers each (2 down + 3 up), mid 8 px.
@@ -88,6 +91,47 @@ def materialised_cross(q, k, v, plan: CrossPlan, scale: float) -> torch.Tensor:
     return p @ v
 
 
+def materialised_cached(q, k, v, plan: CrossPlan, scale: float) -> torch.Tensor:
+    """The same on a re-edit's rows (every conditional row a target, p_src from the plan), all in q's dtype."""
+    R = plan.num_prompts
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    plan.store.add_(p[R:].float().mean(dim=1))
+    p[R:] = inject_cross(plan.source_probs().to(p.dtype), p[R:], plan.mapper, plan.mix, plan.equalizer, plan.gate)
+    return p @ v
+
+
+def cached_source_rows(q, k, v, N: int, case: str, scale: float, floor_ms, repeats: int) -> list[Row]:
+    """A re-edit's cross call: rows [uncond, cond] of the one target, p_src the row of a 41-call fp32 table (the
+    default window of 50 steps) that a device index picks, as `captured.StaticCachedControl` hands it over."""
+    rows_t = [1, P + 1]  # the target's rows of the edit's batch [uncond x P, cond x P]
+    qt, kt, vt = q[rows_t], k[rows_t], v[rows_t]
+
+    def plan() -> CrossPlan:
+        full = cross_plan(N, q.device)
+        table = torch.rand(41, 1, H, N, T, device=q.device)
+        table /= table.sum(-1, keepdim=True)
+        return CrossPlan(P - 1, torch.zeros(P - 1, N, T, device=q.device), full.mapper, full.mix, full.equalizer,
+                         full.gate, table, torch.tensor([17], device=q.device))
+
+    p_ours, p_ref = plan(), plan()
+    with torch.inference_mode():
+        ours = cross_attention(qt, kt, vt, p_ours, scale)
+        p_ref.source = p_ours.source
+        ref = cross_attention_reference(qt.float(), kt.float(), vt.float(), p_ref, scale)
+        p_base = plan()
+        p_base.source = p_ours.source
+        bases = [cross_attention_reference(qt, kt, vt, p_base, scale), materialised_cached(qt, kt, vt, p_base, scale)]
+    check = check_close("cross from a cached source", ours, ref, bases, q.dtype)
+    fused = time_events(lambda: cross_attention(qt, kt, vt, p_ours, scale), repeats=repeats)
+    torch_path = time_events(lambda: cross_attention_reference(qt, kt, vt, p_ref, scale), repeats=repeats)
+    sdpa = time_events(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale), repeats=repeats)
+    # p_src read once in fp32 and the store read + written: H N T x 4 + 2 x N T x 4 bytes beyond q, k, v, o
+    fl = floor_ms(T, 4.0 * H * N * T + 8.0 * N * T, batch=2)
+    name = "fused emit+inject from a cached source, batch 2"
+    return [Row(case, name, fused, "torch path on the cached source", torch_path, fl, check),
+            Row(case, name, fused, "SDPA, no control, batch 2", sdpa, fl, check)]
+
+
 def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[Row]:
     if device.type != "cuda":
         print(NO_GPU)
@@ -110,9 +154,9 @@ def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[R
         ks, vs = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
         elem = q.element_size()
 
-        def floor_ms(M: int, extra_bytes: float = 0.0) -> float:
-            flops = 4.0 * B * H * N * M * D
-            bytes_ = elem * B * H * (2 * N * D + 2 * M * D) + extra_bytes
+        def floor_ms(M: int, extra_bytes: float = 0.0, batch: int = B) -> float:
+            flops = 4.0 * batch * H * N * M * D
+            bytes_ = elem * batch * H * (2 * N * D + 2 * M * D) + extra_bytes
             return 1e3 * max(flops / flop_rate, bytes_ / bandwidth)
 
         # -- cross: correctness gate, then time
@@ -148,6 +192,7 @@ def run(device: torch.device, smoke: bool = False, repeats: int = 100) -> list[R
                         heads_check))
         rows.append(Row(case, "fused emit+inject, heads in program", heads, "SDPA, no control", sdpa, fl,
                         heads_check + "; goal: within 2x of SDPA at N = 4096"))
+        rows += cached_source_rows(q, kc, vc, N, case, scale, floor_ms, repeats)
 
         # -- self: correctness gate, then time
         inject = SelfPlan(num_prompts=P, inject=True)

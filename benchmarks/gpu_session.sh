@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU should run, in one call of the device tool: install the engine on the
-# GPU machine's own torch and triton, run the CUDA tests, then each benchmark under its own time limit.
-# session.log, install.log, results.csv and RESULTS.md come back under $OUT; copy the two result files
-# into benchmarks/.
+# GPU machine's own torch and triton, run the CUDA tests, then each benchmark under its own time limit, with
+# the kernel-time profile of one UNet step (benchmarks/profile_step.py) between pipeline and methods.
+# session.log, install.log, results.csv, RESULTS.md and profile.csv (the profile's categories, top kernels and
+# wall times per configuration and batch) come back under $OUT; copy results.csv and RESULTS.md into benchmarks/.
 #
 # Prepare once in the checkout (diffusers is the baseline and is not on the GPU machine; .whl/ and
 # .commit are in .gitignore):
@@ -56,15 +57,22 @@ timeout "$(limit 90)" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test
     2>&1 | tail -40 | tee -a "$LOG"
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
-# pipeline (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md
-for spec in attention:40 unet:70 pipeline:200 methods:60 sdxl:110; do
+# pipeline (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md.
+# profile: where the UNet step's time goes (kernel time by category against wall time), not a benchmark row.
+for spec in attention:40 unet:70 pipeline:200 profile:30 methods:60 sdxl:110; do
     name=${spec%%:*}
     lim=$(limit "${spec##*:}")
     if [ "$lim" -lt 30 ]; then say "bench $name left out: $lim s left"; continue; fi
     say "bench $name (limit $lim s)"
-    P2P_BENCH_DEADLINE=$(( $(date +%s) + lim - 10 )) timeout "$lim" p2p-engine bench --only "$name" 2>&1 \
-        | tee -a "$LOG" | tail -30
+    export P2P_BENCH_DEADLINE=$(( $(date +%s) + lim - 10 ))
+    if [ "$name" = profile ]; then
+        timeout "$lim" python3 -m benchmarks.profile_step --batch 2 4 --steps 3 --csv "$OUT/profile.csv" 2>&1 \
+            | tee -a "$LOG" | tail -40
+    else
+        timeout "$lim" p2p-engine bench --only "$name" 2>&1 | tee -a "$LOG" | tail -30
+    fi
 done
+unset P2P_BENCH_DEADLINE
 cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT/" 2>/dev/null
 say done
 exit 0

@@ -11,6 +11,9 @@ tokens and p_out follows `p2p_engine.plan` exactly:
     injected = injected * equalizer[j-1]
     p_out    = injected * gate[j-1] + p_tgt * (1 - gate[j-1])     (targets only)
 
+With a cached source (`plan.source`, a re-edit from an edit cache) p_src is read
+from the plan, not computed from row P, and every conditional row is a target.
+
 No backward: the kernels are forward-only. Null-text inversion back-propagates
 through uncontrolled calls only, and the attention seam
 (`p2p_engine.attention`) sends every gradient-requiring uncontrolled call to
@@ -54,7 +57,9 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, T)
     if store is not None:
         store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, T)
-    if injects and P > 1:
+    if injects and plan.source is not None:  # every row a target, p_src given
+        p = inject_cross(plan.source_probs().to(p.dtype), p, plan.mapper, plan.mix, plan.equalizer, plan.gate)
+    elif injects and P > 1:
         p_src, p_tgt = p[:1], p[1:]  # (1, H, N, T), (P-1, H, N, T)
         p = torch.cat([p_src, inject_cross(p_src, p_tgt, plan.mapper, plan.mix, plan.equalizer, plan.gate)])
     out[P:] = (p @ vc).to(q.dtype)
@@ -72,13 +77,16 @@ def _softmax_rows(q, k_ptrs, kv_mask, t_mask, scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, h, pid_n,
-                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+def _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, SRC, SRC_ROW, b, h, pid_n,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, ss_c, ss_h, ss_n,
                 N, T, D, P, scale,
                 BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr, HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr,
+                SRC_CACHED: tl.constexpr, SRC_INDEXED: tl.constexpr,
                 PREC: tl.constexpr, MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr):
     # One (row b, head h, query block) of the output; returns the block's own pre-injection p for the store.
+    # SRC_CACHED: p_src is read from SRC (C, 1, H, N, T) at row *SRC_ROW (SRC_INDEXED) or 0, and every
+    # conditional row b >= P is a target; otherwise row P is the source and the targets follow it.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -95,15 +103,27 @@ def _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, h, pid_n,
     q = tl.load(Q + b64 * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
     p = _softmax_rows(q, K + b64 * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
     p_own = p
+    if SRC_CACHED:
+        first = P
+    else:
+        first = P + 1
     if HAS_INJECT:
-        if b > P:
-            # The source row (P) sits in this same launch but in another program, with no
-            # ordering between programs; so the target recomputes p_src from q_src and
-            # k_src (same head, same query block): T * D extra FLOPs per query, no sync.
-            j = b - P - 1
-            src = tl.full([], P, tl.int64)
-            q_src = tl.load(Q + src * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
-            p_src = _softmax_rows(q_src, K + src * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
+        if b >= first:
+            j = b - first
+            if SRC_CACHED:
+                if SRC_INDEXED:
+                    row = tl.load(SRC_ROW).to(tl.int64)
+                else:
+                    row = tl.full([], 0, tl.int64)
+                s_ptrs = SRC + row * ss_c + h64 * ss_h + offs_n[:, None].to(tl.int64) * ss_n + offs_t[None, :]
+                p_src = tl.load(s_ptrs, mask=n_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
+            else:
+                # The source row (P) sits in this same launch but in another program, with no
+                # ordering between programs; so the target recomputes p_src from q_src and
+                # k_src (same head, same query block): T * D extra FLOPs per query, no sync.
+                src = tl.full([], P, tl.int64)
+                q_src = tl.load(Q + src * sq_b + h64 * sq_h + q_off, mask=q_mask, other=0.0)
+                p_src = _softmax_rows(q_src, K + src * sk_b + h64 * sk_h + k_off, kv_mask, t_mask, scale, PREC)
             tt_off = offs_t[:, None] * T + offs_t[None, :]
             tt_mask = t_mask[:, None] & t_mask[None, :]
             mapper = tl.load(MAPPER + j * T * T + tt_off, mask=tt_mask, other=0.0)  # (T, T) fp32
@@ -129,13 +149,13 @@ def _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, h, pid_n,
 
 
 @triton.jit
-def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
-               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE, SRC, SRC_ROW,
+               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, ss_c, ss_h, ss_n,
                H, N, T, D, P, scale,
                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_STORE: tl.constexpr, HAS_INJECT: tl.constexpr, HAS_MIX: tl.constexpr,
-               HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-               MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr, HEADS_IN_PROGRAM: tl.constexpr):
+               HAS_EQ: tl.constexpr, HAS_GATE: tl.constexpr, SRC_CACHED: tl.constexpr, SRC_INDEXED: tl.constexpr,
+               PREC: tl.constexpr, MAP_PREC: tl.constexpr, HALF_PV: tl.constexpr, HEADS_IN_PROGRAM: tl.constexpr):
     # q/o (B, H, N, D), k/v (B, H, T, D), any strides with unit D stride. Two ways to meet the store:
     # - grid (cdiv(N, BLOCK_N), B * H): one head per program, heads summed into the store by atomics;
     # - HEADS_IN_PROGRAM, grid (cdiv(N, BLOCK_N), B): the program loops over the heads, sums their p in
@@ -151,10 +171,10 @@ def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
         p_sum = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for h in range(H):
             # b * 0 + h: the head as a tensor (the interpreter's range() gives Python ints)
-            p_sum += _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, b * 0 + h, pid_n,
+            p_sum += _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, SRC, SRC_ROW, b, b * 0 + h, pid_n,
                                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                                 N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT, HAS_MIX, HAS_EQ,
-                                 HAS_GATE, PREC, MAP_PREC, HALF_PV)
+                                 ss_c, ss_h, ss_n, N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT,
+                                 HAS_MIX, HAS_EQ, HAS_GATE, SRC_CACHED, SRC_INDEXED, PREC, MAP_PREC, HALF_PV)
         if HAS_STORE:
             if b >= P:
                 ptrs = STORE + (b - P).to(tl.int64) * N * T + nt_off
@@ -162,10 +182,10 @@ def _cross_fwd(Q, K, V, O, STORE, MAPPER, MIX, EQ, GATE,
     else:
         bh = tl.program_id(1)
         b = bh // H
-        p = _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, b, bh % H, pid_n,
+        p = _cross_head(Q, K, V, O, MAPPER, MIX, EQ, GATE, SRC, SRC_ROW, b, bh % H, pid_n,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                        N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT, HAS_MIX, HAS_EQ,
-                        HAS_GATE, PREC, MAP_PREC, HALF_PV)
+                        ss_c, ss_h, ss_n, N, T, D, P, scale, BLOCK_N, BLOCK_T, BLOCK_D, HAS_INJECT,
+                        HAS_MIX, HAS_EQ, HAS_GATE, SRC_CACHED, SRC_INDEXED, PREC, MAP_PREC, HALF_PV)
         if HAS_STORE:
             if b >= P:
                 # The store sees every conditional row's own, pre-injection p; heads meet by atomics.
@@ -178,6 +198,21 @@ def _plan_vector(name: str, x: torch.Tensor | None, shape: tuple, device) -> tor
     if tuple(x.shape) != shape:
         raise ValueError(f"cross_attention: plan.{name} must have shape {shape}; got {tuple(x.shape)}")
     return x.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _source_table(plan: CrossPlan, hnt: tuple, device) -> torch.Tensor:
+    """The plan's cached p_src as a (C, 1, H, N, T) table with unit token stride (C = 1 without a row index)."""
+    src, row = plan.source, plan.source_row
+    table = src if row is not None else src.unsqueeze(0)
+    if table.dim() != 5 or tuple(table.shape[1:]) != (1, *hnt) or table.device != device \
+            or table.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        want = "a (C, 1, H, N, T) table with source_row" if row is not None else "(1, H, N, T)"
+        raise ValueError(f"cross_attention: plan.source must be {want} with (H, N, T) = {hnt}, float32 or half, "
+                         f"on {device}; got {tuple(src.shape)} {src.dtype} {src.device}")
+    if row is not None and (row.shape != (1,) or row.dtype != torch.int64 or row.device != device):
+        raise ValueError(f"cross_attention: plan.source_row must be a (1,) int64 tensor on {device}; got "
+                         f"{tuple(row.shape)} {row.dtype} {row.device}")
+    return unit_last_stride(table)
 
 
 def _config(dtype: torch.dtype, BLOCK_D: int) -> tuple[int, int]:
@@ -216,7 +251,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     out = new_output(q)
     store = plan.store if plan is not None else None
-    injects = plan is not None and plan.injects and plan.num_prompts > 1
+    injects = plan is not None and plan.injects and plan.targets > 0
     P = plan.num_prompts if plan is not None else 0
     if plan is not None:
         check_plan_rows("cross_attention", B, P)
@@ -225,15 +260,19 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 or not store.is_contiguous():
             raise ValueError(f"cross_attention: plan.store must be a contiguous float32 ({P}, {N}, {T}) "
                              f"tensor on {q.device}; got {tuple(store.shape)} {store.dtype} {store.device}")
-    mapper = mix = eq = gate = None
+    mapper = mix = eq = gate = table = None
     if injects:
-        mapper = _plan_vector("mapper", plan.mapper, (P - 1, T, T), q.device)
-        mix = _plan_vector("mix", plan.mix, (P - 1, T), q.device)
-        eq = _plan_vector("equalizer", plan.equalizer, (P - 1, T), q.device)
-        gate = _plan_vector("gate", plan.gate, (P - 1, T), q.device)
+        J = plan.targets
+        mapper = _plan_vector("mapper", plan.mapper, (J, T, T), q.device)
+        mix = _plan_vector("mix", plan.mix, (J, T), q.device)
+        eq = _plan_vector("equalizer", plan.equalizer, (J, T), q.device)
+        gate = _plan_vector("gate", plan.gate, (J, T), q.device)
+        if plan.source is not None:
+            table = _source_table(plan, (H, N, T), q.device)
     # Unused pointers still need a tensor; `out` is never read through them (flags are constexpr).
     dummy = out
 
+    indexed = table is not None and plan.source_row is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
     BLOCK_T, BLOCK_D = next_pow2(T), next_pow2(D)
     BLOCK_N, num_warps = _config(q.dtype, BLOCK_D)
@@ -243,11 +282,14 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, out, store if store is not None else dummy,
         mapper if mapper is not None else dummy, mix if mix is not None else dummy,
         eq if eq is not None else dummy, gate if gate is not None else dummy,
+        table if table is not None else dummy, plan.source_row if table is not None and indexed else dummy,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *((table.stride(0), table.stride(2), table.stride(3)) if table is not None else (0, 0, 0)),
         H, N, T, D, P, float(scale),
         BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
         HAS_STORE=store is not None, HAS_INJECT=injects, HAS_MIX=mix is not None,
         HAS_EQ=eq is not None, HAS_GATE=gate is not None,
+        SRC_CACHED=table is not None, SRC_INDEXED=indexed,
         # fp32 inputs would otherwise drop to tf32 on GPU; half inputs keep Triton's default
         # (their products are exact in the fp32 accumulator either way).
         PREC="tf32" if half else "ieee",

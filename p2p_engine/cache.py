@@ -25,9 +25,12 @@ re-edit (`p2p_engine.captured`) indexes the tables with its device step counter.
 An edit with the cache (`pipe.edit(prompts, controller, cache=cache)`,
 `CachedControl`) runs the batch [uncond x (P-1), cond x (P-1)] of its targets;
 its plans compute what the edit's plans compute for rows P+1 .. 2P-1, with the
-cached source standing in for row P. Proximal guidance cannot be cached: its
-threshold is taken over the whole batch, so there the source depends on its
-targets.
+cached source standing in for row P. Its cross plans are `CrossPlan`s with the
+cached p_src as their `source` (a captured re-edit gives the whole table and the
+counter's row, which the Triton kernel reads in place), run by the kernel or the
+reference like any plan; its self plans attend with the cached queries and keys.
+Proximal guidance cannot be cached: its threshold is taken over the whole batch,
+so there the source depends on its targets.
 
 Memory (`EditCache.nbytes`, bounded by `max_bytes`, which is checked after the
 first UNet call, before the rest is recorded): the cross probabilities dominate.
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .control import Control, cross_window, self_window
-from .plan import AttnLayer, inject_cross
+from .plan import AttnLayer, CrossPlan
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,28 +277,6 @@ class Recorder:
 # -- replaying: the targets' rows only ----------------------------------------------------------------------
 
 @dataclass
-class _TargetsCross:
-    store: torch.Tensor | None  # (R, N, T): rows 1 .. P-1 of the layer's (P, N, T) store
-    source: torch.Tensor | None  # (1, H, N, T) the cached p_src, when this call injects
-    mapper: torch.Tensor | None = None
-    mix: torch.Tensor | None = None
-    equalizer: torch.Tensor | None = None
-    gate: torch.Tensor | None = None
-
-    def attend(self, q, k, v, scale):
-        R = q.shape[0] // 2
-        out = torch.empty_like(q)
-        out[:R] = F.scaled_dot_product_attention(q[:R], k[:R], v[:R], scale=scale)
-        p = _probabilities(q[R:], k[R:], scale)  # (R, H, N, T)
-        if self.store is not None:
-            self.store.add_(p.mean(dim=1).to(self.store.dtype))
-        if self.source is not None:
-            p = inject_cross(self.source.to(p.dtype), p, self.mapper, self.mix, self.equalizer, self.gate)
-        out[R:] = (p @ v[R:].to(p.dtype)).to(q.dtype)
-        return out
-
-
-@dataclass
 class _TargetsSelf:
     source: tuple | None  # (q_src, k_src) when this call injects
     store: torch.Tensor | None  # (R, N, N)
@@ -355,12 +336,13 @@ class CachedControl(Control):
                                  f"and layers of up to {cache.self_max_queries}: make it with self_steps and "
                                  f"self_max_queries covering the controller's")
 
-    def _cross_plan(self, layer: AttnLayer, store) -> _TargetsCross:
-        store = None if store is None else store[1:]  # the targets' rows; the source's come from the cache
+    def _cross_plan(self, layer: AttnLayer, store) -> CrossPlan:
+        # the targets' rows of the store; a plan with a source reads p_src from the cache
+        store = None if store is None else store[1:]
         e, gate = self.edit, self._call_gate()
         if gate is None:
-            return _TargetsCross(store, None)
-        return _TargetsCross(store, self._source_probs(layer.index), e.mapper, e.mix, e.equalizer, gate)
+            return CrossPlan(self.P - 1, store)
+        return CrossPlan(self.P - 1, store, e.mapper, e.mix, e.equalizer, gate, *self._source_probs(layer.index))
 
     def _self_plan(self, layer: AttnLayer, inject: bool, store) -> _TargetsSelf:
         source = self._source_qk(layer.index) if inject else None
@@ -383,10 +365,11 @@ class CachedControl(Control):
         return super().attention(latent_hw, tokenizer)
 
     # What this call reads of the source, as hooks (a captured re-edit, `captured.StaticCachedControl`, reads
-    # the cache's tables at its device counter instead): p (1, H, N, T); (q, k), each (1, H, N, D); LocalBlend's
+    # the cache's tables at its device counter instead): p (1, H, N, T), or a table of calls and the (1,) device
+    # index of this call's row, as `CrossPlan.source` / `source_row`; (q, k), each (1, H, N, D); LocalBlend's
     # level maps (N, T); the latents (1, C, h, w) after this call, in `like`'s device and dtype.
-    def _source_probs(self, layer: int) -> torch.Tensor:
-        return self.cache.cross_probs(self.step, layer, self.device)
+    def _source_probs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.cache.cross_probs(self.step, layer, self.device), None
 
     def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.source_qk(self.step, layer, self.device)

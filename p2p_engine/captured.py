@@ -173,8 +173,8 @@ class StaticCachedControl(StaticControl, CachedControl):
         self.cross_row = _row(self.counter, c.cross_window, next(iter(c.cross.values()), None))
         self.self_row = _row(self.counter, c.self_window, next(iter(c.self_qk.values()), (None,))[0])
 
-    def _source_probs(self, layer: int) -> torch.Tensor:
-        return _at(self.cache.cross[layer], self.cross_row)[0]
+    def _source_probs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.cross[layer], self.cross_row  # the kernel reads the row in place
 
     def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(_at(t, self.self_row)[0] for t in self.cache.self_qk[layer])

@@ -29,6 +29,14 @@ LocalBlend's rebuild of the injected maps both call it.
 probabilities of the conditional rows *before* injection, as the reference's
 AttentionStore sees them: store[i] += mean_h p[P + i].
 
+A plan with a `source` (a re-edit from an edit cache, `p2p_engine.cache`)
+reads p_src from it instead of computing it from row P: the batch then holds
+the targets only, every conditional row P + j (j = 0 .. P-1) is a target,
+with mapper[j], mix[j], ... and store (P, N, T). The source is p_src itself
+(1, H, N, T), or with `source_row` a table (C, 1, H, N, T) of recorded calls
+and the (1,) device index of this call's row (a captured loop's counter: no
+copy of the row, no host sync).
+
 Self attention, for target rows inside the self-replace window: the output is
 softmax(q_src k_src^T * scale) @ v_tgt (the source's map applied to the
 target's values). `store` (only for N <= 32*32) receives the head-averaged
@@ -48,14 +56,27 @@ import torch
 class CrossPlan:
     num_prompts: int  # P
     store: torch.Tensor | None = None  # (P, N, T) fp32, accumulated in place
-    mapper: torch.Tensor | None = None  # (P-1, T, T) fp32
+    mapper: torch.Tensor | None = None  # (P-1, T, T) fp32 (P, T, T with a source: every row a target)
     mix: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
     equalizer: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
     gate: torch.Tensor | None = None  # (P-1, T) fp32; None means all ones
+    source: torch.Tensor | None = None  # the cached p_src (1, H, N, T), or a table (C, 1, H, N, T) ...
+    source_row: torch.Tensor | None = None  # ... and the (1,) int64 index of this call's row in it
 
     @property
     def injects(self) -> bool:
         return self.mapper is not None
+
+    @property
+    def targets(self) -> int:
+        """Rows that injection writes: P - 1 after the source row, or all P when the source is given."""
+        return self.num_prompts if self.source is not None else self.num_prompts - 1
+
+    def source_probs(self) -> torch.Tensor:
+        """The given p_src (1, H, N, T): the table's row when there is one."""
+        if self.source_row is None:
+            return self.source
+        return self.source.index_select(0, self.source_row)[0]
 
 
 @dataclass

@@ -146,3 +146,75 @@ def test_bench_sdxl_smoke(benchmark):
     rows = benchmark.pedantic(bench_sdxl.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
     assert rows[0].case.startswith("UNet step") and "<=" in rows[0].check  # the correctness gate passed
     assert any("peak memory" in r.case for r in rows) and all(r.ours.median > 0 for r in rows)
+
+
+# -- profile_step: the kernel-time breakdown of one UNet step
+
+KERNELS = {  # names as torch.profiler reports them (demangled), abridged where they run to a page
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>(long, float, c10::Half "
+    "const*, float*, float*)": "norm",
+    "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::(anonymous "
+    "namespace)::GroupNormKernelImplInternal<c10::Half>(...)::{lambda(c10::Half, float, float)#1}>(...)": "norm",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::half_t, "
+    "Flash_kernel_traits<64, 128, 128, 4, cutlass::half_t> >, false, false, false, false, true, true, false, "
+    "false>(pytorch_flash::Flash_fwd_params)": "attention",
+    "fmha_cutlassF_f16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::half_t, "
+    "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)": "attention",
+    "_cross_fwd": "attention",
+    "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1_execute_"
+    "segment_k_off_kernel__5x_cudnn": "convolution",
+    "void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true, (cudnnKernelDataType_t)0>(cudnn::ops::"
+    "nchw2nhwc_params_t<float>, __half const*, __half*)": "layout",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_"
+    "cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda("
+    "c10::Half)#1}>(at::TensorIteratorBase&)::{lambda(int)#1}>(int, ...)": "layout",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>, "
+    "unsigned int, 4, 64, 64>(...)": "cat",
+    "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+    "cublas": "gemm",
+    "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>, std::array<char*, "
+    "3ul> >(int, at::native::CUDAFunctor_add<c10::Half>, std::array<char*, 3ul>)": "elementwise",
+    # the CPU smoke run's aten operators
+    "aten::mkldnn_convolution": "convolution", "aten::_slow_conv2d_forward": "convolution", "aten::addmm": "gemm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::native_group_norm": "norm",
+    "aten::copy_": "layout", "aten::cat": "cat", "aten::silu": "elementwise", "aten::add_": "elementwise",
+    "aten::expand": "other", "aten::upsample_bilinear2d": "other", "a_kernel_nobody_has_named_yet": "other",
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS), ids=[n.removeprefix("void ")[:48] for n in sorted(KERNELS)])
+def test_profile_classifies_kernel_names(name):
+    from benchmarks.profile_step import classify
+    assert classify(name) == KERNELS[name]
+
+
+def test_profile_breakdown_sums_to_the_total():
+    from benchmarks.profile_step import breakdown
+    items = [(name, 10.0 * (i + 1), 1) for i, name in enumerate(sorted(KERNELS))]
+    items += [("aten::addmm", 500.0, 3), ("a_kernel_nobody_has_named_yet", 30.0, 1)]  # repeated names merge
+    b = breakdown(items, steps=2)
+    total_us, calls = sum(us for _, us, _ in items), sum(n for _, _, n in items)
+    assert b.total_ms == pytest.approx(total_us / 1e3 / 2) and b.total_calls == pytest.approx(calls / 2)
+    assert sum(ms for _, ms, _ in b.categories) == pytest.approx(b.total_ms)
+    assert sum(calls for _, _, calls in b.categories) == pytest.approx(b.total_calls)
+    assert len(b.kernels) == len(KERNELS) and b.kernels[0][0] == "aten::addmm"  # most time first
+    assert dict((c, calls) for c, _, calls in b.categories)["other"] == pytest.approx(4 / 2)
+
+
+def test_profile_step_smoke(tmp_path, capsys):
+    import csv
+
+    from benchmarks import profile_step
+    path = tmp_path / "profile.csv"
+    assert profile_step.main(["--smoke", "--device", "cpu", "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| convolution |" in out and "eager wall time" in out
+    rows = list(csv.DictReader(path.open()))
+    assert {r["config"] for r in rows} == {"channels-last", "usual layout"}
+    for config in ("channels-last", "usual layout"):
+        mine = [r for r in rows if r["config"] == config]
+        cats = {r["name"]: float(r["ms_per_step"]) for r in mine if r["kind"] == "category"}
+        total = next(float(r["ms_per_step"]) for r in mine if r["kind"] == "total" and r["name"] == "op time")
+        assert total > 0 and cats["convolution"] > 0 and cats["norm"] > 0
+        assert sum(cats.values()) == pytest.approx(total, rel=1e-3)

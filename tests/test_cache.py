@@ -146,6 +146,31 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
     pipe.edit([SOURCE, TARGET], p2p.Replace(cross_steps=0.5, self_steps=0.2, **SELF), cache=cache, progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present; "
+                    "test_cuda_cached_edit_equals_uncached runs the compiled kernel")
+def test_triton_re_edit_reads_the_cached_source(tiny_ckpt, pipe64, monkeypatch):
+    """On the Triton backend a re-edit's injecting cross calls go to the kernel with the cached p_src (its
+    cached-source mode, interpreted here) and err against float64 truth no more than the uncached edit."""
+    import p2p_engine.kernels as kernels
+    tpipe = p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="triton")
+    size = 8 * tpipe.config.vae.downscale  # 8 x 8 latents and 2 steps: the interpreter is slow
+    source = dict(seed=2, steps=2, height=size, width=size)
+    prompts, ctrl = [SOURCE, TARGET], p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=1.0)
+    truth = pipe64.edit(prompts, ctrl, progress=False, **source).latents
+    cached_calls = []
+    kernel = kernels.cross_attention
+
+    def counting(q, k, v, plan, scale, **kw):
+        cached_calls.append(plan is not None and plan.source is not None and plan.injects)
+        return kernel(q, k, v, plan, scale, **kw)
+
+    monkeypatch.setattr(kernels, "cross_attention", counting)
+    ref, out, _ = _run_pair(tpipe, prompts, ctrl, source, dict(cross_steps=1.0))
+    assert sum(cached_calls) > 0  # the re-edit's calls, with the source from the cache
+    err_ref, err_out = _rel(ref.latents, truth), _rel(out.latents, truth)
+    assert err_ref < 1e-4 and err_out <= 2 * err_ref + 1e-6, (err_ref, err_out)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("storage", [None, "cpu"])
 def test_cuda_cached_edit_equals_uncached(tiny_ckpt, load_float64, storage):

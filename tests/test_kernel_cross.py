@@ -17,7 +17,7 @@ triton_interpreter()  # on a GPU the kernels are compiled, not interpreted
 import pytest  # noqa: E402
 
 from p2p_engine.kernels import cross_attention, cross_attention_reference  # noqa: E402
-from p2p_engine.plan import CrossPlan  # noqa: E402
+from p2p_engine.plan import CrossPlan, inject_cross  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 MODES = ["none", "store", "replace", "refine", "reweight", "reweight_refine", "gate", "all"]
@@ -146,6 +146,87 @@ def test_heads_in_program_store(mode, P, H, device):
     check(mode, P=P, H=H, N=21, T=77, D=40, dtype=torch.float32, device=device, seed=P + H, store_way="heads")
 
 
+def check_cached_source(mode, P, H, N, T, D, dtype, device, *, indexed, store_way="atomic", seed=0):
+    """A re-edit's plan (the targets' rows only, p_src given) against the full batch that computes p_src from
+    row P: the reference in float64 equals the full batch's target rows; the kernel is held to twice the
+    torch's own error, as `check`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2 * P, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(2 * P, H, T, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(2 * P, H, T, D, generator=gen).to(device=device, dtype=dtype)
+    parts = make_plan_parts(mode, P, T, gen)
+    scale = D ** -0.5
+    full_plan = build_plan(parts, P, N, T, device, torch.float64)
+    full = cross_attention_reference(q.double(), k.double(), v.double(), full_plan, scale)
+    rows = [*range(1, P), *range(P + 1, 2 * P)]  # the targets' [uncond, cond]
+    truth = full[rows]
+    qt, kt, vt = q[rows], k[rows], v[rows]
+    p_src = torch.softmax(q[P:P + 1].double() @ k[P:P + 1].double().transpose(-1, -2) * scale, -1)
+
+    def cached_plan(store_dtype, src_dtype):
+        plan = build_plan(parts, P - 1, N, T, device, store_dtype)
+        src = p_src.to(src_dtype)
+        if indexed:  # this call's row of a table of calls; the others must not be read
+            others = torch.rand(3, 1, H, N, T, generator=gen, dtype=torch.float64).to(device, src_dtype)
+            plan.source = torch.cat([others[:2], src[None], others[2:]])
+            plan.source_row = torch.tensor([2], device=device)
+        else:
+            plan.source = src
+        return plan
+
+    ref64 = cached_plan(torch.float64, torch.float64)
+    out64 = cross_attention_reference(qt.double(), kt.double(), vt.double(), ref64, scale)
+    torch.testing.assert_close(out64, truth, rtol=1e-12, atol=1e-12)
+    if ref64.store is not None:
+        torch.testing.assert_close(ref64.store, full_plan.store[1:], rtol=1e-12, atol=1e-12)
+
+    ref_plan, ker_plan = cached_plan(torch.float32, torch.float32), cached_plan(torch.float32, torch.float32)
+    ref = cross_attention_reference(qt, kt, vt, ref_plan, scale)
+    out = cross_attention(qt, kt, vt, ker_plan, scale, store_way=store_way)
+    tiny = 1e-6 * truth.abs().max().item()
+    err_ref = (ref.double() - truth).abs().max().item()
+    if dtype != torch.float32:  # torch's own half attention: p and its injection rounded to the input dtype
+        R = P - 1
+        p = torch.softmax(qt @ kt.transpose(-1, -2) * scale, dim=-1)
+        if "mapper" in parts:
+            kw = {n: parts[n].to(device) for n in ("mix", "equalizer", "gate") if n in parts}
+            p[R:] = inject_cross(p_src.to(dtype), p[R:], parts["mapper"].to(device), **kw)
+        err_ref = max(err_ref, ((p @ vt).double() - truth).abs().max().item())
+    err_ker = (out.double() - truth).abs().max().item()
+    assert err_ker <= 2 * err_ref + tiny, f"{mode}: kernel error {err_ker:.3g} vs torch {err_ref:.3g}"
+    if ref_plan.store is not None:
+        s_ref = (ref_plan.store.double() - full_plan.store[1:]).abs().max().item()
+        s_ker = (ker_plan.store.double() - full_plan.store[1:]).abs().max().item()
+        assert s_ker <= 2 * s_ref + 8 * 2.0**-24 * full_plan.store.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["store", "replace", "reweight_refine", "all"])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_cached_source_equals_the_source_row(mode, indexed, device):
+    """A re-edit from an edit cache: p_src read from the plan (or a table's row at a device index) instead of
+    computed from row P, every conditional row a target."""
+    check_cached_source(mode, P=3, H=2, N=21, T=77, D=40, dtype=torch.float32, device=device, indexed=indexed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_source_heads_in_program_and_one_target(device):
+    check_cached_source("all", P=2, H=3, N=21, T=5, D=16, dtype=torch.float32, device=device, indexed=True,
+                        store_way="heads", seed=4)
+
+
+def test_cached_source_errors_name_the_fix():
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen).to(device) for n in (8, 5, 5))
+    plan = CrossPlan(1, mapper=torch.eye(5, device=device)[None], source=torch.rand(1, 2, 9, 5, device=device))
+    with pytest.raises(ValueError, match=r"plan.source must be \(1, H, N, T\)"):
+        cross_attention(q, k, v, plan, 0.25)
+    plan.source, plan.source_row = torch.rand(3, 1, 2, 8, 5, device=device), torch.tensor([1.0], device=device)
+    with pytest.raises(ValueError, match="source_row must be a \\(1,\\) int64"):
+        cross_attention(q, k, v, plan, 0.25)
+
+
 def test_store_ways_agree_and_unknown_is_refused():
     device = DEVICES[0]
     gen = torch.Generator().manual_seed(9)
@@ -259,6 +340,15 @@ def test_cuda_sd_shapes(mode, dtype, N, D):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("store_way", ["atomic", "heads"])
+@pytest.mark.parametrize("N,D", [(4096, 40), (256, 160)])
+def test_cuda_cached_source_sd_shapes(dtype, store_way, N, D):
+    check_cached_source("all", P=2, H=8, N=N, T=77, D=D, dtype=dtype, device="cuda", indexed=True,
+                        store_way=store_way)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["store", "all"])
 @pytest.mark.parametrize("N,D", [(4096, 40), (1024, 80), (256, 160), (64, 160)])
 def test_cuda_heads_in_program_store(mode, N, D):
@@ -289,16 +379,19 @@ for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (t
     for D in dims:
         BD = ca.next_pow2(D)
         block_n, warps = ca._config(dtype, BD)
-        for heads in (False, True) if half else (False,):  # the two ways to meet the store
+        # the two ways to meet the store; fp16 also with p_src read from an edit cache's table
+        for heads, cached in ((False, False), (True, False)) + ((False, True),) * (dtype == torch.float16) \
+                if half else ((False, False),):
             c = dict(BLOCK_N=block_n, BLOCK_T=128, BLOCK_D=BD, HAS_STORE=True, HAS_INJECT=True, HAS_MIX=True,
-                     HAS_EQ=True, HAS_GATE=True, PREC="tf32" if half else "ieee",
+                     HAS_EQ=True, HAS_GATE=True, SRC_CACHED=cached, SRC_INDEXED=cached, PREC="tf32" if half else "ieee",
                      MAP_PREC="tf32" if half else "ieee", HALF_PV=half, HEADS_IN_PROGRAM=heads)
-            sig = {n: f"*{dt}" for n in "QKVO"} | {n: "*fp32" for n in ("STORE", "MAPPER", "MIX", "EQ", "GATE")}
-            sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+            sig = {n: f"*{dt}" for n in "QKVO"} | {n: "*fp32" for n in ("STORE", "MAPPER", "MIX", "EQ", "GATE", "SRC")}
+            sig |= {"SRC_ROW": "*i64"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+            sig |= {f"ss_{d}": "i32" for d in "chn"}
             sig |= {n: "i32" for n in ("H", "N", "T", "D", "P")} | {"scale": "fp32"} | {k: "constexpr" for k in c}
             k = triton.compile(ASTSource(ca._cross_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=warps))
-            assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, heads, k.metadata.shared)
+            assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, heads, cached, k.metadata.shared)
         bm, bn, warps, stages = sa._config(dtype, BD)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, HAS_GATE=True, PREC="tf32" if half else "ieee")
         sig = {n: f"*{dt}" for n in "QKVO"} | {"GATE": "*fp32"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
