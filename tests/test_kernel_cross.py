@@ -340,9 +340,8 @@ def test_cuda_sd_shapes(mode, dtype, N, D):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("store_way", ["atomic", "heads"])
-@pytest.mark.parametrize("N,D", [(4096, 40), (256, 160)])
+@pytest.mark.parametrize("dtype,store_way,N,D", [
+    (torch.float16, "atomic", 4096, 40), (torch.float16, "heads", 4096, 40), (torch.float32, "atomic", 256, 160)])
 def test_cuda_cached_source_sd_shapes(dtype, store_way, N, D):
     check_cached_source("all", P=2, H=8, N=N, T=77, D=D, dtype=dtype, device="cuda", indexed=True,
                         store_way=store_way)
