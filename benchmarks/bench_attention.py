@@ -106,20 +106,18 @@ def cached_source_rows(q, k, v, N: int, case: str, scale: float, floor_ms, repea
     rows_t = [1, P + 1]  # the target's rows of the edit's batch [uncond x P, cond x P]
     qt, kt, vt = q[rows_t], k[rows_t], v[rows_t]
 
-    def plan() -> CrossPlan:
-        full = cross_plan(N, q.device)
-        table = torch.rand(41, 1, H, N, T, device=q.device)
-        table /= table.sum(-1, keepdim=True)
-        return CrossPlan(P - 1, torch.zeros(P - 1, N, T, device=q.device), full.mapper, full.mix, full.equalizer,
-                         full.gate, table, torch.tensor([17], device=q.device))
+    table = torch.rand(41, 1, H, N, T, device=q.device)
+    table /= table.sum(-1, keepdim=True)
+    row = torch.tensor([17], device=q.device)
 
-    p_ours, p_ref = plan(), plan()
+    def plan() -> CrossPlan:  # a fresh store each, the edit's mapper, mix, equalizer and gate
+        c = cross_plan(N, q.device)
+        return CrossPlan(P - 1, c.store[1:].clone(), c.mapper, c.mix, c.equalizer, c.gate, table, row)
+
+    p_ours, p_ref, p_base = plan(), plan(), plan()
     with torch.inference_mode():
         ours = cross_attention(qt, kt, vt, p_ours, scale)
-        p_ref.source = p_ours.source
         ref = cross_attention_reference(qt.float(), kt.float(), vt.float(), p_ref, scale)
-        p_base = plan()
-        p_base.source = p_ours.source
         bases = [cross_attention_reference(qt, kt, vt, p_base, scale), materialised_cached(qt, kt, vt, p_base, scale)]
     check = check_close("cross from a cached source", ours, ref, bases, q.dtype)
     fused = time_events(lambda: cross_attention(qt, kt, vt, p_ours, scale), repeats=repeats)

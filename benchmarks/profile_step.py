@@ -164,7 +164,7 @@ def random_unet(cfg, device: torch.device, dtype: torch.dtype):
     with torch.no_grad():
         for p in unet.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-    unet = unet.to(dtype).eval()
+    unet = unet.to(dtype).eval().requires_grad_(False)  # every timed call is a plain forward, as in sampling
     unet.set_backend("torch")
     return unet
 
