@@ -189,9 +189,7 @@ def run(device: torch.device, smoke: bool, batches=(2, 4), steps: int = 3, on_ca
                 print(f"[profile] {config} batch {b} and the rest left out: {max(seconds_left(), 0):.0f} s left "
                       "before P2P_BENCH_DEADLINE", flush=True)
                 return cases
-            sample, t, ctx = inputs(cfg, b, device, dtype)
-            if channels_last:
-                sample = sample.contiguous(memory_format=torch.channels_last)
+            sample, t, ctx = inputs(cfg, b, device, dtype)  # the UNet puts them in its own layout
             with torch.inference_mode():
                 if not torch.isfinite(unet(sample, t, ctx)).all():
                     raise RuntimeError(f"{config}, batch {b}: the forward gave NaN or inf; nothing profiled")

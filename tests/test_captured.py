@@ -265,9 +265,10 @@ def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
 
 @cuda
 def test_cuda_graph_re_edit_from_a_cache(tiny_ckpt):
-    """A re-edit from a cache on the GPU, replayed against the eager re-edit: both run the cache's pure-torch
-    plans, apart from a closed self window (plain SDPA eagerly, the gated swap here): rounding. A cache in host
-    memory is refused with capture=True."""
+    """A re-edit from a cache on the GPU, replayed against the eager re-edit: both run the same plans (cross
+    attention in the Triton kernel, reading the cached source), apart from a closed self window (plain SDPA
+    eagerly, the gated swap here) and the store's atomics: rounding. A cache in host memory is refused with
+    capture=True."""
     pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend="triton")
     ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5, self_steps=(0.25, 0.6), **SELF)
     cache = pipe.edit_cache(SOURCE, seed=2, steps=STEPS, progress=False, **SELF)
