@@ -61,3 +61,21 @@ def new_output(q: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) laid out as (B, N, H, D): the caller's merge of heads back to (B, N, H * D) is then a view."""
     B, H, N, D = q.shape
     return torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def source_table(name: str, what: str, src: torch.Tensor, row: torch.Tensor | None, dims: str, shape: tuple,
+                 device, dtypes: tuple) -> torch.Tensor:
+    """A plan's cached `what` as a (C, 1, *shape) table with unit last stride: `src` itself when `row` (a (1,)
+    int64 device index into it) is given, else `src` (1, *shape) as a table of one. `dims` names shape's
+    dimensions for the error, which says what the source must be."""
+    table = src if row is not None else src.unsqueeze(0)
+    if table.dim() != 2 + len(shape) or tuple(table.shape[1:]) != (1, *shape) or table.device != device \
+            or table.dtype not in dtypes:
+        want = f"a (C, 1, {dims}) table with source_row" if row is not None else f"(1, {dims})"
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: {what} must be {want} with ({dims}) = {tuple(shape)}, {kinds}, on {device}; "
+                         f"got {tuple(src.shape)} {src.dtype} {src.device}")
+    if row is not None and (row.shape != (1,) or row.dtype != torch.int64 or row.device != device):
+        raise ValueError(f"{name}: plan.source_row must be a (1,) int64 tensor on {device}; got "
+                         f"{tuple(row.shape)} {row.dtype} {row.device}")
+    return unit_last_stride(table)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from p2p_engine.plan import CrossPlan, inject_cross
 
-from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, unit_last_stride
+from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, source_table, unit_last_stride
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -200,21 +200,6 @@ def _plan_vector(name: str, x: torch.Tensor | None, shape: tuple, device) -> tor
     return x.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _source_table(plan: CrossPlan, hnt: tuple, device) -> torch.Tensor:
-    """The plan's cached p_src as a (C, 1, H, N, T) table with unit token stride (C = 1 without a row index)."""
-    src, row = plan.source, plan.source_row
-    table = src if row is not None else src.unsqueeze(0)
-    if table.dim() != 5 or tuple(table.shape[1:]) != (1, *hnt) or table.device != device \
-            or table.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        want = "a (C, 1, H, N, T) table with source_row" if row is not None else "(1, H, N, T)"
-        raise ValueError(f"cross_attention: plan.source must be {want} with (H, N, T) = {hnt}, float32 or half, "
-                         f"on {device}; got {tuple(src.shape)} {src.dtype} {src.device}")
-    if row is not None and (row.shape != (1,) or row.dtype != torch.int64 or row.device != device):
-        raise ValueError(f"cross_attention: plan.source_row must be a (1,) int64 tensor on {device}; got "
-                         f"{tuple(row.shape)} {row.dtype} {row.device}")
-    return unit_last_stride(table)
-
-
 def _config(dtype: torch.dtype, BLOCK_D: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps); static, checked to compile for sm_90 within its shared memory
     (tests/test_kernel_cross.py::test_gpu_configs_compile_for_sm90)."""
@@ -268,7 +253,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         eq = _plan_vector("equalizer", plan.equalizer, (J, T), q.device)
         gate = _plan_vector("gate", plan.gate, (J, T), q.device)
         if plan.source is not None:
-            table = _source_table(plan, (H, N, T), q.device)
+            table = source_table("cross_attention", "plan.source", plan.source, plan.source_row, "H, N, T",
+                                 (H, N, T), q.device, (torch.float32, torch.float16, torch.bfloat16))
     # Unused pointers still need a tensor; `out` is never read through them (flags are constexpr).
     dummy = out
 

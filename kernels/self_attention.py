@@ -6,8 +6,10 @@
 When `plan.inject` (and `plan.gate`, if given, is non-zero on the device),
 target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale) @ v_tgt (the
 source's map on the target's values); every other row is plain attention.
-`plan.store` (P, N, N) fp32 receives, added in place, the head-averaged
-pre-injection maps of the conditional rows.
+With `plan.source` (a re-edit from an edit cache) q_src and k_src come from
+the plan, read in place from its tables at `plan.source_row`, and every
+conditional row P .. 2P-1 is a target. `plan.store` (P, N, N) fp32 receives,
+added in place, the head-averaged pre-injection maps of the conditional rows.
 
 The kernel never materialises N x N (online softmax over key blocks), so a
 stored map cannot come from it: a call whose plan stores falls back to the
@@ -26,15 +28,22 @@ import triton.language as tl
 
 from p2p_engine.plan import SelfPlan
 
-from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, unit_last_stride
+from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, source_table, unit_last_stride
 
 
-def _source_queries_keys(q: torch.Tensor, k: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Targets attend with the source's queries and keys: rows P+1.. take row P's q, k. (B, H, N, D) each.
-    q, k = q.clone(), k.clone()
-    q[P + 1:] = q[P:P + 1]
-    k[P + 1:] = k[P:P + 1]
-    return q, k
+def _source_queries_keys(q: torch.Tensor, k: torch.Tensor, plan: SelfPlan,
+                         on: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (B, H, N, D) with the targets' rows holding the source's (row P's, or the plan's cached ones),
+    where the gate `on` (None: always) is."""
+    P, first = plan.num_prompts, 2 * plan.num_prompts - plan.targets
+    source = plan.source_qk() if plan.source is not None else (q[P:P + 1], k[P:P + 1])
+    out = []
+    for own, src in zip((q, k), source):
+        t = own.clone()
+        src = src.to(own.dtype).expand_as(own[first:])
+        t[first:] = src if on is None else torch.where(on, src, own[first:])
+        out.append(t)
+    return out[0], out[1]
 
 
 def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -52,41 +61,57 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_plan_rows("self_attention_reference", q.shape[0], P)
     on = None if plan.gate is None or not inject else plan.gate.ne(0)  # (1,): the injection's device switch
     if store is None:
-        qs, ks = _source_queries_keys(q, k, P)
-        if on is not None:
-            qs, ks = torch.where(on, qs, q), torch.where(on, ks, k)
+        qs, ks = _source_queries_keys(q, k, plan, on)
         return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
     out = torch.empty_like(q)
     out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
     ct = torch.promote_types(q.dtype, torch.float32)
-    qc, kc, vc = q[P:].to(ct), k[P:].to(ct), v[P:].to(ct)
-    p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, N)
+    p = _probabilities(q[P:], k[P:], ct, scale)  # (P, H, N, N)
     store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, N)
     if inject:
-        p = p[:1].expand_as(p) if on is None else torch.where(on, p[:1].expand_as(p), p)
-    out[P:] = (p @ vc).to(q.dtype)
+        # With no cached source row 0 is the source, so every row may take it: the source's own is unchanged.
+        src = p[:1] if plan.source is None else _probabilities(*plan.source_qk(), ct, scale)
+        p = src.expand_as(p) if on is None else torch.where(on, src.expand_as(p), p)
+    out[P:] = (p @ v[P:].to(ct)).to(q.dtype)
     return out
 
 
+def _probabilities(q: torch.Tensor, k: torch.Tensor, ct: torch.dtype, scale: float) -> torch.Tensor:
+    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
+
+
 @triton.jit
-def _self_fwd(Q, K, V, O, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+def _self_fwd(Q, K, V, O, GATE, QS, KS, SRC_ROW,
+              sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+              sqs_c, sqs_h, sqs_n, sks_c, sks_h, sks_n,
               H, N, D, P, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              INJECT: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr):
-    # Grid (cdiv(N, BLOCK_M), B * H); q, k, v, o (B, H, N, D), any strides with unit D stride.
+              INJECT: tl.constexpr, HAS_GATE: tl.constexpr, SRC_CACHED: tl.constexpr, SRC_INDEXED: tl.constexpr,
+              PREC: tl.constexpr):
+    # Grid (cdiv(N, BLOCK_M), B * H); q, k, v, o (B, H, N, D), any strides with unit D stride; with SRC_CACHED
+    # the source's q and k (C, 1, H, N, D) tables, read at row SRC_ROW (SRC_INDEXED) or 0.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = (bh % H).to(tl.int64)
-    qk_b = b
+    Qb = Q + b.to(tl.int64) * sq_b + h * sq_h  # where this row's q and k are read, and their row strides
+    Kb = K + b.to(tl.int64) * sk_b + h * sk_h
+    q_sn, k_sn = sq_n, sk_n
     if INJECT:
-        # Target rows score with the source's q and k (row P, same head), values stay their own.
-        take = b > P
+        # Target rows score with the source's q and k (same head), values stay their own: row P's, after it;
+        # or, with a cached source, the table's, on every conditional row.
+        take = (b >= P) if SRC_CACHED else (b > P)
         if HAS_GATE:  # the plan's device-side switch: 0 leaves every row its own q and k
             take = take & (tl.load(GATE) != 0)
-        qk_b = tl.where(take, P, b)
-    q_base = qk_b.to(tl.int64) * sq_b + h * sq_h
-    k_base = qk_b.to(tl.int64) * sk_b + h * sk_h
+        if SRC_CACHED:
+            c = tl.load(SRC_ROW) if SRC_INDEXED else 0
+            Qb = tl.where(take, QS + c * sqs_c + h * sqs_h, Qb)
+            Kb = tl.where(take, KS + c * sks_c + h * sks_h, Kb)
+            q_sn, k_sn = tl.where(take, sqs_n, sq_n), tl.where(take, sks_n, sk_n)
+        else:
+            qk_b = tl.where(take, P, b)
+            Qb = Q + qk_b.to(tl.int64) * sq_b + h * sq_h
+            Kb = K + qk_b.to(tl.int64) * sk_b + h * sk_h
     v_base = b.to(tl.int64) * sv_b + h * sv_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +119,7 @@ def _self_fwd(Q, K, V, O, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     q_mask = (offs_m < N)[:, None] & d_mask[None, :]
-    q = tl.load(Q + q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Qb + offs_m[:, None] * q_sn + offs_d[None, :], mask=q_mask, other=0.0)
     qk_scale = scale * 1.4426950408889634  # 1/log(2): exp2 is the fast path
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -103,7 +128,7 @@ def _self_fwd(Q, K, V, O, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, 
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
         kv_mask = (cols < N)[:, None] & d_mask[None, :]
-        k = tl.load(K + k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(Kb + cols[:, None] * k_sn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where((cols < N)[None, :], s, float("-inf"))
         # -- update m_i, l_i, acc
@@ -166,11 +191,19 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gate is not None and (gate.numel() != 1 or gate.device != q.device):
         raise ValueError(f"self_attention: the plan's gate must be one value on {q.device}, got "
                          f"{tuple(gate.shape)} on {gate.device}")
-    _self_fwd[grid](q, k, v, out, gate if gate is not None else out,  # `out` stands in, never read
+    qs = ks = row = out  # `out` stands in for unused pointers, never read (the flags are constexpr)
+    cached = inject and plan.source is not None
+    if cached:
+        row = plan.source_row if plan.source_row is not None else out
+        qs, ks = (source_table("self_attention", f"plan.source's {n}", t, plan.source_row, "H, N, D",
+                               (H, N, D), q.device, (q.dtype,)) for n, t in zip(("q", "k"), plan.source))
+    _self_fwd[grid](q, k, v, out, gate if gate is not None else out, qs, ks, row,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                    *((qs.stride(0), qs.stride(2), qs.stride(3), ks.stride(0), ks.stride(2), ks.stride(3))
+                      if cached else (0,) * 6),
                     H, N, D, plan.num_prompts if plan is not None else 0, float(scale),
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject,
-                    HAS_GATE=gate is not None,
+                    HAS_GATE=gate is not None, SRC_CACHED=cached, SRC_INDEXED=cached and plan.source_row is not None,
                     # fp32 inputs stay exact (no tf32); half inputs take Triton's default tensor-core path.
                     PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)

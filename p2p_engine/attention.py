@@ -7,9 +7,8 @@ it stores, injects and re-weights maps through the pure-torch references (backen
 `p2p_engine.kernels`; a large self-attention injection takes SDPA on the source's
 queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N). A plan
 that carries its own attention (`plan.attend(q, k, v, scale)`: the edit cache's
-recording plans and its re-edits' self plans, `p2p_engine.cache`) is called
-instead; a re-edit's cross plans are `CrossPlan`s with a cached source, which
-both backends take.
+recording plans, `p2p_engine.cache`) is called instead; a re-edit's plans are
+`CrossPlan`s and `SelfPlan`s with a cached source, which both backends take.
 """
 from __future__ import annotations
 

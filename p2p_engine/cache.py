@@ -26,9 +26,10 @@ An edit with the cache (`pipe.edit(prompts, controller, cache=cache)`,
 `CachedControl`) runs the batch [uncond x (P-1), cond x (P-1)] of its targets;
 its plans compute what the edit's plans compute for rows P+1 .. 2P-1, with the
 cached source standing in for row P. Its cross plans are `CrossPlan`s with the
-cached p_src as their `source` (a captured re-edit gives the whole table and the
-counter's row, which the Triton kernel reads in place), run by the kernel or the
-reference like any plan; its self plans attend with the cached queries and keys.
+cached p_src as their `source`, its self plans `SelfPlan`s with the cached q_src
+and k_src (a captured re-edit gives the whole tables and the counter's row,
+which the Triton kernels read in place), run by the kernels or the references
+like any plan.
 Proximal guidance cannot be cached: its threshold is taken over the whole batch,
 so there the source depends on its targets.
 
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .control import Control, cross_window, self_window
-from .plan import AttnLayer, CrossPlan
+from .plan import AttnLayer, CrossPlan, SelfPlan
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -276,34 +277,6 @@ class Recorder:
 
 # -- replaying: the targets' rows only ----------------------------------------------------------------------
 
-@dataclass
-class _TargetsSelf:
-    source: tuple | None  # (q_src, k_src) when this call injects
-    store: torch.Tensor | None  # (R, N, N)
-    gate: torch.Tensor | None = None  # (1,): inject only where non-zero (a captured loop's window; None: always)
-
-    def attend(self, q, k, v, scale):
-        R = q.shape[0] // 2
-        if self.store is None:  # injection alone: SDPA with the source's queries and keys on the targets' rows
-            qs, ks = q.clone(), k.clone()
-            qs[R:], ks[R:] = (self._gated(s, own) for s, own in zip(self.source, (q[R:], k[R:])))
-            return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
-        out = torch.empty_like(q)
-        out[:R] = F.scaled_dot_product_attention(q[:R], k[:R], v[:R], scale=scale)
-        p = _probabilities(q[R:], k[R:], scale)
-        self.store.add_(p.mean(dim=1).to(self.store.dtype))
-        if self.source is not None:
-            p = self._gated(_probabilities(*self.source, scale), p)
-        out[R:] = (p @ v[R:].to(p.dtype)).to(q.dtype)
-        return out
-
-    def _gated(self, source: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """The source's tensor for every target row, or (gate 0) the row's own, exactly either."""
-        if self.gate is None:
-            return source.expand_as(own)
-        return torch.where(self.gate.view(1, 1, 1, 1) != 0, source, own)
-
-
 class CachedControl(Control):
     """A compiled edit's control, driven over its targets' rows with the source read from an `EditCache`."""
 
@@ -344,9 +317,11 @@ class CachedControl(Control):
             return CrossPlan(self.P - 1, store)
         return CrossPlan(self.P - 1, store, e.mapper, e.mix, e.equalizer, gate, *self._source_probs(layer.index))
 
-    def _self_plan(self, layer: AttnLayer, inject: bool, store) -> _TargetsSelf:
-        source = self._source_qk(layer.index) if inject else None
-        return _TargetsSelf(source, None if store is None else store[1:], self._call_self_gate() if inject else None)
+    def _self_plan(self, layer: AttnLayer, inject: bool, store) -> SelfPlan:
+        store = None if store is None else store[1:]
+        if not inject:
+            return SelfPlan(self.P - 1, False, store)
+        return SelfPlan(self.P - 1, True, store, self._call_self_gate(), *self._source_qk(layer.index))
 
     def _step_maps(self) -> torch.Tensor:
         maps = super()._step_maps()
@@ -365,14 +340,15 @@ class CachedControl(Control):
         return super().attention(latent_hw, tokenizer)
 
     # What this call reads of the source, as hooks (a captured re-edit, `captured.StaticCachedControl`, reads
-    # the cache's tables at its device counter instead): p (1, H, N, T), or a table of calls and the (1,) device
-    # index of this call's row, as `CrossPlan.source` / `source_row`; (q, k), each (1, H, N, D); LocalBlend's
-    # level maps (N, T); the latents (1, C, h, w) after this call, in `like`'s device and dtype.
+    # the cache's tables at its device counter instead): p (1, H, N, T), or a table of calls, and the (1,) device
+    # index of this call's row, as `CrossPlan.source` / `source_row`; (q, k), each (1, H, N, D), or two tables,
+    # and the row, as `SelfPlan.source` / `source_row`; LocalBlend's level maps (N, T); the latents (1, C, h, w)
+    # after this call, in `like`'s device and dtype.
     def _source_probs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.cache.cross_probs(self.step, layer, self.device), None
 
-    def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.source_qk(self.step, layer, self.device)
+    def _source_qk(self, layer: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        return self.cache.source_qk(self.step, layer, self.device), None
 
     def _source_level_maps(self) -> torch.Tensor:
         return self.cache.level_maps[self.blend.level][self.step].to(self.device)

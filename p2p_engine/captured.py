@@ -176,8 +176,8 @@ class StaticCachedControl(StaticControl, CachedControl):
     def _source_probs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.cross[layer], self.cross_row  # the kernel reads the row in place
 
-    def _source_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(_at(t, self.self_row)[0] for t in self.cache.self_qk[layer])
+    def _source_qk(self, layer: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self.cache.self_qk[layer], self.self_row  # the kernel reads the rows in place
 
     def _source_level_maps(self) -> torch.Tensor:
         return _at(self.cache.level_maps[self.blend.level], self.counter)[0]
@@ -233,8 +233,7 @@ class StaticLoop:
             e = c.edit
             for name in ("gate", "mapper", "mix", "equalizer"):
                 out[name] = None if e is None else getattr(e, name)
-            out.update(self_gate=c.self_gate, blend_on=c.blend_on, blend_words=getattr(c, "blend_words", None),
-                       blend_sub=getattr(c, "blend_sub", None))
+            out.update(self_gate=c.self_gate, blend_on=c.blend_on, blend_words=c.blend_words, blend_sub=c.blend_sub)
         return out
 
     def signature(self) -> tuple:

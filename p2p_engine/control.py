@@ -197,6 +197,7 @@ class Control:
         self.step = 0
         self.edit = edit.to(self.device) if edit is not None else None
         self.blend = blend
+        self.blend_words = self.blend_sub = None  # (P, T) fp32 each, with a blend
         if blend is not None:
             f32 = dict(device=self.device, dtype=torch.float32)
             self.blend_words = blend.words.to(**f32)

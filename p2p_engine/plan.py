@@ -43,7 +43,10 @@ target's values). `store` (only for N <= 32*32) receives the head-averaged
 (P, N, N) maps of the conditional rows before injection. A `gate` makes the
 injection a device-side choice: a captured loop (`p2p_engine.captured`) reads
 it from its step counter, so one recorded call serves calls inside and outside
-the self window; a gate of 0 gives exactly the plain attention.
+the self window; a gate of 0 gives exactly the plain attention. A `source`
+(a re-edit) gives q_src and k_src instead of row P, as for cross attention:
+(1, H, N, D) each, or with `source_row` two tables (C, 1, H, N, D); every
+conditional row is then a target.
 """
 from __future__ import annotations
 
@@ -69,14 +72,11 @@ class CrossPlan:
 
     @property
     def targets(self) -> int:
-        """Rows that injection writes: P - 1 after the source row, or all P when the source is given."""
-        return self.num_prompts if self.source is not None else self.num_prompts - 1
+        return _targets(self)
 
     def source_probs(self) -> torch.Tensor:
         """The given p_src (1, H, N, T): the table's row when there is one."""
-        if self.source_row is None:
-            return self.source
-        return self.source.index_select(0, self.source_row)[0]
+        return _source_at(self.source, self.source_row)
 
 
 @dataclass
@@ -85,10 +85,30 @@ class SelfPlan:
     inject: bool = False  # targets use the source's map ...
     store: torch.Tensor | None = None  # (P, N, N) fp32, accumulated in place
     gate: torch.Tensor | None = None  # ... (1,) tensor: only where it is non-zero (None: always)
+    source: tuple[torch.Tensor, torch.Tensor] | None = None  # the cached (q_src, k_src), each (1, H, N, D), or
+    # two tables (C, 1, H, N, D) ...
+    source_row: torch.Tensor | None = None  # ... and the (1,) int64 index of this call's row in them
 
     @property
     def injects(self) -> bool:
         return self.inject
+
+    @property
+    def targets(self) -> int:
+        return _targets(self)
+
+    def source_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The given (q_src, k_src), each (1, H, N, D): the tables' rows when there are tables."""
+        return tuple(_source_at(t, self.source_row) for t in self.source)
+
+
+def _targets(plan: CrossPlan | SelfPlan) -> int:
+    """Rows that injection writes: P - 1 after the source row, or all P when the source is given."""
+    return plan.num_prompts if plan.source is not None else plan.num_prompts - 1
+
+
+def _source_at(source: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
+    return source if row is None else source.index_select(0, row)[0]
 
 
 @dataclass(frozen=True)

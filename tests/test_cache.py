@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
+from numerics import rel_max_error
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 STEPS = 8
@@ -18,10 +19,6 @@ def pipe64(tiny_ckpt, load_float64):
     return load_float64(tiny_ckpt)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 def _run_pair(pipe, prompts, controller, source: dict, cache_kw: dict | None = None, **edit_kw):
     ref = pipe.edit(prompts, controller, progress=False, **source, **edit_kw)
     cache = pipe.edit_cache(prompts[0], progress=False, **source, **(cache_kw or {}))
@@ -31,12 +28,12 @@ def _run_pair(pipe, prompts, controller, source: dict, cache_kw: dict | None = N
 
 def _assert_equal(ref, out, tol):
     assert out.latents.shape == ref.latents.shape
-    assert _rel(out.latents, ref.latents) < tol
+    assert rel_max_error(out.latents, ref.latents) < tol
     if ref.attention is not None:  # every layer's summed maps, source row included
         for ours, theirs in [(out.attention._cross, ref.attention._cross), (out.attention._self, ref.attention._self)]:
             assert ours.keys() == theirs.keys()
             for k, buf in theirs.items():
-                assert _rel(ours[k], buf) < tol
+                assert rel_max_error(ours[k], buf) < tol
 
 
 CASES = {
@@ -82,9 +79,9 @@ def test_float32_cached_edit_is_as_accurate_as_uncached(tiny_pipe, pipe64):
     source = dict(seed=5, steps=STEPS)
     truth = pipe64.edit(prompts, ctrl, local_blend=blend, progress=False, **source)
     ref, out, cache = _run_pair(tiny_pipe, prompts, ctrl, source, dict(SELF), local_blend=blend)
-    err_ref, err_out = _rel(ref.latents, truth.latents), _rel(out.latents, truth.latents)
+    err_ref, err_out = rel_max_error(ref.latents, truth.latents), rel_max_error(out.latents, truth.latents)
     print(f"fp32 vs fp64: uncached {err_ref:.2e}, cached {err_out:.2e}; cached vs uncached "
-          f"{_rel(out.latents, ref.latents):.2e}; cache {cache.nbytes} bytes")
+          f"{rel_max_error(out.latents, ref.latents):.2e}; cache {cache.nbytes} bytes")
     assert err_ref < 1e-4  # float32 drift, not a different computation
     assert err_out < 4 * err_ref
 
@@ -149,26 +146,39 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present; "
                     "test_cuda_cached_edit_equals_uncached runs the compiled kernel")
 def test_triton_re_edit_reads_the_cached_source(tiny_ckpt, pipe64, monkeypatch):
-    """On the Triton backend a re-edit's injecting cross calls go to the kernel with the cached p_src (its
-    cached-source mode, interpreted here) and err against float64 truth no more than the uncached edit."""
+    """On the Triton backend a re-edit's injecting cross and self calls go to the kernels with the cached p_src,
+    q_src and k_src (their cached-source modes, interpreted here), eagerly and in the static loop a graph
+    records (which hands over whole tables and the counter's row), and err against float64 truth no more than
+    the uncached edit."""
     import p2p_engine.kernels as kernels
     tpipe = p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="triton")
     size = 8 * tpipe.config.vae.downscale  # 8 x 8 latents and 2 steps: the interpreter is slow
     source = dict(seed=2, steps=2, height=size, width=size)
-    prompts, ctrl = [SOURCE, TARGET], p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=1.0)
+    prompts = [SOURCE, TARGET]
+    ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=1.0, self_steps=1.0, **SELF)
     truth = pipe64.edit(prompts, ctrl, progress=False, **source).latents
-    cached_calls = []
-    kernel = kernels.cross_attention
+    cached_calls = {"cross_attention": [], "self_attention": []}
 
-    def counting(q, k, v, plan, scale, **kw):
-        cached_calls.append(plan is not None and plan.source is not None and plan.injects)
-        return kernel(q, k, v, plan, scale, **kw)
+    def counting(name):
+        kernel = getattr(kernels, name)
 
-    monkeypatch.setattr(kernels, "cross_attention", counting)
-    ref, out, _ = _run_pair(tpipe, prompts, ctrl, source, dict(cross_steps=1.0))
-    assert sum(cached_calls) > 0  # the re-edit's calls, with the source from the cache
-    err_ref, err_out = _rel(ref.latents, truth), _rel(out.latents, truth)
-    assert err_ref < 1e-4 and err_out <= 2 * err_ref + 1e-6, (err_ref, err_out)
+        def run(q, k, v, plan, scale, **kw):
+            if plan is not None and plan.source is not None and plan.injects:
+                cached_calls[name].append("table" if plan.source_row is not None else "row")
+            return kernel(q, k, v, plan, scale, **kw)
+        return run
+
+    for name in cached_calls:
+        monkeypatch.setattr(kernels, name, counting(name))
+    ref, out, cache = _run_pair(tpipe, prompts, ctrl, source, dict(cross_steps=1.0, self_steps=1.0, **SELF),
+                                capture=False)
+    static = tpipe.edit(prompts, ctrl, cache=cache, capture=True, progress=False)
+    for name, calls in cached_calls.items():  # the re-edits' calls, with the source from the cache
+        assert {"row", "table"} <= set(calls), (name, calls)
+    err_ref = rel_max_error(ref.latents, truth)
+    for out in (out, static):
+        err_out = rel_max_error(out.latents, truth)
+        assert err_ref < 1e-4 and err_out <= 2 * err_ref + 1e-6, (err_ref, err_out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -183,5 +193,5 @@ def test_cuda_cached_edit_equals_uncached(tiny_ckpt, load_float64, storage):
     ref, out, cache = _run_pair(pipe, prompts, ctrl, source, dict(SELF, storage=storage), local_blend=blend)
     if storage == "cpu":
         assert all(t.device.type == "cpu" and t.is_pinned() for t in cache.cross.values())
-    err_ref, err_out = _rel(ref.latents.cpu(), gold), _rel(out.latents.cpu(), gold)
+    err_ref, err_out = rel_max_error(ref.latents.cpu(), gold), rel_max_error(out.latents.cpu(), gold)
     assert err_ref < 1e-3 and err_out < 4 * err_ref + 1e-6

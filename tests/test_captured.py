@@ -13,6 +13,7 @@ import torch
 
 import p2p_engine as p2p
 from p2p_engine import captured, editing
+from numerics import rel_max_error
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 STEPS = 8
@@ -24,10 +25,6 @@ def pipe64(tiny_ckpt, load_float64):
     return load_float64(tiny_ckpt)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _pair(pipe, prompts, controller, **kw):
     eager = pipe.edit(prompts, controller, capture=False, progress=False, **kw)
     static = pipe.edit(prompts, controller, capture=True, progress=False, **kw)
@@ -35,7 +32,7 @@ def _pair(pipe, prompts, controller, **kw):
 
 
 def _assert_same(eager, static, tol):
-    assert _rel(static.latents, eager.latents) <= tol
+    assert rel_max_error(static.latents, eager.latents) <= tol
     if eager.attention is None:
         assert static.attention is None
         return
@@ -43,7 +40,7 @@ def _assert_same(eager, static, tol):
                          (static.attention._self, eager.attention._self)]:
         assert ours.keys() == theirs.keys()
         for k, buf in theirs.items():
-            assert ours[k].shape == buf.shape and _rel(ours[k], buf) <= tol
+            assert ours[k].shape == buf.shape and rel_max_error(ours[k], buf) <= tol
     assert static.attention.layers == eager.attention.layers  # the sizes allocated up front are the ones used
 
 
@@ -169,7 +166,7 @@ def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64):
     # what a recording bakes in is not refilled: another guidance (or layout, or plan) gets its own loop
     other = run(*b_args, guidance=3.0)
     assert len(_kept(pipe64)) == 2 and loop in _kept(pipe64)
-    assert _rel(other.latents, run(*b_args, capture=False, guidance=3.0).latents) <= 1e-12
+    assert rel_max_error(other.latents, run(*b_args, capture=False, guidance=3.0).latents) <= 1e-12
     captured.forget(pipe64)
     assert _kept(pipe64) == []
 
@@ -208,14 +205,14 @@ def test_kept_loops_of_inversions_and_edit_caches(pipe64):
     fresh = pipe64.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, capture=False, **fox)
     pipe64.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, **kw)
     second = pipe64.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, capture=True, **fox)
-    assert len(cache.kept_loops) == 1 and _rel(second.latents, fresh.latents) <= 1e-12
+    assert len(cache.kept_loops) == 1 and rel_max_error(second.latents, fresh.latents) <= 1e-12
 
 
 def test_float32_static_loop_within_float32_drift(tiny_pipe, pipe64):
     prompts, ctrl, blend = [SOURCE, TARGET], p2p.Replace(**SELF), p2p.LocalBlend(["cat", "dog"])
     truth = pipe64.edit(prompts, ctrl, local_blend=blend, seed=5, steps=STEPS, progress=False).latents
     eager, static = _pair(tiny_pipe, prompts, ctrl, local_blend=blend, seed=5, steps=STEPS)
-    err_eager, err_static = _rel(eager.latents, truth), _rel(static.latents, truth)
+    err_eager, err_static = rel_max_error(eager.latents, truth), rel_max_error(static.latents, truth)
     assert err_eager < 1e-4 and err_static <= 2 * err_eager + 1e-7
 
 
@@ -235,7 +232,7 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _mean_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _meanrel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().mean() / b.double().abs().mean()).item()
 
 
@@ -255,12 +252,12 @@ def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
             assert torch.equal(graphed.latents, eager.latents), controller
         eager, graphed = _pair(pipe, prompts, p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=0.5,
                                                            self_steps=(0.25, 0.6), **SELF), seed=2, steps=STEPS)
-        assert _rel(graphed.latents, eager.latents) < 1e-4
+        assert rel_max_error(graphed.latents, eager.latents) < 1e-4
         for k, buf in eager.attention._cross.items():
-            assert _rel(graphed.attention._cross[k], buf) < 1e-4
+            assert rel_max_error(graphed.attention._cross[k], buf) < 1e-4
         eager, graphed = _pair(pipe, prompts, p2p.Replace(**SELF), seed=2, steps=STEPS,
                                local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))
-        assert _mean_rel(graphed.latents, eager.latents) < 1e-3
+        assert _meanrel_max_error(graphed.latents, eager.latents) < 1e-3
 
 
 @cuda
@@ -274,9 +271,9 @@ def test_cuda_graph_re_edit_from_a_cache(tiny_ckpt):
     cache = pipe.edit_cache(SOURCE, seed=2, steps=STEPS, progress=False, **SELF)
     with _no_capture_warning():
         eager, graphed = _pair(pipe, [SOURCE, TARGET], ctrl, cache=cache)
-    assert _rel(graphed.latents, eager.latents) < 1e-4
+    assert rel_max_error(graphed.latents, eager.latents) < 1e-4
     for k, buf in eager.attention._cross.items():
-        assert _rel(graphed.attention._cross[k], buf) < 1e-4
+        assert rel_max_error(graphed.attention._cross[k], buf) < 1e-4
     host = pipe.edit_cache(SOURCE, seed=2, steps=STEPS, progress=False, storage="cpu", **SELF)
     with pytest.raises(ValueError, match="storage=None"):
         pipe.edit([SOURCE, TARGET], ctrl, cache=host, capture=True, progress=False)
@@ -290,7 +287,7 @@ def test_cuda_graph_from_a_null_text_inversion(tiny_ckpt):
         inv = pipe.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
         with _no_capture_warning():
             eager, graphed = _pair(pipe, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv)
-        assert _rel(graphed.latents, eager.latents) < 1e-2  # an fp16 UNet: the loops' own rounding
+        assert rel_max_error(graphed.latents, eager.latents) < 1e-2  # an fp16 UNet: the loops' own rounding
         if method == "direct":
             assert torch.equal(graphed.latents[0], inv.pivots[-1].to(graphed.latents))
 

@@ -6,13 +6,10 @@ import pytest
 import torch
 
 import p2p_engine as p2p
+from numerics import rel_max_error
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 SELF = dict(self_max_queries=64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def test_forward_equals_the_usual_layout(pipes64):
     ctx = torch.randn(2, 77, usual.config.unet.cross_attention_dim, generator=g, dtype=torch.float64)
     a, b = usual.unet(x, 500, ctx), nhwc.unet(x, 500, ctx)
     assert b.is_contiguous() and b.shape == a.shape  # the caller gets the usual layout back
-    assert _rel(b, a) < 1e-12
+    assert rel_max_error(b, a) < 1e-12
 
 
 @pytest.mark.parametrize("capture", [False, True])
@@ -46,9 +43,9 @@ def test_edits_equal_the_usual_layout(pipes64, capture):
     kw = dict(seed=1, steps=4, local_blend=p2p.LocalBlend(["cat", "dog"]), capture=capture, progress=False)
     ctrl = p2p.Replace(self_maps=True, **SELF)
     a, b = usual.edit([SOURCE, TARGET], ctrl, **kw), nhwc.edit([SOURCE, TARGET], ctrl, **kw)
-    assert _rel(b.latents, a.latents) < 1e-12
+    assert rel_max_error(b.latents, a.latents) < 1e-12
     for k, buf in a.attention._cross.items():
-        assert _rel(b.attention._cross[k], buf) < 1e-12
+        assert rel_max_error(b.attention._cross[k], buf) < 1e-12
 
 
 def test_null_text_inversion_equals_the_usual_layout(pipes64):
@@ -56,8 +53,8 @@ def test_null_text_inversion_equals_the_usual_layout(pipes64):
     usual, nhwc = pipes64
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     a, b = (p.invert(img, SOURCE, steps=3, inner_steps=2, progress=False) for p in (usual, nhwc))
-    assert _rel(b.latent_T, a.latent_T) < 1e-12
-    assert _rel(b.null_embeddings, a.null_embeddings) < 1e-9  # Adam's first steps amplify rounding
+    assert rel_max_error(b.latent_T, a.latent_T) < 1e-12
+    assert rel_max_error(b.null_embeddings, a.null_embeddings) < 1e-9  # Adam's first steps amplify rounding
 
 
 def test_triton_kernels_read_the_same_inputs(tiny_ckpt, pipes64, monkeypatch):
@@ -69,7 +66,7 @@ def test_triton_kernels_read_the_same_inputs(tiny_ckpt, pipes64, monkeypatch):
     kw = dict(seed=2, steps=2 if device == "cpu" else 8, progress=False)
     ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), self_steps=1.0, **SELF)
     truth = pipes64[0].edit([SOURCE, TARGET], ctrl, **kw).latents
-    errs = [_rel(p2p.load(tiny_ckpt, device=device, backend="triton", channels_last=cl).edit(
+    errs = [rel_max_error(p2p.load(tiny_ckpt, device=device, backend="triton", channels_last=cl).edit(
         [SOURCE, TARGET], ctrl, capture=device == "cuda", **kw).latents.cpu(), truth) for cl in (False, True)]
     print(f"float32 against float64: usual layout {errs[0]:.2e}, channels-last {errs[1]:.2e}")
     assert errs[0] < 1e-4 and errs[1] <= 2 * errs[0] + 1e-6, errs

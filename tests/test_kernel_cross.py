@@ -395,13 +395,18 @@ for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (t
                                options=dict(num_warps=warps))
             assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, heads, cached, k.metadata.shared)
         bm, bn, warps, stages = sa._config(dtype, BD)
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, HAS_GATE=True, PREC="tf32" if half else "ieee")
-        sig = {n: f"*{dt}" for n in "QKVO"} | {"GATE": "*fp32"} | {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
-        sig |= {n: "i32" for n in ("H", "N", "D", "P")} | {"scale": "fp32"}
-        sig |= {k: "constexpr" for k in c}
-        k = triton.compile(ASTSource(sa._self_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps, num_stages=stages))
-        assert k.metadata.shared <= SM90_SHARED, ("self", dt, D, k.metadata.shared)
+        # the source's q and k from row P, and (fp16) read from an edit cache's tables
+        for cached in (False, True) if dtype == torch.float16 else (False,):
+            c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, HAS_GATE=True, SRC_CACHED=cached,
+                     SRC_INDEXED=cached, PREC="tf32" if half else "ieee")
+            sig = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "QS", "KS")} | {"GATE": "*fp32", "SRC_ROW": "*i64"}
+            sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
+            sig |= {f"s{t}s_{d}": "i32" for t in "qk" for d in "chn"}
+            sig |= {n: "i32" for n in ("H", "N", "D", "P")} | {"scale": "fp32"}
+            sig |= {k: "constexpr" for k in c}
+            k = triton.compile(ASTSource(sa._self_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
+            assert k.metadata.shared <= SM90_SHARED, ("self", dt, D, cached, k.metadata.shared)
 print("compiled")
 """
 

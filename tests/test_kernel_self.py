@@ -69,6 +69,90 @@ def check(P, H, N, D, dtype, device, inject, store=False, seed=0):
         assert s_err <= 1e-6
 
 
+def check_cached_source(P, H, N, D, dtype, device, *, indexed, store=False, gate=None, seed=0):
+    """A re-edit's plan (the targets' rows only, the source's q and k given, or read from tables at a device
+    row) against the full batch that takes them from row P: the reference in float64 equals the full batch's
+    target rows (and store rows); the kernel is held to twice torch's own error, as `check`."""
+    q, k, v = inputs(P, H, N, D, dtype, device, seed)
+    scale = D ** -0.5
+    gen = torch.Generator().manual_seed(seed + 100)
+
+    def full_plan(store_dtype):
+        g = None if gate is None else torch.tensor([gate], device=device)
+        st = torch.zeros(P, N, N, dtype=store_dtype, device=device) if store else None
+        return SelfPlan(num_prompts=P, inject=True, store=st, gate=g)
+
+    full = full_plan(torch.float64)
+    truth_all = self_attention_reference(q.double(), k.double(), v.double(), full, scale)
+    rows = [*range(1, P), *range(P + 1, 2 * P)]  # the targets' [uncond, cond]
+    truth = truth_all[rows]
+    qt, kt, vt = q[rows], k[rows], v[rows]
+
+    def cached_plan(store_dtype, src_dtype):
+        plan = full_plan(store_dtype)
+        plan.num_prompts = P - 1
+        if plan.store is not None:
+            plan.store = plan.store[1:].clone()
+        src = (q[P:P + 1].to(src_dtype), k[P:P + 1].to(src_dtype))
+        if indexed:  # this call's row of tables of calls; the others must not be read
+            others = [torch.randn(3, 1, H, N, D, generator=gen).to(device, src_dtype) for _ in range(2)]
+            plan.source = tuple(torch.cat([o[:1], s[None], o[1:]]) for o, s in zip(others, src))
+            plan.source_row = torch.tensor([1], device=device)
+        else:
+            plan.source = src
+        return plan
+
+    ref64 = cached_plan(torch.float64, torch.float64)
+    out64 = self_attention_reference(qt.double(), kt.double(), vt.double(), ref64, scale)
+    torch.testing.assert_close(out64, truth, rtol=1e-12, atol=1e-12)
+    if store:
+        torch.testing.assert_close(ref64.store, full.store[1:], rtol=1e-12, atol=1e-12)
+    ref = self_attention_reference(qt, kt, vt, cached_plan(torch.float32, dtype), scale)
+    err_torch = (ref.double() - truth).abs().max().item()
+    if dtype != torch.float32:
+        qs, ks = qt.clone(), kt.clone()
+        if gate != 0:
+            qs[P - 1:], ks[P - 1:] = q[P:P + 1], k[P:P + 1]
+        sdpa = F.scaled_dot_product_attention(qs, ks, vt, scale=scale)
+        err_torch = max(err_torch, (sdpa.double() - truth).abs().max().item())
+    ker_plan = cached_plan(torch.float32, dtype)
+    out = self_attention(qt, kt, vt, ker_plan, scale)
+    err = (out.double() - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6 * truth.abs().max().item(), f"kernel {err:.3g} vs torch {err_torch:.3g}"
+    if store:
+        assert (ker_plan.store.double() - full.store[1:]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("indexed", [False, True])
+@pytest.mark.parametrize("P,gate", [(2, None), (3, 1.0), (3, 0.0)])
+def test_cached_source_equals_the_source_row(P, gate, indexed, device):
+    """A re-edit from an edit cache: q_src and k_src read from the plan (or tables' rows at a device index)
+    instead of row P, every conditional row a target; a gate of 0 leaves every row its own."""
+    check_cached_source(P, H=2, N=37, D=40, dtype=torch.float32, device=device, indexed=indexed, gate=gate,
+                        seed=P)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_source_fp16_and_store(device):
+    check_cached_source(3, H=2, N=21, D=16, dtype=torch.float16, device=device, indexed=True, seed=3)
+    check_cached_source(3, H=2, N=25, D=16, dtype=torch.float32, device=device, indexed=True, store=True, seed=4)
+
+
+def test_cached_source_errors_name_the_fix():
+    device = DEVICES[0]
+    q = torch.randn(2, 2, 8, 16, device=device)
+    plan = SelfPlan(1, inject=True, source=(q[1:, :, :5], q[1:]))
+    with pytest.raises(ValueError, match=r"plan.source's q must be \(1, H, N, D\)"):
+        self_attention(q, q, q, plan, 0.25)
+    plan.source = (q[1:], q[1:].half())
+    with pytest.raises(ValueError, match="plan.source's k must be .* float32"):
+        self_attention(q, q, q, plan, 0.25)
+    plan.source, plan.source_row = (q[None, 1:], q[None, 1:]), torch.tensor([0], device=device, dtype=torch.int32)
+    with pytest.raises(ValueError, match="source_row must be a \\(1,\\) int64"):
+        self_attention(q, q, q, plan, 0.25)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inject", [False, True])
 @pytest.mark.parametrize("P,N", [(2, 37), (3, 70), (4, 21)])
@@ -142,6 +226,13 @@ def test_errors_name_the_fix():
 @pytest.mark.parametrize("D", [40, 64, 80, 160])
 def test_cuda_n4096(D, inject, dtype):
     check(2, H=2, N=4096, D=D, dtype=dtype, device="cuda", inject=inject)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,N,D", [(torch.float16, 1024, 80), (torch.float16, 256, 160),
+                                       (torch.float32, 1000, 40)])
+def test_cuda_cached_source(dtype, N, D):
+    check_cached_source(2, H=8, N=N, D=D, dtype=dtype, device="cuda", indexed=True, gate=1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
