@@ -84,15 +84,20 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         base_lo = d_sdpa(sample, t, encoder_hidden_states=ctx).sample
         checks = {b: check_close(f"{b} vs diffusers", _out(ours[b].unet(sample, t, ctx)), ref_hi, base_lo, dtype)
                   for b in backends}
-    cl = None
+    cl = fused = None
     if on_gpu:
-        # The torch path with NHWC convolutions (cuDNN's layout on Hopper; `load`'s default on CUDA)
+        # The torch path with NHWC convolutions (cuDNN's layout on Hopper; `load`'s default on CUDA), and the
+        # same with each GroupNorm + SiLU as one Triton op in NHWC (no NCHW copies around torch's GroupNorm)
         cl = copy.deepcopy(ours["torch"].unet)
         cl.set_channels_last(True)
+        fused = copy.deepcopy(cl)
+        fused.set_fused_norms(True)
+        x_cl = sample.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            checks["channels-last"] = check_close(
-                "torch channels-last vs diffusers", _out(cl(sample.contiguous(memory_format=torch.channels_last),
-                                                            t, ctx)), ref_hi, base_lo, dtype)
+            checks["channels-last"] = check_close("torch channels-last vs diffusers", _out(cl(x_cl, t, ctx)),
+                                                  ref_hi, base_lo, dtype)
+            checks["fused norms"] = check_close("channels-last + fused GroupNorm vs diffusers",
+                                                _out(fused(x_cl, t, ctx)), ref_hi, base_lo, dtype)
     graphed = {}
     if on_gpu:
         graphed[2] = _graph_or_none(ours[backends[0]].unet, sample, t, ctx)
@@ -130,11 +135,24 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             mine = measure(lambda: cl(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
             rows.append(Row(f"batch {b}", "ours torch, channels-last", mine, "diffusers SDPA", sdpa, floor_ms,
                             checks["channels-last"], extra={"steps_per_s": 1e3 / mine.median}))
+            plain = mine
+            mine = measure(lambda: fused(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
+            rows.append(Row(f"batch {b}", "ours torch, channels-last + fused GroupNorm", mine,
+                            "ours torch, channels-last", plain, floor_ms, checks["fused norms"],
+                            extra={"steps_per_s": 1e3 / mine.median}))
             g = _graph_or_none(cl, x_cl, t, ctx)
             if g is not None:
                 mine = measure(lambda: g(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
                 rows.append(Row(f"batch {b}", "ours torch, channels-last + CUDA graph", mine, "diffusers SDPA",
                                 sdpa, floor_ms, checks["channels-last"], extra={"steps_per_s": 1e3 / mine.median}))
+                # side by side, the row that decides unet.FUSED_NORMS
+                plain, gf = mine, _graph_or_none(fused, x_cl, t, ctx)
+                if gf is not None:
+                    mine = measure(lambda: gf(x_cl, t, ctx), device, warmup=warmup, repeats=repeats)
+                    rows.append(Row(f"batch {b}", "ours torch, channels-last + fused GroupNorm + CUDA graph", mine,
+                                    "ours torch, channels-last + CUDA graph", plain, floor_ms, checks["fused norms"],
+                                    extra={"steps_per_s": 1e3 / mine.median}))
+                del gf
             del g
         if "graph" in checks:
             g = graphed.get(b) or _graph_or_none(ours[backends[0]].unet, sample, t, ctx)

@@ -42,7 +42,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 # 1. CUDA tests: the kernel files run every case compiled on the GPU (fp16/bf16 included), and the
 #    CUDA-graph null-text loop, the graphed UNet forward and the captured edit loop (test_captured: if it
 #    passes, editing.CAPTURE_BY_DEFAULT may be turned on) against the eager ones, cached re-edits (eager and
-#    captured), and channels-last memory (load's CUDA default) against the usual layout.
+#    captured), and channels-last memory (load's CUDA default) against the usual layout, with torch's GroupNorms
+#    and with the fused Triton ones (if they pass and bench unet's fused graph rows are faster,
+#    unet.FUSED_NORMS may be turned on).
 say cuda tests
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
@@ -57,13 +59,13 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
     "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     "tests/test_inversion.py::test_cuda_graph_buckets_equal_the_masked_graph" \
     "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py \
-    tests/test_kernel_cross.py tests/test_kernel_self.py \
+    tests/test_kernel_cross.py tests/test_kernel_self.py tests/test_kernel_norm.py \
     2>&1 | tee -a "$LOG" | grep -v " PASSED" | tail -40
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
 # pipeline (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md.
 # profile: where the UNet step's time goes (kernel time by category against wall time), not a benchmark row.
-for spec in attention:40 unet:70 pipeline:200 profile:30 methods:60 sdxl:110; do
+for spec in attention:40 unet:70 pipeline:200 profile:40 methods:60 sdxl:100; do
     name=${spec%%:*}
     lim=$(limit "${spec##*:}")
     if [ "$lim" -lt 30 ]; then say "bench $name left out: $lim s left"; continue; fi

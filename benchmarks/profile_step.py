@@ -9,7 +9,9 @@ its CUDA-graph replay, then `--steps` eager forwards under torch.profiler. Each 
 its name (`CATEGORIES`, first match wins). Kernel time per step against the eager wall time is what launching
 costs (the CPU dispatching while the GPU idles); against the graph replay's, what stays between kernels once
 launches are recorded. PyTorch's CUDA GroupNorm makes its input NCHW-contiguous, so in channels-last each
-GroupNorm can pay layout copies: they count as "layout" (direct_copy_kernel_cuda), not "norm".
+GroupNorm can pay layout copies: they count as "layout" (direct_copy_kernel_cuda), not "norm". The
+"channels-last + fused GroupNorm" configuration runs each GroupNorm and its SiLU as the Triton op
+`kernels.group_norm` instead (its `_gn_*` kernels count as "norm").
 CPU smoke: the tiny preset in fp32, batch 1, one step. A CPU runs no kernels, so the aten operators' self CPU
 times are put in the same categories: it shows that the script works, not where a GPU's time goes.
 
@@ -46,7 +48,7 @@ from p2p_engine.files import atomic_write
 CATEGORIES = (
     ("attention", r"flash|fmha|sdpa|attention|softmax|_cross_fwd|_self_fwd"),
     ("cat", r"CatArrayBatchedCopy|^aten::_?cat$"),
-    ("norm", r"group_?norm|layer_?norm|batch_?norm|rms_?norm|RowwiseMoments|ComputeFusedParams"),
+    ("norm", r"group_?norm|layer_?norm|batch_?norm|rms_?norm|RowwiseMoments|ComputeFusedParams|_gn_"),
     ("layout", r"copy|memcpy|clone|contiguous|transpose|permute|nchwToNhwc|nhwcToNchw|^aten::to$"),
     ("convolution", r"conv(?!ert)|fprop|implicit_gemm|winograd|cudnn"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|cublas|xmma|splitKreduce|^aten::(linear|matmul|addmm|mm|bmm|baddbmm)$"),
@@ -182,8 +184,11 @@ def run(device: torch.device, smoke: bool, batches=(2, 4), steps: int = 3, on_ca
     unet = random_unet(cfg, device, dtype)
     print(f"[profile] {preset} UNet with random weights built in {time.perf_counter() - t0:.1f} s", flush=True)
     cases = []
-    for config, channels_last in (("channels-last", True), ("usual layout", False)):
+    configs = (("channels-last", True, False), ("channels-last + fused GroupNorm", True, True),
+               ("usual layout", False, False))
+    for config, channels_last, fused in configs if on_gpu else configs[::2]:
         unet.set_channels_last(channels_last)
+        unet.set_fused_norms(fused)
         for b in batches:
             if seconds_left() < MIN_SECONDS_LEFT:
                 print(f"[profile] {config} batch {b} and the rest left out: {max(seconds_left(), 0):.0f} s left "

@@ -27,7 +27,7 @@ def triton_interpreter() -> bool:
     The one place that sets TRITON_INTERPRET. Triton reads it when a function is decorated: our kernels
     when `p2p_engine.kernels` is first imported, and Triton's own library (`tl.max`, ...) when
     `triton.language` is, which other packages (transformers) may do first. So `import p2p_engine` calls
-    this before anything else, and the seam checks before it runs a kernel (`_kernels`). A value the user
+    this before anything else, and `load_kernels` checks before a kernel runs. A value the user
     set in the environment is left as it is.
     """
     if not torch.cuda.is_available():
@@ -36,7 +36,8 @@ def triton_interpreter() -> bool:
 
 
 @functools.cache
-def _kernels():
+def load_kernels():
+    """`p2p_engine.kernels`, once Triton is known to run them (interpreted on the CPU: see `triton_interpreter`)."""
     if triton_interpreter():
         import triton.language as tl
         if type(tl.max).__name__ != "InterpretedFunction":
@@ -68,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
         # Uncontrolled: SDPA on every backend. It has a backward (null-text inversion differentiates these
         # calls), and on an H200 it ran 2-8x faster than our kernels without control (benchmarks/RESULTS.md).
         return _sdpa(q, k, v, upcast)
-    kern = _kernels()
+    kern = load_kernels()
     scale = q.shape[-1] ** -0.5
     if backend == "torch":
         ref = kern.cross_attention_reference if is_cross else kern.self_attention_reference

@@ -4,25 +4,42 @@ Attribute names follow diffusers' checkpoint keys (`norm1`, `conv1`, `time_emb_p
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import load_kernels
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (the same parameters and checkpoint keys) that also applies the SiLU after it when asked.
+    With `fused` set (`UNet.set_fused_norms`) both run as one Triton op, `kernels.group_norm`, in the input's
+    memory layout, wherever autograd does not need them (null-text inversion's gradient steps take torch's)."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        if self.fused and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return load_kernels().group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+        y = super().forward(x)
+        return F.silu(y) if silu else y
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb, cout) if temb else None
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.norm2 = GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, silu=True))
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 

@@ -200,7 +200,7 @@ class StaticLoop:
     def __init__(self, pipe, prompts, src, smp: DDIMSampler, control: Control | None, *, pin: bool):
         # the UNet, not the pipeline: loops kept for a pipeline must not keep it alive (`_kept_by_pipe`)
         self.unet, self.dtype = pipe.unet, pipe.dtype
-        self.model = (pipe.dtype, pipe.backend, pipe.unet.channels_last)  # what its recording bakes in
+        self.model = (pipe.dtype, pipe.backend, pipe.unet.channels_last, pipe.unet.fused_norms)  # baked in
         device, master = pipe.device, pipe.master_dtype
         P = self.P = len(prompts)
         self.start = src.latents.expand(P, -1, -1, -1).clone()  # (P, C, h, w)

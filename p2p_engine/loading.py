@@ -282,8 +282,10 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
     _materialize(modules, sources, cfg, single, device, dtypes)
     for m in modules.values():
         m.eval().requires_grad_(False)
+    from . import unet
     modules["unet"].set_backend(backend)
     modules["unet"].set_channels_last(device.type == "cuda" if channels_last is None else channels_last)
+    modules["unet"].set_fused_norms(unet.FUSED_NORMS and modules["unet"].channels_last and device.type == "cuda")
     return Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizers[0], cfg, device=device,
                     dtype=dtype, backend=backend, schedule=schedule, text_encoder_2=modules.get("text_encoder_2"),
                     tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None)

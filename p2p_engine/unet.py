@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .blocks import ResnetBlock, Upsample
+from .blocks import GroupNorm, ResnetBlock, Upsample
 from .config import UNetConfig
 from .plan import AttnLayer
 
@@ -124,7 +124,7 @@ class Transformer2D(nn.Module):
     def __init__(self, ch, heads, cfg: UNetConfig, layers: list[tuple[AttnLayer, AttnLayer]]):
         super().__init__()
         self.linear = cfg.use_linear_projection
-        self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
+        self.norm = GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList([  # one (self, cross) pair of layers per block
             TransformerBlock(ch, heads, cfg.cross_attention_dim, s, c, cfg.upcast_attention) for s, c in layers])
@@ -164,6 +164,11 @@ class Block(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         if sampler is not None:
             setattr(self, sampler_name, nn.ModuleList([sampler]))
+
+
+# Whether `load` fuses the GroupNorms of a channels-last UNet on CUDA (`UNet.set_fused_norms`): off until the
+# side-by-side rows of benchmarks/bench_unet.py on a GPU say the fused step is the faster.
+FUSED_NORMS = False
 
 
 class UNet(nn.Module):
@@ -226,7 +231,7 @@ class UNet(nn.Module):
             up = Upsample(cout) if i < n - 1 else None
             self.up_blocks.append(Block(resnets, attns, "upsamplers", up))
 
-        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+        self.conv_norm_out = GroupNorm(g, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     channels_last = False  # whether the convolutions run in NHWC memory (`set_channels_last`)
@@ -237,6 +242,18 @@ class UNet(nn.Module):
         and outputs stay (B, C, h, w) in the usual layout; only the memory order inside the forward changes."""
         self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
         self.channels_last = bool(on)
+
+    fused_norms = False  # whether each GroupNorm and its SiLU run as one Triton op (`set_fused_norms`)
+
+    def set_fused_norms(self, on: bool) -> None:
+        """Run every GroupNorm, with the SiLU after it, as `kernels.group_norm` where no gradient is needed: in
+        the activations' own layout, so channels-last skips the NCHW copies torch's CUDA GroupNorm makes (one in,
+        one back for the next convolution) and SiLU's pass. `load` turns it on with channels-last on CUDA when
+        FUSED_NORMS says so; on the CPU the kernel runs interpreted (tests only)."""
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = bool(on)
+        self.fused_norms = bool(on)
 
     def set_backend(self, name: str) -> None:
         if name not in ("torch", "triton"):
@@ -287,4 +304,4 @@ class UNet(nn.Module):
                 # sizes that do not halve evenly: upsample to the skip's size, as diffusers does
                 size = skips[-1].shape[-2:] if skips else None
                 x = block.upsamplers[0](x, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
+        return self.conv_out(self.conv_norm_out(x, silu=True)).contiguous()

@@ -160,7 +160,7 @@ KERNELS = {  # names as torch.profiler reports them (demangled), abridged where 
     "false>(pytorch_flash::Flash_fwd_params)": "attention",
     "fmha_cutlassF_f16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::half_t, "
     "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)": "attention",
-    "_cross_fwd": "attention",
+    "_cross_fwd": "attention", "_gn_partials": "norm", "_gn_apply": "norm",
     "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1_execute_"
     "segment_k_off_kernel__5x_cudnn": "convolution",
     "void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true, (cudnnKernelDataType_t)0>(cudnn::ops::"

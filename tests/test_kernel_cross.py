@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from p2p_engine.kernels import cross_attention, cross_attention_reference  # noqa: E402
 from p2p_engine.plan import CrossPlan, inject_cross  # noqa: E402
+from sm90 import compile_in_child  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 MODES = ["none", "store", "replace", "refine", "reweight", "reweight_refine", "gate", "all"]
@@ -373,7 +374,7 @@ from triton.compiler import ASTSource
 ca = importlib.import_module("p2p_engine.kernels.cross_attention")
 sa = importlib.import_module("p2p_engine.kernels.self_attention")
 
-SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (as tests/sm90.py)
 names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Each distinct tile set once (D 40 and 64 share theirs; bf16 tiles are fp16's): ~2 s per compile.
 for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (torch.float32, (160,))):
@@ -413,14 +414,5 @@ print("compiled")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile and run the kernels")
 def test_gpu_configs_compile_for_sm90():
-    """The GPU launch configs compile for an H100 (sm_90) and fit its shared memory, no GPU needed:
-    Triton's bundled ptxas does the work. Runs in a child with the interpreter switched off."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # an explicit 0: importing p2p_engine leaves it alone
-    res = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
-        pytest.skip("Triton's ptxas is not available")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    """The GPU launch configs compile for an H100 (sm_90) and fit its shared memory, no GPU needed."""
+    compile_in_child(SM90_COMPILE)

@@ -173,7 +173,7 @@ def test_seam_dispatch_on_the_triton_backend(monkeypatch):
     import p2p_engine.attention as seam
     from p2p_engine.plan import CrossPlan, SelfPlan
 
-    kern = seam._kernels()
+    kern = seam.load_kernels()
     calls = []
     for name in ("cross_attention", "self_attention", "self_attention_reference"):
         real = getattr(kern, name)
