@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from p2p_engine.kernels import cross_attention, cross_attention_reference  # noqa: E402
 from p2p_engine.plan import CrossPlan, inject_cross  # noqa: E402
+from numerics import table_at  # noqa: E402
 from sm90 import compile_in_child  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -174,8 +175,7 @@ def check_cached_source(mode, P, H, N, T, D, dtype, device, *, indexed, store_wa
         src = p_src.to(src_dtype)
         if indexed:  # this call's row of a table of calls; the others must not be read
             others = torch.rand(3, 1, H, N, T, generator=gen, dtype=torch.float64).to(device, src_dtype)
-            plan.source = torch.cat([others[:2], src[None], others[2:]])
-            plan.source_row = torch.tensor([2], device=device)
+            plan.source, plan.source_row = table_at(src, others, 2)
         else:
             plan.source = src
         return plan

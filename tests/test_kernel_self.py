@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from p2p_engine.kernels import self_attention, self_attention_reference  # noqa: E402
 from p2p_engine.plan import SelfPlan  # noqa: E402
+from numerics import table_at  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -95,9 +96,9 @@ def check_cached_source(P, H, N, D, dtype, device, *, indexed, store=False, gate
             plan.store = plan.store[1:].clone()
         src = (q[P:P + 1].to(src_dtype), k[P:P + 1].to(src_dtype))
         if indexed:  # this call's row of tables of calls; the others must not be read
-            others = [torch.randn(3, 1, H, N, D, generator=gen).to(device, src_dtype) for _ in range(2)]
-            plan.source = tuple(torch.cat([o[:1], s[None], o[1:]]) for o, s in zip(others, src))
-            plan.source_row = torch.tensor([1], device=device)
+            (qs, row), (ks, _) = (table_at(s, torch.randn(3, 1, H, N, D, generator=gen).to(device, src_dtype), 1)
+                                  for s in src)
+            plan.source, plan.source_row = (qs, ks), row
         else:
             plan.source = src
         return plan
