@@ -135,7 +135,10 @@ def _config() -> tuple[int, int, int]:
 
 def _positions(name: str, t: torch.Tensor) -> tuple[int, int, int]:
     """(row, channel, position) strides of a (B, C, H, W) tensor whose H and W flatten into one position."""
-    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+    H, W = t.shape[2:]
+    if W == 1:
+        return t.stride(0), t.stride(1), t.stride(2)
+    if H > 1 and t.stride(2) != W * t.stride(3):
         raise ValueError(f"{name}: H and W must flatten into one position stride (channels-last or NCHW "
                          f"memory); got strides {t.stride()}")
     return t.stride(0), t.stride(1), t.stride(3)
@@ -166,6 +169,7 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
         raise RuntimeError("group_norm: the Triton kernel has no backward; use torch's GroupNorm where "
                            "gradients are needed")
     HW, CPG = H * W, C // groups
+    weight, bias = weight.contiguous(), bias.contiguous()  # read at unit stride
     y = torch.empty_like(x)  # x's memory format
     sx, sy = _positions("group_norm", x), _positions("group_norm", y)
     CHUNK, BLOCK_P, BLOCK_C = _config()

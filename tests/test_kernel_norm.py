@@ -29,16 +29,20 @@ def inputs(B, C, H, W, dtype, device, seed, offset=0.0, channels_last=True):
 
 
 def check(B, C, H, W, groups, dtype, silu, *, device=DEVICE, channels_last=True, offset=0.0, seed=0,
-          err_torch=None):
-    """`err_torch`, when given, stands in for torch's own error as the bound's base."""
+          err_torch=None, view=None):
+    """`err_torch`, when given, stands in for torch's own error as the bound's base; `view` (x -> a view of
+    it) picks what the op is given."""
     x, weight, bias = inputs(B, C, H, W, dtype, device, seed, offset, channels_last)
+    if view is not None:
+        x = view(x)
     eps = 1e-5
     truth = group_norm_reference(x.double(), weight.double(), bias.double(), groups, eps, silu)
     if err_torch is None:
         err_torch = (group_norm_reference(x, weight, bias, groups, eps, silu).double() - truth).abs().max().item()
     out = group_norm(x, weight, bias, groups, eps, silu)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert out.stride() == x.stride()  # channels-last in, channels-last out
+    assert out.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
+        memory_format=torch.channels_last)  # channels-last in, channels-last out
     err = (out.double() - truth).abs().max().item()
     assert err <= 2 * err_torch + 1e-6 * truth.abs().max().item(), f"kernel {err:.3g} vs torch {err_torch:.3g}"
 
@@ -56,6 +60,9 @@ def test_fp32(B, C, H, W, groups, silu):
 def test_fp16_and_the_usual_layout():
     check(2, 40, 9, 9, 4, torch.float16, True, seed=1)
     check(2, 40, 9, 9, 4, torch.float32, True, channels_last=False, seed=2)
+    check(2, 40, 1, 9, 4, torch.float32, True, channels_last=False, seed=3)  # one row
+    # one column sliced out of NCHW: its positions step by the row stride, 9, not the column stride
+    check(2, 40, 9, 9, 4, torch.float32, True, channels_last=False, seed=4, view=lambda x: x[..., 2:3])
 
 
 def test_values_far_from_zero():
