@@ -48,7 +48,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 say cuda tests
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
-# The tests the defaults wait on (captured loops, cached re-edits, channels-last, gathered inversion) run first,
+# The tests the defaults wait on (captured loops, cached re-edits, channels-last, gathered inversion, fused
+# GroupNorms) run first, the many cross-attention kernel cases last,
 # so that a time limit cuts kernel cases, not them; -v writes each test's outcome to the log as it ends (a
 # killed run has no summary), the last lines come to the screen.
 timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
@@ -58,8 +59,8 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
     "tests/test_cache.py::test_cuda_cached_edit_equals_uncached" \
     "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     "tests/test_inversion.py::test_cuda_graph_buckets_equal_the_masked_graph" \
-    "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py \
-    tests/test_kernel_cross.py tests/test_kernel_self.py tests/test_kernel_norm.py \
+    "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py tests/test_kernel_norm.py \
+    tests/test_kernel_self.py tests/test_kernel_cross.py \
     2>&1 | tee -a "$LOG" | grep -v " PASSED" | tail -40
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
