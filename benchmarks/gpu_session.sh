@@ -57,6 +57,7 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
     "tests/test_captured.py::test_cuda_graph_re_edit_from_a_cache" \
     "tests/test_captured.py::test_cuda_graph_from_a_null_text_inversion" \
     "tests/test_cache.py::test_cuda_cached_edit_equals_uncached" \
+    "tests/test_cache.py::test_cuda_graph_recording_equals_eager" \
     "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     "tests/test_inversion.py::test_cuda_graph_buckets_equal_the_masked_graph" \
     "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py tests/test_kernel_norm.py \

@@ -21,6 +21,7 @@ Each layer's per-call tensors are kept as one table over its window's calls
 (call c at row c - window start), put together when the run ends (one layer's
 table at a time, so the cache is held twice for at most one layer): a captured
 re-edit (`p2p_engine.captured`) indexes the tables with its device step counter.
+A captured recording run (`p2p_engine.recording`) writes the same tables in place.
 
 An edit with the cache (`pipe.edit(prompts, controller, cache=cache)`,
 `CachedControl`) runs the batch [uncond x (P-1), cond x (P-1)] of its targets;
@@ -88,10 +89,12 @@ class EditCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
+        """Bytes held by the cache's tensors (their whole storage: a captured recording's tables keep a spare
+        row past the window)."""
         tensors = [self.latents, *self.cross.values(), *(t for qk in self.self_qk.values() for t in qk),
                    *self.level_maps.values(), *self.cross_sum.values(), *self.self_sum.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     def check_for(self, pipe, prompts) -> None:
         if self.owner is None or self.owner() is not pipe:
@@ -160,6 +163,9 @@ class _RecordSelf:
 class Recorder:
     """The control of `edit_cache`'s one-prompt run: the source's attention as an edit computes it, recorded."""
 
+    SETTINGS = ("device", "storage", "calls", "cross_window", "self_window", "self_max_queries", "self_maps",
+                "max_bytes")  # what __init__ sets, as opposed to what a run records (`_start`)
+
     def __init__(self, device, storage, calls: int, steps: int, cross_steps, self_steps, self_max_queries: int,
                  self_maps: bool, max_bytes: int | None):
         self.device = torch.device(device)
@@ -172,6 +178,10 @@ class Recorder:
         self.self_max_queries = self_max_queries
         self.self_maps = self_maps
         self.max_bytes = max_bytes
+        self._start()
+
+    def _start(self) -> None:
+        """Nothing recorded yet."""
         self.step = 0
         self.layers: dict[int, tuple[AttnLayer, int]] = {}
         self.call_bytes = {"cross": 0, "self": 0}  # bytes one call inside each window keeps
@@ -245,11 +255,15 @@ class Recorder:
         fp32 = 4
         sums = sum(t.numel() for t in self.cross_sum.values()) + sum(t.numel() for t in self.self_sum.values())
         levels = sum(t.numel() for t in self.level_maps.values())
+        latent = self.latents[0]
         return (self.call_bytes["cross"] * calls(self.cross_window) + self.call_bytes["self"] *
-                calls(self.self_window) + fp32 * (sums + levels) + self.calls * self.latents[0].numel() * fp32)
+                calls(self.self_window) + fp32 * (sums + levels) + self.calls * latent.numel() * latent.element_size())
 
     def _check_size(self) -> None:
-        need = self.estimate()
+        self.refuse_over(self.estimate())
+
+    def refuse_over(self, need: int) -> None:
+        """Raise if a cache of `need` bytes is over `max_bytes`."""
         if self.max_bytes is not None and need > self.max_bytes:
             raise ValueError(f"the edit cache would hold {need / 2**30:.2f} GiB, over max_bytes = "
                              f"{self.max_bytes / 2**30:.2f} GiB: narrow its cross_steps / self_steps windows or "

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import captured
+from . import captured, recording
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
@@ -233,7 +233,7 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
 @torch.no_grad()
 def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_queries: int | None = None,
                self_maps: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES, storage=None,
-               progress: bool = True, **source_args) -> EditCache:
+               capture: bool | None = None, progress: bool = True, **source_args) -> EditCache:
     """Run the source `prompt` alone and record what later edits of it read (p2p_engine.cache).
 
     Args:
@@ -244,6 +244,9 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
         max_bytes: refuse, after the first UNet call, a cache that would hold more (None: no limit).
         storage: where the cache lives (default the pipeline's device; "cpu" offloads a CUDA run to pinned
             host memory).
+        capture: run the source on static state (`p2p_engine.recording`), as `edit` takes it: True records one
+            step as a CUDA graph on CUDA (call by call elsewhere), False runs the eager loop, None (default)
+            captures on CUDA when CAPTURE_BY_DEFAULT, DDIM sampling and storage on the device allow it.
         **source_args: the source's settings, as `edit` takes them (seed, steps, inversion, ...).
     """
     [prompt] = check_prompts([prompt], pipe.tokenizer)
@@ -256,9 +259,26 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
     smp = _sampler(pipe, src)
     recorder = Recorder(pipe.device, storage, len(smp.timesteps), src.steps, cross_steps, self_steps, limit,
                         self_maps, max_bytes)
-    latents = _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source")
+    latents, recorder = _record_source(pipe, prompt, src, smp, recorder, capture, progress)
     image = to_pil(pipe.decode_latents(latents))[0]
     return recorder.finish(pipe, prompt, src, latents, image)
+
+
+def _record_source(pipe, prompt, src, smp, recorder: Recorder, capture: bool | None, progress: bool):
+    """edit_cache's run of the source alone, eager or on static state (as `_run` runs edits): (latents, recorder)."""
+    cuda = pipe.device.type == "cuda"
+    if capture is None:
+        capture = (CAPTURE_BY_DEFAULT and cuda and recorder.storage == recorder.device
+                   and captured.unsupported(smp, None) is None)
+    if capture:
+        try:
+            return recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=cuda)
+        except captured.CaptureFailed as e:
+            if str(e) not in _capture_failures:
+                _capture_failures.add(str(e))
+                warnings.warn(f"recording the source's step as a CUDA graph failed ({e}); running the eager loop",
+                              RuntimeWarning, stacklevel=4)
+    return _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source"), recorder
 
 
 def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, capture, progress,

@@ -98,9 +98,10 @@ def test_bench_pipeline_smoke(benchmark):
     rows = benchmark.pedantic(bench_pipeline.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
     _assert_rows(rows)
     gated = [r for r in rows if "generation" not in r.baseline_name]
-    assert len(gated) == 8 and all("<=" in r.check for r in gated)
-    assert sum("static-state loop" in r.ours_name for r in rows) == 5  # the captured loop's rows, ungraphed here
+    assert len(gated) == 9 and all("<=" in r.check for r in gated)
+    assert sum("static-state loop" in r.ours_name for r in rows) == 6  # the captured loop's rows, ungraphed here
     assert any(r.check.startswith("captured re-edit: err") for r in rows)
+    assert any(r.check.startswith("captured recording: err") for r in rows)
 
 
 def test_cli_bench_cpu_says_smoke(capsys):

@@ -195,3 +195,68 @@ def test_cuda_cached_edit_equals_uncached(tiny_ckpt, load_float64, storage):
         assert all(t.device.type == "cpu" and t.is_pinned() for t in cache.cross.values())
     err_ref, err_out = rel_max_error(ref.latents.cpu(), gold), rel_max_error(out.latents.cpu(), gold)
     assert err_ref < 1e-3 and err_out < 4 * err_ref + 1e-6
+
+
+# -- the recording run on static state (p2p_engine.recording) ------------------------------------------------
+
+def _cache_tensors(cache) -> dict:
+    out = {"latents": cache.latents}
+    for name in ("cross", "level_maps", "cross_sum", "self_sum"):
+        out |= {(name, k): t for k, t in getattr(cache, name).items()}
+    out |= {("self_qk", k, i): t for k, qk in cache.self_qk.items() for i, t in enumerate(qk)}
+    return out
+
+
+def _assert_same_cache(eager, static) -> None:
+    a, b = _cache_tensors(eager), _cache_tensors(static)
+    assert a.keys() == b.keys()
+    for k, t in a.items():
+        assert b[k].shape == t.shape and torch.equal(b[k], t), k
+    assert (static.layers, static.cross_window, static.self_window) == (eager.layers, eager.cross_window,
+                                                                       eager.self_window)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(self_maps=True, cross_steps=(0.2, 1.0), self_steps=(0.1, 0.7))],
+                         ids=["defaults", "self maps, windows"])
+def test_captured_recording_equals_the_eager_one(pipe64, kw):
+    """edit_cache(capture=True) runs the static step a CUDA graph records (call by call on the CPU): every table,
+    sum, level map and latent equals the eager recorder's bit for bit in float64, and so does a re-edit from it.
+    Its size is refused over max_bytes before anything is allocated, counting the tables' spare rows."""
+    source = dict(seed=3, steps=STEPS, progress=False, **SELF, **kw)
+    eager = pipe64.edit_cache(SOURCE, capture=False, **source)
+    static = pipe64.edit_cache(SOURCE, capture=True, **source)
+    _assert_same_cache(eager, static)
+    windows = dict(cross_steps=(0.3, 0.8), self_steps=(0.25, 0.6)) if kw else {}  # inside the cache's
+    ctrl = p2p.Replace(self_maps=kw.get("self_maps", False), **SELF, **windows)
+    a, b = (pipe64.edit([SOURCE, TARGET], ctrl, cache=c, capture=False, progress=False) for c in (eager, static))
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError, match="max_bytes"):
+        pipe64.edit_cache(SOURCE, capture=True, max_bytes=static.nbytes - 1, **source)
+    assert pipe64.edit_cache(SOURCE, capture=True, max_bytes=static.nbytes, **source).nbytes == static.nbytes
+
+
+@pytest.mark.parametrize("method", ["null_text", "direct"])
+def test_captured_recording_of_an_inversion(pipe64, method):
+    """The null text per call and a direct inversion's pivots (row 0 pinned) come from the loop's tables."""
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+    eager, static = (pipe64.edit_cache(SOURCE, inversion=inv, capture=c, progress=False, **SELF)
+                     for c in (False, True))
+    _assert_same_cache(eager, static)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_recording_equals_eager(tiny_ckpt):
+    """The recording run replayed as a CUDA graph against the eager recorder, and a captured re-edit from it."""
+    pipe = p2p.load(tiny_ckpt, device="cuda", dtype=torch.float32, backend="triton")
+    source = dict(seed=2, steps=STEPS, progress=False, self_maps=True, **SELF)
+    eager = pipe.edit_cache(SOURCE, capture=False, **source)
+    static = pipe.edit_cache(SOURCE, capture=True, **source)
+    a, b = _cache_tensors(eager), _cache_tensors(static)
+    assert a.keys() == b.keys()
+    for k, t in a.items():  # the same kernels, so to rounding: the sums add in one order, tables are copies
+        assert rel_max_error(b[k], t) < 1e-5, k
+    ctrl = p2p.Replace(self_maps=True, **SELF)
+    ref = pipe.edit([SOURCE, TARGET], ctrl, cache=eager, capture=False, progress=False)
+    out = pipe.edit([SOURCE, TARGET], ctrl, cache=static, capture=True, progress=False)
+    assert rel_max_error(out.latents, ref.latents) < 1e-4

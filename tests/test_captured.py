@@ -232,7 +232,7 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _meanrel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def _mean_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().mean() / b.double().abs().mean()).item()
 
 
@@ -257,7 +257,7 @@ def test_cuda_graph_replay_equals_eager(tiny_ckpt, backend):
             assert rel_max_error(graphed.attention._cross[k], buf) < 1e-4
         eager, graphed = _pair(pipe, prompts, p2p.Replace(**SELF), seed=2, steps=STEPS,
                                local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))
-        assert _meanrel_max_error(graphed.latents, eager.latents) < 1e-3
+        assert _mean_rel(graphed.latents, eager.latents) < 1e-3
 
 
 @cuda

@@ -1,0 +1,174 @@
+"""The edit cache's recording run on static state: `edit_cache(..., capture=True)`.
+
+`editing.edit_cache` runs the source prompt alone with a `cache.Recorder`,
+which appends what later edits read (probabilities, queries and keys, level
+maps, latents) to per-layer lists, call by call, deciding on the host which
+calls fall inside its windows. Here the same run takes the static step of
+`p2p_engine.captured` (one CUDA graph, recorded once and replayed every
+call): `StaticRecorder` sizes every table from the UNet's layers before the
+first call (so `max_bytes` is checked before anything is allocated), and each
+call writes its entries at a row its device counter gives: the call's row in
+the window, or a spare row past the window's end for calls outside it, which
+the cache never shows. The sums are added into zeroed buffers (0 + x is x, so
+they agree with the eager recorder's first-call copies bit for bit).
+
+DDIM only, and the cache on the pipeline's device (a graph cannot write host
+memory at a device index); otherwise the eager recorder runs. A recorded
+recording loop is not kept: its tables are the cache itself.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .cache import EditCache, Recorder, _compute_dtype
+from .captured import StaticLoop, _queries, _record, unsupported
+from .words import MAX_TOKENS
+
+
+def _heads(unet) -> dict[int, tuple[int, int]]:
+    """layer index -> (heads, head dim) of every attention layer of `unet`."""
+    from .unet import Attention
+    return {m.layer.index: (m.heads, m.to_q.out_features // m.heads) for m in unet.modules()
+            if isinstance(m, Attention) and m.layer is not None}
+
+
+def _window_row(counter: torch.Tensor, window: tuple[int, int], spare: int) -> torch.Tensor:
+    """The (1,) table row of the call the counter is at: its place in the window [start, end), or `spare`."""
+    a, b = window
+    inside = (counter >= a) & (counter < b)
+    return torch.where(inside, counter - a, torch.full_like(counter, spare))
+
+
+class StaticRecorder(Recorder):
+    """A `Recorder` whose tables exist before the first call and are written at the device counter's row."""
+
+    def __init__(self, rec: Recorder, unet, latent_hw: tuple[int, int], latent_shape: tuple, counter: torch.Tensor,
+                 dtype: torch.dtype, master: torch.dtype):
+        for name in Recorder.SETTINGS:  # the settings, not what `rec` holds: it stays the eager fallback
+            setattr(self, name, getattr(rec, name))
+        self._start()
+        if self.storage != self.device:
+            raise ValueError("a captured recording keeps the cache on the pipeline's device; use storage=None")
+        self.counter = counter
+        h, w = latent_hw
+        heads, dev, ct = _heads(unet), self.device, _compute_dtype(dtype)
+        calls = {name: max(0, min(win[1], self.calls) - win[0]) for name, win in
+                 (("cross", self.cross_window), ("self", self.self_window))}
+        self.window_calls = calls
+        shapes, sums, levels = {}, 0, {}
+        for layer in unet.attn_layers:
+            n = _queries(h, w, layer.level)
+            H, D = heads[layer.index]
+            self.layers[layer.index] = (layer, n)
+            if layer.is_cross:
+                shapes[layer.index] = ("cross", (1, H, n, MAX_TOKENS), ct)
+                sums += n * MAX_TOKENS
+                if layer.place != "mid":
+                    levels[layer.level] = n
+            else:
+                if n <= self.self_max_queries:
+                    shapes[layer.index] = ("self", (1, H, n, D), dtype)
+                if self.self_maps and n <= 32 * 32:
+                    sums += n * n
+        for kind, shape, dt in shapes.values():
+            self.call_bytes[kind] += (2 if kind == "self" else 1) * torch.Size(shape).numel() * dt.itemsize
+        # as `estimate`, with the spare rows: what the tables below hold
+        rows = {kind: n + 1 if n else 0 for kind, n in calls.items()}
+        levels_values = self.calls * sum(n * MAX_TOKENS for n in levels.values())
+        self.refuse_over(self.call_bytes["cross"] * rows["cross"] + self.call_bytes["self"] * rows["self"] +
+                         4 * (sums + levels_values) + self.calls * torch.Size(latent_shape).numel() * master.itemsize)
+
+        def table(kind, shape, dt):  # the window's calls and the spare row
+            return torch.empty((calls[kind] + 1, *shape), dtype=dt, device=dev)
+
+        for index, (kind, shape, dt) in shapes.items():
+            if kind == "cross" and calls["cross"]:
+                self.cross[index] = table(kind, shape, dt)
+            elif kind == "self" and calls["self"]:
+                self.self_qk[index] = (table(kind, shape, dt), table(kind, shape, dt))
+        for layer, n in self.layers.values():
+            if layer.is_cross:
+                self.cross_sum[layer.index] = torch.zeros(n, MAX_TOKENS, device=dev)
+            elif self.self_maps and n <= 32 * 32:
+                self.self_sum[layer.index] = torch.zeros(1, n, n, device=dev)
+        self.level_step = {lv: torch.zeros(n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
+        self.level_maps = {lv: torch.empty(self.calls, n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
+        self.latent_table = torch.empty(self.calls, *latent_shape, dtype=master, device=dev)
+        self.cross_row = self.self_row = None
+
+    def reset(self) -> None:
+        """Back to zeroed sums (the tables are written whole by the next run)."""
+        for t in [*self.cross_sum.values(), *self.self_sum.values()]:
+            t.zero_()
+
+    def begin_step(self) -> None:
+        for t in self.level_step.values():
+            t.zero_()
+        self.cross_row = _window_row(self.counter, self.cross_window, self.window_calls["cross"])
+        self.self_row = _window_row(self.counter, self.self_window, self.window_calls["self"])
+
+    def record_cross(self, layer, p: torch.Tensor) -> None:
+        mean = p.mean(dim=1)[0].float()  # (N, T)
+        self.cross_sum[layer.index].add_(mean)
+        if layer.place != "mid":
+            self.level_step[layer.level].add_(mean)
+        if layer.index in self.cross:
+            self.cross[layer.index].index_copy_(0, self.cross_row, p[None])
+
+    def record_self(self, layer, q: torch.Tensor, k: torch.Tensor) -> None:
+        if layer.index in self.self_qk:
+            for table, t in zip(self.self_qk[layer.index], (q, k)):
+                table.index_copy_(0, self.self_row, t[None])
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        self.latent_table.index_copy_(0, self.counter, latents[None])
+        for level, m in self.level_step.items():
+            self.level_maps[level].index_copy_(0, self.counter, m[None])
+        return latents
+
+    def finish(self, pipe, prompt: str, src, latents: torch.Tensor, image) -> EditCache:
+        cross = {k: t[:-1] for k, t in self.cross.items()}  # the spare rows dropped
+        self_qk = {k: (q[:-1], kk[:-1]) for k, (q, kk) in self.self_qk.items()}
+        return EditCache(prompt, src, self.calls, self.cross_window, self.self_window, self.self_max_queries,
+                         self.self_maps, dict(self.layers), self.latent_table, image, cross, self_qk,
+                         dict(self.level_maps), self.cross_sum, {k: v[0] for k, v in self.self_sum.items()},
+                         weakref.ref(pipe))
+
+
+class RecordLoop(StaticLoop):
+    """The static loop over the source prompt alone, with a `StaticRecorder` as its control."""
+
+    def __init__(self, pipe, prompt: str, src, smp, recorder: Recorder):
+        super().__init__(pipe, [prompt], src, smp, None, pin=True)
+        self.control = StaticRecorder(recorder, pipe.unet, tuple(self.start.shape[-2:]), tuple(self.start.shape),
+                                      self.counter, pipe.dtype, pipe.master_dtype)
+
+    def reset(self) -> None:
+        self.latents.copy_(self.start)
+        self.counter.zero_()
+        self.control.reset()
+
+
+def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: bool,
+                  graph: bool) -> tuple[torch.Tensor, StaticRecorder]:
+    """The recording run on static state: (the final latent (1, C, h, w), the recorder holding the tables).
+
+    graph=False runs the step call by call (what the tests compare with the eager recorder); graph=True records
+    one step as a CUDA graph and replays it, raising `captured.CaptureFailed` if recording fails."""
+    why = unsupported(smp, None)
+    if why is not None:
+        raise ValueError(f"capture: {why}")
+    loop = RecordLoop(pipe, prompt, src, smp, recorder)
+    recorded = _record(loop) if graph else None
+    calls = range(len(smp.timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+        calls = tqdm(calls, desc="source (captured)" if graph else "source")
+    for _ in calls:
+        if recorded is not None:
+            recorded.replay()
+        else:
+            loop.step()
+    return loop.latents.clone(), loop.control
