@@ -248,16 +248,22 @@ class Recorder:
         self.step += 1
         return latents
 
+    def window_calls(self) -> dict[str, int]:
+        """The calls inside each window: the rows of its tables."""
+        return {name: max(0, min(win[1], self.calls) - win[0])
+                for name, win in (("cross", self.cross_window), ("self", self.self_window))}
+
+    def total_bytes(self, rows: dict[str, int], fp32_values: int, latent_bytes: int) -> int:
+        """The bytes of a cache whose tables have `rows` calls, with its fp32 sums and maps and one call's latent."""
+        return (self.call_bytes["cross"] * rows["cross"] + self.call_bytes["self"] * rows["self"] +
+                4 * fp32_values + self.calls * latent_bytes)
+
     def estimate(self) -> int:
         """The bytes the finished cache will hold, known once every layer has been called."""
-        def calls(window):
-            return max(0, min(window[1], self.calls) - window[0])
-        fp32 = 4
         sums = sum(t.numel() for t in self.cross_sum.values()) + sum(t.numel() for t in self.self_sum.values())
         levels = sum(t.numel() for t in self.level_maps.values())
         latent = self.latents[0]
-        return (self.call_bytes["cross"] * calls(self.cross_window) + self.call_bytes["self"] *
-                calls(self.self_window) + fp32 * (sums + levels) + self.calls * latent.numel() * latent.element_size())
+        return self.total_bytes(self.window_calls(), sums + levels, latent.numel() * latent.element_size())
 
     def _check_size(self) -> None:
         self.refuse_over(self.estimate())

@@ -52,42 +52,19 @@ class StaticRecorder(Recorder):
         if self.storage != self.device:
             raise ValueError("a captured recording keeps the cache on the pipeline's device; use storage=None")
         self.counter = counter
-        h, w = latent_hw
-        heads, dev, ct = _heads(unet), self.device, _compute_dtype(dtype)
-        calls = {name: max(0, min(win[1], self.calls) - win[0]) for name, win in
-                 (("cross", self.cross_window), ("self", self.self_window))}
-        self.window_calls = calls
-        shapes, sums, levels = {}, 0, {}
-        for layer in unet.attn_layers:
-            n = _queries(h, w, layer.level)
-            H, D = heads[layer.index]
-            self.layers[layer.index] = (layer, n)
-            if layer.is_cross:
-                shapes[layer.index] = ("cross", (1, H, n, MAX_TOKENS), ct)
-                sums += n * MAX_TOKENS
-                if layer.place != "mid":
-                    levels[layer.level] = n
-            else:
-                if n <= self.self_max_queries:
-                    shapes[layer.index] = ("self", (1, H, n, D), dtype)
-                if self.self_maps and n <= 32 * 32:
-                    sums += n * n
-        for kind, shape, dt in shapes.values():
-            self.call_bytes[kind] += (2 if kind == "self" else 1) * torch.Size(shape).numel() * dt.itemsize
-        # as `estimate`, with the spare rows: what the tables below hold
-        rows = {kind: n + 1 if n else 0 for kind, n in calls.items()}
-        levels_values = self.calls * sum(n * MAX_TOKENS for n in levels.values())
-        self.refuse_over(self.call_bytes["cross"] * rows["cross"] + self.call_bytes["self"] * rows["self"] +
-                         4 * (sums + levels_values) + self.calls * torch.Size(latent_shape).numel() * master.itemsize)
-
-        def table(kind, shape, dt):  # the window's calls and the spare row
-            return torch.empty((calls[kind] + 1, *shape), dtype=dt, device=dev)
-
-        for index, (kind, shape, dt) in shapes.items():
-            if kind == "cross" and calls["cross"]:
-                self.cross[index] = table(kind, shape, dt)
-            elif kind == "self" and calls["self"]:
-                self.self_qk[index] = (table(kind, shape, dt), table(kind, shape, dt))
+        self.cross_row = self.self_row = None
+        tables, sums, levels = self._layout(unet, latent_hw, dtype)
+        self.calls_in = self.window_calls()
+        rows = {kind: n + 1 if n else 0 for kind, n in self.calls_in.items()}  # a spare row past each window
+        self.refuse_over(self.total_bytes(rows, sums + self.calls * sum(n * MAX_TOKENS for n in levels.values()),
+                                          torch.Size(latent_shape).numel() * master.itemsize))
+        dev = self.device
+        for index, (kind, shape, dt) in tables.items():
+            size = (rows[kind], *shape)
+            if size[0] and kind == "cross":
+                self.cross[index] = torch.empty(size, dtype=dt, device=dev)
+            elif size[0]:
+                self.self_qk[index] = (torch.empty(size, dtype=dt, device=dev), torch.empty(size, dtype=dt, device=dev))
         for layer, n in self.layers.values():
             if layer.is_cross:
                 self.cross_sum[layer.index] = torch.zeros(n, MAX_TOKENS, device=dev)
@@ -96,7 +73,31 @@ class StaticRecorder(Recorder):
         self.level_step = {lv: torch.zeros(n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
         self.level_maps = {lv: torch.empty(self.calls, n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
         self.latent_table = torch.empty(self.calls, *latent_shape, dtype=master, device=dev)
-        self.cross_row = self.self_row = None
+
+    def _layout(self, unet, latent_hw: tuple[int, int], dtype: torch.dtype) -> tuple[dict, int, dict]:
+        """What the eager recorder learns in its first call, from the UNet's layers: the layers and their queries
+        (`layers`), the bytes one call keeps (`call_bytes`); returns the per-call tables {layer: (kind, shape,
+        dtype)}, the values of the fp32 sums, and the levels of LocalBlend's maps {level: queries}."""
+        h, w = latent_hw
+        heads, ct = _heads(unet), _compute_dtype(dtype)
+        tables, sums, levels = {}, 0, {}
+        for layer in unet.attn_layers:
+            n = _queries(h, w, layer.level)
+            H, D = heads[layer.index]
+            self.layers[layer.index] = (layer, n)
+            if layer.is_cross:
+                tables[layer.index] = ("cross", (1, H, n, MAX_TOKENS), ct)  # p in the plans' compute dtype
+                sums += n * MAX_TOKENS
+                if layer.place != "mid":
+                    levels[layer.level] = n
+            else:
+                if n <= self.self_max_queries:
+                    tables[layer.index] = ("self", (1, H, n, D), dtype)  # q and k as the UNet makes them
+                if self.self_maps and n <= 32 * 32:
+                    sums += n * n
+        for kind, shape, dt in tables.values():
+            self.call_bytes[kind] += (2 if kind == "self" else 1) * torch.Size(shape).numel() * dt.itemsize
+        return tables, sums, levels
 
     def reset(self) -> None:
         """Back to zeroed sums (the tables are written whole by the next run)."""
@@ -106,8 +107,8 @@ class StaticRecorder(Recorder):
     def begin_step(self) -> None:
         for t in self.level_step.values():
             t.zero_()
-        self.cross_row = _window_row(self.counter, self.cross_window, self.window_calls["cross"])
-        self.self_row = _window_row(self.counter, self.self_window, self.window_calls["self"])
+        self.cross_row = _window_row(self.counter, self.cross_window, self.calls_in["cross"])
+        self.self_row = _window_row(self.counter, self.self_window, self.calls_in["self"])
 
     def record_cross(self, layer, p: torch.Tensor) -> None:
         mean = p.mean(dim=1)[0].float()  # (N, T)
