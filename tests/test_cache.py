@@ -235,9 +235,10 @@ def test_captured_recording_equals_the_eager_one(pipe64, kw):
     assert pipe64.edit_cache(SOURCE, capture=True, max_bytes=static.nbytes, **source).nbytes == static.nbytes
 
 
-@pytest.mark.parametrize("method", ["null_text", "direct"])
+@pytest.mark.parametrize("method", ["null_text", "negative_prompt", "direct"])
 def test_captured_recording_of_an_inversion(pipe64, method):
-    """The null text per call and a direct inversion's pivots (row 0 pinned) come from the loop's tables."""
+    """The unconditional text per call (null-text's optimised, negative-prompt's source prompt) and a direct
+    inversion's pivots (row 0 pinned) come from the loop's tables."""
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
     inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
     eager, static = (pipe64.edit_cache(SOURCE, inversion=inv, capture=c, progress=False, **SELF)

@@ -84,7 +84,7 @@ def test_generation_and_stored_edits_are_bit_identical(pipe64):
         assert torch.equal(static.latents, eager.latents), controller
 
 
-@pytest.mark.parametrize("method", ["null_text", "direct"])
+@pytest.mark.parametrize("method", ["null_text", "negative_prompt", "direct"])
 def test_static_loop_from_an_inversion(pipe64, method):
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
