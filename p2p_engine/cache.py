@@ -56,12 +56,12 @@ from .control import Control, cross_window, self_window
 from .plan import AttnLayer, CrossPlan, SelfPlan
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # the plans' probabilities: fp32 at least, as the kernels'
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
 
 

@@ -76,7 +76,8 @@ def unsupported(smp, control) -> str | None:
     return None
 
 
-def _queries(h: int, w: int, level: int) -> int:
+def layer_queries(h: int, w: int, level: int) -> int:
+    """The queries of an attention layer at `level` for latents of h x w."""
     for _ in range(level):  # each level halves with a stride-2 convolution (padding 1): ceil
         h, w = -(-h // 2), -(-w // 2)
     return h * w
@@ -106,7 +107,7 @@ class StaticControl(Control):
             self.blend_on = (torch.arange(self.calls) + 1 > self.blend.start).view(-1, 1, 1, 1, 1).to(dev)
         h, w = latent_hw
         for layer in layers:
-            n = _queries(h, w, layer.level)
+            n = layer_queries(h, w, layer.level)
             self.layers[layer.index] = (layer, n)
             maps = torch.zeros(self.P, n, MAX_TOKENS if layer.is_cross else n, device=dev)
             if layer.is_cross and self._is_blend_layer(layer):
@@ -342,7 +343,7 @@ def _kept(pipe, loop: StaticLoop, graph: bool):
             kept.refill(loop)
             pool.append(pool.pop(i))
             return kept, recorded
-    recorded = _record(loop) if graph else None
+    recorded = record_graph(loop) if graph else None
     pool.append((key, loop, recorded))
     del pool[:-MAX_KEPT]
     return loop, recorded
@@ -354,7 +355,7 @@ def forget(pipe) -> None:
     _kept_by_pipe.pop(pipe, None)
 
 
-def _record(loop: StaticLoop) -> torch.cuda.CUDAGraph:
+def record_graph(loop: StaticLoop) -> torch.cuda.CUDAGraph:
     """Warm the step up on a side stream (Triton compiles, the allocator settles), reset the state the warm-up
     advanced, and record one step (recording runs nothing: the state stays at call 0)."""
     try:

@@ -22,8 +22,8 @@ import weakref
 
 import torch
 
-from .cache import EditCache, Recorder, _compute_dtype
-from .captured import StaticLoop, _queries, _record, unsupported
+from .cache import EditCache, Recorder, compute_dtype
+from .captured import StaticLoop, layer_queries, record_graph, unsupported
 from .words import MAX_TOKENS
 
 
@@ -79,10 +79,10 @@ class StaticRecorder(Recorder):
         (`layers`), the bytes one call keeps (`call_bytes`); returns the per-call tables {layer: (kind, shape,
         dtype)}, the values of the fp32 sums, and the levels of LocalBlend's maps {level: queries}."""
         h, w = latent_hw
-        heads, ct = _heads(unet), _compute_dtype(dtype)
+        heads, ct = _heads(unet), compute_dtype(dtype)
         tables, sums, levels = {}, 0, {}
         for layer in unet.attn_layers:
-            n = _queries(h, w, layer.level)
+            n = layer_queries(h, w, layer.level)
             H, D = heads[layer.index]
             self.layers[layer.index] = (layer, n)
             if layer.is_cross:
@@ -162,7 +162,7 @@ def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: 
     if why is not None:
         raise ValueError(f"capture: {why}")
     loop = RecordLoop(pipe, prompt, src, smp, recorder)
-    recorded = _record(loop) if graph else None
+    recorded = record_graph(loop) if graph else None
     calls = range(len(smp.timesteps))
     if progress:
         from tqdm.auto import tqdm
