@@ -24,12 +24,12 @@ import torch
 
 from .cache import EditCache, Recorder, compute_dtype
 from .captured import StaticLoop, layer_queries, record_graph, unsupported
+from .unet import Attention
 from .words import MAX_TOKENS
 
 
 def _heads(unet) -> dict[int, tuple[int, int]]:
     """layer index -> (heads, head dim) of every attention layer of `unet`."""
-    from .unet import Attention
     return {m.layer.index: (m.heads, m.to_q.out_features // m.heads) for m in unet.modules()
             if isinstance(m, Attention) and m.layer is not None}
 
