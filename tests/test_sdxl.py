@@ -328,6 +328,15 @@ def test_cached_re_edit_equals_uncached(pipe64):
     assert cache.self_qk  # SDXL's default self limit (h/4)(w/4) takes its coarsest layers
     out = pipe64.edit(prompts, ctrl, cache=cache, **kw)
     assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-10
+    # the recording run on static state (p2p_engine.recording) over SDXL's layers (several per transformer,
+    # heads by level) and its time ids: the same cache, bit for bit
+    static = pipe64.edit_cache(SRC, progress=False, capture=True, **source)
+    for name in ("cross", "level_maps", "cross_sum"):
+        ours, theirs = getattr(static, name), getattr(cache, name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    assert static.self_qk.keys() == cache.self_qk.keys()
+    assert all(torch.equal(a, b) for k in cache.self_qk for a, b in zip(static.self_qk[k], cache.self_qk[k]))
+    assert torch.equal(static.latents, cache.latents)
 
 
 def test_static_loop_equals_eager(pipe64):
