@@ -26,14 +26,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from p2p_engine.plan import CrossPlan, inject_cross
+from p2p_engine.plan import CrossPlan, inject_cross, probabilities
 
 from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, source_table, unit_last_stride
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Probabilities live in fp32 at least; float64 inputs (test truth) stay float64.
-    return torch.promote_types(dtype, torch.float32)
 
 
 def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -52,9 +47,7 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
 
-    ct = _compute_dtype(q.dtype)
-    qc, kc, vc = q[P:].to(ct), k[P:].to(ct), v[P:].to(ct)
-    p = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (P, H, N, T)
+    p = probabilities(q[P:], k[P:], scale)  # (P, H, N, T)
     if store is not None:
         store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, T)
     if injects and plan.source is not None:  # every row a target, p_src given
@@ -62,7 +55,7 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     elif injects and P > 1:
         p_src, p_tgt = p[:1], p[1:]  # (1, H, N, T), (P-1, H, N, T)
         p = torch.cat([p_src, inject_cross(p_src, p_tgt, plan.mapper, plan.mix, plan.equalizer, plan.gate)])
-    out[P:] = (p @ vc).to(q.dtype)
+    out[P:] = (p @ v[P:].to(p.dtype)).to(q.dtype)
     return out
 
 

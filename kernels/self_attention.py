@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from p2p_engine.plan import SelfPlan
+from p2p_engine.plan import SelfPlan, probabilities
 
 from ._common import INTERPRET, check_inputs, check_plan_rows, new_output, next_pow2, source_table, unit_last_stride
 
@@ -65,19 +65,14 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
     out = torch.empty_like(q)
     out[:P] = F.scaled_dot_product_attention(q[:P], k[:P], v[:P], scale=scale)
-    ct = torch.promote_types(q.dtype, torch.float32)
-    p = _probabilities(q[P:], k[P:], ct, scale)  # (P, H, N, N)
+    p = probabilities(q[P:], k[P:], scale)  # (P, H, N, N)
     store.add_(p.mean(dim=1).to(store.dtype))  # (P, N, N)
     if inject:
         # With no cached source row 0 is the source, so every row may take it: the source's own is unchanged.
-        src = p[:1] if plan.source is None else _probabilities(*plan.source_qk(), ct, scale)
+        src = p[:1] if plan.source is None else probabilities(*plan.source_qk(), scale)
         p = src.expand_as(p) if on is None else torch.where(on, src.expand_as(p), p)
-    out[P:] = (p @ v[P:].to(ct)).to(q.dtype)
+    out[P:] = (p @ v[P:].to(p.dtype)).to(q.dtype)
     return out
-
-
-def _probabilities(q: torch.Tensor, k: torch.Tensor, ct: torch.dtype, scale: float) -> torch.Tensor:
-    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
 
 
 @triton.jit

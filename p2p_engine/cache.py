@@ -53,16 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .control import Control, cross_window, self_window
-from .plan import AttnLayer, CrossPlan, SelfPlan
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # the plans' probabilities: fp32 at least, as the kernels'
-
-
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    ct = compute_dtype(q.dtype)
-    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
+from .plan import AttnLayer, CrossPlan, SelfPlan, probabilities
 
 
 @dataclass
@@ -133,7 +124,7 @@ class _RecordCross:
         # as cross_attention_reference for the rows [uncond, cond] of one prompt
         out = torch.empty_like(q)
         out[:1] = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], scale=scale)
-        p = _probabilities(q[1:], k[1:], scale)  # (1, H, N, T)
+        p = probabilities(q[1:], k[1:], scale)  # (1, H, N, T)
         self.rec.record_cross(self.layer, p)
         out[1:] = (p @ v[1:].to(p.dtype)).to(q.dtype)
         return out
@@ -154,7 +145,7 @@ class _RecordSelf:
         # as self_attention_reference with a store
         out = torch.empty_like(q)
         out[:1] = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], scale=scale)
-        p = _probabilities(q[1:], k[1:], scale)
+        p = probabilities(q[1:], k[1:], scale)
         self.store.add_(p.mean(dim=1).to(self.store.dtype))
         out[1:] = (p @ v[1:].to(p.dtype)).to(q.dtype)
         return out

@@ -128,6 +128,14 @@ class StaticControl(Control):
         out.self_sum = {k: v.clone() for k, v in self.self_sum.items()}
         return out
 
+    def reset(self) -> None:
+        """Every map buffer zeroed, back at call 0 (`StaticLoop.reset`)."""
+        for buf in [*self.cross_sum.values(), *self.self_sum.values(), *self.step_buf.values()]:
+            buf.zero_()
+        if self.blend_sum is not None:
+            self.blend_sum.zero_()
+        self.step = 0
+
     def begin_step(self) -> None:
         """This call's gates, read from the counter (recorded into the graph with the rest of the step)."""
         if self.gates_cross:
@@ -264,13 +272,8 @@ class StaticLoop:
         """Back to call 0: the start latent, the counter and every map buffer (after a warm-up)."""
         self.latents.copy_(self.start)
         self.counter.zero_()
-        c = self.control
-        if c is not None:
-            for buf in [*c.cross_sum.values(), *c.self_sum.values(), *c.step_buf.values()]:
-                buf.zero_()
-            if c.blend_sum is not None:
-                c.blend_sum.zero_()
-            c.step = 0
+        if self.control is not None:
+            self.control.reset()
 
     def step(self) -> None:
         i, P = self.counter, self.P

@@ -121,6 +121,18 @@ class AttnLayer:
     level: int  # resolution level: 0 is the full latent size, each level halves it
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The plans' probabilities: fp32 at least, as the kernels'; float64 inputs (test truth) stay float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) in `compute_dtype`, as every path that materialises a plan's probabilities forms
+    them: q (..., N, D), k (..., M, D) -> (..., N, M)."""
+    ct = compute_dtype(q.dtype)
+    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale, dim=-1)
+
+
 def inject_cross(p_src: torch.Tensor, p_tgt: torch.Tensor, mapper: torch.Tensor, mix: torch.Tensor | None = None,
                  equalizer: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """The targets' injected cross probabilities, by the formulas above.

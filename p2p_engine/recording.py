@@ -22,8 +22,9 @@ import weakref
 
 import torch
 
-from .cache import EditCache, Recorder, compute_dtype
+from .cache import EditCache, Recorder
 from .captured import StaticLoop, layer_queries, record_graph, unsupported
+from .plan import compute_dtype
 from .unet import Attention
 from .words import MAX_TOKENS
 
@@ -44,8 +45,9 @@ def _window_row(counter: torch.Tensor, window: tuple[int, int], spare: int) -> t
 class StaticRecorder(Recorder):
     """A `Recorder` whose tables exist before the first call and are written at the device counter's row."""
 
-    def __init__(self, rec: Recorder, unet, latent_hw: tuple[int, int], latent_shape: tuple, counter: torch.Tensor,
-                 dtype: torch.dtype, master: torch.dtype):
+    def __init__(self, rec: Recorder, unet, latent_shape: tuple, counter: torch.Tensor, dtype: torch.dtype,
+                 master: torch.dtype):
+        """latent_shape: (1, C, h, w), the source row's; dtype: the UNet's; master: the latents'."""
         for name in Recorder.SETTINGS:  # the settings, not what `rec` holds: it stays the eager fallback
             setattr(self, name, getattr(rec, name))
         self._start()
@@ -53,7 +55,7 @@ class StaticRecorder(Recorder):
             raise ValueError("a captured recording keeps the cache on the pipeline's device; use storage=None")
         self.counter = counter
         self.cross_row = self.self_row = None
-        tables, sums, levels = self._layout(unet, latent_hw, dtype)
+        tables, sums, levels = self._layout(unet, latent_shape[-2:], dtype)
         self.calls_in = self.window_calls()
         rows = {kind: n + 1 if n else 0 for kind, n in self.calls_in.items()}  # a spare row past each window
         self.refuse_over(self.total_bytes(rows, sums + self.calls * sum(n * MAX_TOKENS for n in levels.values()),
@@ -100,7 +102,7 @@ class StaticRecorder(Recorder):
         return tables, sums, levels
 
     def reset(self) -> None:
-        """Back to zeroed sums (the tables are written whole by the next run)."""
+        """Back to zeroed sums (`StaticLoop.reset`; the tables are written whole by the next run)."""
         for t in [*self.cross_sum.values(), *self.self_sum.values()]:
             t.zero_()
 
@@ -143,13 +145,8 @@ class RecordLoop(StaticLoop):
 
     def __init__(self, pipe, prompt: str, src, smp, recorder: Recorder):
         super().__init__(pipe, [prompt], src, smp, None, pin=True)
-        self.control = StaticRecorder(recorder, pipe.unet, tuple(self.start.shape[-2:]), tuple(self.start.shape),
-                                      self.counter, pipe.dtype, pipe.master_dtype)
-
-    def reset(self) -> None:
-        self.latents.copy_(self.start)
-        self.counter.zero_()
-        self.control.reset()
+        self.control = StaticRecorder(recorder, pipe.unet, tuple(self.start.shape), self.counter, pipe.dtype,
+                                      pipe.master_dtype)
 
 
 def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: bool,
