@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import Callable
 
 import torch
 
+from . import graphs
 from .cache import CachedControl
 from .conditioning import StepTexts, Text
 from .control import Control
@@ -313,7 +315,7 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
     why = unsupported(smp, control)
     if why is not None:
         raise ValueError(f"capture: {why}")
-    if graph and pipe.device.type != "cuda":
+    if graph and not graphs.can_capture(pipe.device):
         raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
     loop, recorded = _kept(pipe, StaticLoop(pipe, prompts, src, smp, control, pin=pin), graph)
     calls = range(len(smp.timesteps))
@@ -322,7 +324,7 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
         calls = tqdm(calls, desc=f"{desc} (captured)" if graph else desc)
     for _ in calls:
         if recorded is not None:
-            recorded.replay()
+            recorded()
         else:
             loop.step()
     # copies: the kept loop's buffers are the next edit's
@@ -336,8 +338,9 @@ _kept_by_pipe: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _kept(pipe, loop: StaticLoop, graph: bool):
-    """(the loop to run, its CUDA graph or None): a kept loop of the same signature refilled with this edit's
-    feeds (recorded once, replayed by every later edit), else this loop, recorded when `graph` and kept."""
+    """(the loop to run, its recorded step's replay or None): a kept loop of the same signature refilled with
+    this edit's feeds (recorded once, replayed by every later edit), else this loop, recorded when `graph` and
+    kept."""
     c = loop.control
     pool = c.cache.kept_loops if isinstance(c, StaticCachedControl) else _kept_by_pipe.setdefault(pipe, [])
     key = (graph, loop.signature())
@@ -358,20 +361,11 @@ def forget(pipe) -> None:
     _kept_by_pipe.pop(pipe, None)
 
 
-def record_graph(loop: StaticLoop) -> torch.cuda.CUDAGraph:
-    """Warm the step up on a side stream (Triton compiles, the allocator settles), reset the state the warm-up
-    advanced, and record one step (recording runs nothing: the state stays at call 0)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(min(2, loop.timesteps.shape[0])):  # the counter must stay inside the tables
-                loop.step()
-        torch.cuda.current_stream().wait_stream(side)
-        loop.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loop.step()
+def record_graph(loop: StaticLoop) -> Callable[[], None]:
+    """The loop's step recorded once (`graphs.capture`: two warm-up steps, the state reset to call 0, the step
+    recorded): returns its replay, one step per call. Raises `CaptureFailed` if recording fails."""
+    try:  # at most as many warm-up steps as calls: the counter must stay inside the tables
+        replay, _ = graphs.capture(loop.step, warmup=min(2, loop.timesteps.shape[0]), reset=loop.reset)
     except Exception as e:  # noqa: BLE001 -- reported by the caller, which falls back to the eager loop
         raise CaptureFailed(f"{type(e).__name__}: {e}") from e
-    return graph
+    return replay

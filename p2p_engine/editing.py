@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import captured, recording
+from . import captured, graphs, recording
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
@@ -160,13 +160,13 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
 
 def _run(pipe, prompts, src: Source, smp, control, capture: bool | None, *, pin: bool, progress: bool, desc: str):
     """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (latents, control)."""
-    cuda = pipe.device.type == "cuda"
+    graph = graphs.can_capture(pipe.device)
     if capture is None:
-        capture = CAPTURE_BY_DEFAULT and cuda and captured.unsupported(smp, control) is None
+        capture = CAPTURE_BY_DEFAULT and graph and captured.unsupported(smp, control) is None
     if capture:
         try:
             return captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc,
-                                          graph=cuda)
+                                          graph=graph)
         except captured.CaptureFailed as e:
             if str(e) not in _capture_failures:
                 _capture_failures.add(str(e))
@@ -266,13 +266,13 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
 
 def _record_source(pipe, prompt, src, smp, recorder: Recorder, capture: bool | None, progress: bool):
     """edit_cache's run of the source alone, eager or on static state (as `_run` runs edits): (latents, recorder)."""
-    cuda = pipe.device.type == "cuda"
+    graph = graphs.can_capture(pipe.device)
     if capture is None:
-        capture = (CAPTURE_BY_DEFAULT and cuda and recorder.storage == recorder.device
+        capture = (CAPTURE_BY_DEFAULT and graph and recorder.storage == recorder.device
                    and captured.unsupported(smp, None) is None)
     if capture:
         try:
-            return recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=cuda)
+            return recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=graph)
         except captured.CaptureFailed as e:
             if str(e) not in _capture_failures:
                 _capture_failures.add(str(e))

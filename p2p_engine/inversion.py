@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import graphs
 from .editing import edit
 from .files import atomic_write
 from .images import prepare
@@ -206,7 +207,7 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
     if method == "null_text":
         warn_bf16(pipe)
         if use_graph is None:
-            use_graph = pipe.device.type == "cuda"
+            use_graph = graphs.can_capture(pipe.device)
         nulls, pooled, losses = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, epsilon,
                                               epsilon_slope, use_graph, progress, time_ids, optimize_pooled)
     else:

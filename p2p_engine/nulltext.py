@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+from . import graphs
 from .scheduler import ddim_step
 
 
@@ -129,26 +130,18 @@ class _Iteration:
 
 
 def _graph_iteration(it: _Iteration):
-    """Capture `it()` in a CUDA graph (warm-up on a side stream first). Returns a replay callable."""
+    """`it()` recorded once (`graphs.capture`, three warm-up iterations first). Returns its replay."""
     live = [it.param, it.adam.m, it.adam.v, it.adam.count, it.done]
     if it.pooled_adam is not None:
         live += [it.pooled, it.pooled_adam.m, it.pooled_adam.v, it.pooled_adam.count]
     state = [t.clone() for t in live]
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                it()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            it()
+        replay, _ = graphs.capture(it, warmup=3)
     finally:
-        # Warm-up and capture ran on live buffers: restore them (also for the eager fallback).
+        # The warm-up ran on live buffers: restore them (also for the eager fallback).
         for dst, src in zip(live, state):
             dst.copy_(src)
-    return g.replay
+    return replay
 
 
 # How stopped images leave the batch's work: "rows" (eager only: the UNet runs on the exact rows still

@@ -166,7 +166,7 @@ def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: 
         calls = tqdm(calls, desc="source (captured)" if graph else "source")
     for _ in calls:
         if recorded is not None:
-            recorded.replay()
+            recorded()
         else:
             loop.step()
     return loop.latents.clone(), loop.control

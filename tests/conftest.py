@@ -42,3 +42,35 @@ def load_float64():
         pipe.dtype = torch.float64
         return pipe
     return load
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """CUDA graphs emulated on the CPU (tests/tape.py): `p2p_engine.graphs` accepts the CPU and records on a tape,
+    so `capture=True`, the null-text inversion's iteration and `GraphedUNet` record once and replay as a graph
+    does. Yields the list of tapes recorded (check their `syncs`); loops kept for later edits are dropped after."""
+    from p2p_engine import captured, graphs
+    from tape import capture_on_tape
+
+    tapes = []
+    monkeypatch.setattr(graphs, "can_capture", lambda device: True)
+    monkeypatch.setattr(graphs, "capture", lambda run, **kw: capture_on_tape(run, tapes=tapes, **kw))
+    yield tapes
+    captured._kept_by_pipe.clear()
+
+
+@pytest.fixture(params=["call by call", "replayed"])
+def capture_way(request):
+    """How `capture=True` runs the recorded step on the CPU: call by call (the step's Python runs every call), or
+    recorded once and replayed as a CUDA graph replays it (`emulated_graphs`). Yields a check to call after the
+    captured runs: replayed, at least one step was recorded and none read the device back to the host."""
+    if request.param == "call by call":
+        yield lambda: None
+        return
+    tapes = request.getfixturevalue("emulated_graphs")
+
+    def check():
+        assert tapes, "nothing was recorded"
+        for tape in tapes:
+            assert not tape.syncs, f"the recorded step read a value back to the host: {tape.describe_syncs()}"
+    yield check

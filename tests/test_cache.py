@@ -145,7 +145,7 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present; "
                     "test_cuda_cached_edit_equals_uncached runs the compiled kernel")
-def test_triton_re_edit_reads_the_cached_source(tiny_ckpt, pipe64, monkeypatch):
+def test_triton_re_edit_reads_the_cached_source(tiny_ckpt, pipe64, monkeypatch, capture_way):
     """On the Triton backend a re-edit's injecting cross and self calls go to the kernels with the cached p_src,
     q_src and k_src (their cached-source modes, interpreted here), eagerly and in the static loop a graph
     records (which hands over whole tables and the counter's row), and err against float64 truth no more than
@@ -179,6 +179,7 @@ def test_triton_re_edit_reads_the_cached_source(tiny_ckpt, pipe64, monkeypatch):
     for out in (out, static):
         err_out = rel_max_error(out.latents, truth)
         assert err_ref < 1e-4 and err_out <= 2 * err_ref + 1e-6, (err_ref, err_out)
+    capture_way()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -218,7 +219,7 @@ def _assert_same_cache(eager, static) -> None:
 
 @pytest.mark.parametrize("kw", [{}, dict(self_maps=True, cross_steps=(0.2, 1.0), self_steps=(0.1, 0.7))],
                          ids=["defaults", "self maps, windows"])
-def test_captured_recording_equals_the_eager_one(pipe64, kw):
+def test_captured_recording_equals_the_eager_one(pipe64, kw, capture_way):
     """edit_cache(capture=True) runs the static step a CUDA graph records (call by call on the CPU): every table,
     sum, level map and latent equals the eager recorder's bit for bit in float64, and so does a re-edit from it.
     Its size is refused over max_bytes before anything is allocated, counting the tables' spare rows."""
@@ -233,10 +234,11 @@ def test_captured_recording_equals_the_eager_one(pipe64, kw):
     with pytest.raises(ValueError, match="max_bytes"):
         pipe64.edit_cache(SOURCE, capture=True, max_bytes=static.nbytes - 1, **source)
     assert pipe64.edit_cache(SOURCE, capture=True, max_bytes=static.nbytes, **source).nbytes == static.nbytes
+    capture_way()
 
 
 @pytest.mark.parametrize("method", ["null_text", "negative_prompt", "direct"])
-def test_captured_recording_of_an_inversion(pipe64, method):
+def test_captured_recording_of_an_inversion(pipe64, method, capture_way):
     """The unconditional text per call (null-text's optimised, negative-prompt's source prompt) and a direct
     inversion's pivots (row 0 pinned) come from the loop's tables."""
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
@@ -244,6 +246,7 @@ def test_captured_recording_of_an_inversion(pipe64, method):
     eager, static = (pipe64.edit_cache(SOURCE, inversion=inv, capture=c, progress=False, **SELF)
                      for c in (False, True))
     _assert_same_cache(eager, static)
+    capture_way()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

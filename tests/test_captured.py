@@ -67,13 +67,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_static_loop_equals_eager_float64(pipe64, case):
+def test_static_loop_equals_eager_float64(pipe64, case, capture_way):
     c = CASES[case]
     eager, static = _pair(pipe64, c["prompts"], c["controller"], seed=3, steps=STEPS, **c.get("kw", {}))
     _assert_same(eager, static, 1e-12)
+    capture_way()
 
 
-def test_generation_and_stored_edits_are_bit_identical(pipe64):
+def test_generation_and_stored_edits_are_bit_identical(pipe64, capture_way):
     """Where no window closes, the static step runs the eager step's very operations. (A closed cross gate on
     an unstored call, or a closed self window, is the plan's explicit softmax or SDPA with an explicit scale
     where the eager call is plain SDPA: equal to rounding, as the float64 tests above hold.)"""
@@ -82,10 +83,11 @@ def test_generation_and_stored_edits_are_bit_identical(pipe64):
                             dict(local_blend=p2p.LocalBlend(["cat", "dog"])))]:
         eager, static = _pair(pipe64, [SOURCE, TARGET], controller, seed=1, steps=STEPS, **kw)
         assert torch.equal(static.latents, eager.latents), controller
+    capture_way()
 
 
 @pytest.mark.parametrize("method", ["null_text", "negative_prompt", "direct"])
-def test_static_loop_from_an_inversion(pipe64, method):
+def test_static_loop_from_an_inversion(pipe64, method, capture_way):
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
     eager, static = _pair(pipe64, [SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv,
@@ -93,6 +95,7 @@ def test_static_loop_from_an_inversion(pipe64, method):
     _assert_same(eager, static, 1e-12)
     if method == "direct":  # the pivot pins the source row in the static loop too
         assert torch.equal(static.latents[0], inv.pivots[-1].to(static.latents))
+    capture_way()
 
 
 CACHED = {
@@ -108,7 +111,7 @@ CACHED = {
 
 
 @pytest.mark.parametrize("case", list(CACHED))
-def test_static_re_edit_from_a_cache_float64(pipe64, case):
+def test_static_re_edit_from_a_cache_float64(pipe64, case, capture_way):
     """A re-edit from a cache on static state: the source's attention, LocalBlend maps and latents read from the
     cache's tables at the device counter, equal to the eager re-edit and to the uncached edit."""
     c = CACHED[case]
@@ -119,10 +122,11 @@ def test_static_re_edit_from_a_cache_float64(pipe64, case):
     _assert_same(eager, static, 1e-12)
     uncached = pipe64.edit(c["prompts"], c["controller"], seed=3, steps=STEPS, capture=False, progress=False, **kw)
     _assert_same(uncached, static, 1e-10)
+    capture_way()
 
 
 @pytest.mark.parametrize("method", ["null_text", "direct"])
-def test_static_re_edit_from_an_inverted_cache(pipe64, method):
+def test_static_re_edit_from_an_inverted_cache(pipe64, method, capture_way):
     img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
     inv = pipe64.invert(img, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
     cache = pipe64.edit_cache(SOURCE, inversion=inv, progress=False, **SELF)
@@ -130,13 +134,14 @@ def test_static_re_edit_from_an_inverted_cache(pipe64, method):
     uncached = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), inversion=inv, capture=False, **kw)
     static = pipe64.edit([SOURCE, TARGET], p2p.Replace(**SELF), cache=cache, capture=True, **kw)
     _assert_same(uncached, static, 1e-10)
+    capture_way()
 
 
 def _kept(pipe):
     return [loop for _, loop, _ in captured._kept_by_pipe.get(pipe, [])]
 
 
-def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64):
+def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64, capture_way):
     """The second edit of the same shapes refills the first's loop (on a GPU: replays its graph) instead of
     building and recording one. Every feed differs between the two (start noise, timesteps and alphas by
     steps_offset, prompts, mapper and mix, equalizer, cross and self windows, LocalBlend's words, subtraction
@@ -169,6 +174,7 @@ def test_a_kept_loop_serves_later_edits_of_the_same_shapes(pipe64):
     assert rel_max_error(other.latents, run(*b_args, capture=False, guidance=3.0).latents) <= 1e-12
     captured.forget(pipe64)
     assert _kept(pipe64) == []
+    capture_way()
 
 
 def test_kept_loops_do_not_keep_their_pipeline_alive(tiny_ckpt):
@@ -182,7 +188,7 @@ def test_kept_loops_do_not_keep_their_pipeline_alive(tiny_ckpt):
     assert ref() is None
 
 
-def test_kept_loops_of_inversions_and_edit_caches(pipe64):
+def test_kept_loops_of_inversions_and_edit_caches(pipe64, capture_way):
     """Edits from two inversions share a loop (their null texts and pivots are refilled); re-edits from one
     cache share the cache's loop."""
     imgs = [(torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
@@ -206,6 +212,7 @@ def test_kept_loops_of_inversions_and_edit_caches(pipe64):
     pipe64.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, **kw)
     second = pipe64.edit([SOURCE, "a fox riding a bicycle"], ctrl, cache=cache, capture=True, **fox)
     assert len(cache.kept_loops) == 1 and rel_max_error(second.latents, fresh.latents) <= 1e-12
+    capture_way()
 
 
 def test_float32_static_loop_within_float32_drift(tiny_pipe, pipe64):

@@ -300,28 +300,57 @@ def test_timesteps_recorded_and_older_files_edit_as_made(pipe, tmp_path):
     assert not torch.allclose(got, pipe.edit(["a cat", "a dog"], inversion=inv, **edit).latents)
 
 
-def test_buckets_equal_the_full_batch(pipe64, monkeypatch):
-    """The fixed-shape iteration that gathers the images still optimising into half (a quarter, ...) of the
-    rows (`nulltext._Buckets`, for captured loops; run here step by step) gives each image what the batch
-    gives it: the same iterations, the same embeddings to a float32 ulp. And it did run smaller iterations."""
+@pytest.fixture(scope="module")
+def staggered(pipe64):
+    """Three images that stop at different iterations, and their eager inversion: (images, prompts, kw, eager)."""
     size = pipe64.config.image_size
     images = [prepare(photo(s, 64 + 8 * s, 96), size) for s in (3, 4, 5)]
     prompts = ["a cat", "two birds in a tree", "a house by a lake"]
-    free = invert_batch(pipe64, images, prompts, steps=STEPS, inner_steps=INNER, progress=False, early_stop=False)
+    free = invert_batch(pipe64, images, prompts, steps=STEPS, inner_steps=INNER, progress=False, early_stop=False,
+                        use_graph=False)
     first = sorted(inv.losses[1, 0].item() for inv in free)
-    eps0 = math.sqrt(first[0] * first[1]) if first[0] > 0 else first[1]  # the images stop at different iterations
-    kw = dict(steps=STEPS, inner_steps=INNER, progress=False, epsilon=eps0, epsilon_slope=0.0, use_graph=False)
-    exact = invert_batch(pipe64, images, prompts, **kw)
+    eps0 = math.sqrt(first[0] * first[1]) if first[0] > 0 else first[1]
+    kw = dict(steps=STEPS, inner_steps=INNER, progress=False, epsilon=eps0, epsilon_slope=0.0)
+    return images, prompts, kw, invert_batch(pipe64, images, prompts, use_graph=False, **kw)
+
+
+def _assert_same_iterations(exact, other) -> None:
+    """Each image stopped at the same iterations, with the same embeddings to a float32 ulp."""
+    ulp = torch.finfo(torch.float32).eps
+    for e, g in zip(exact, other):
+        assert torch.equal(e.losses.isnan(), g.losses.isnan())
+        assert _rel(g.null_embeddings, e.null_embeddings) <= ulp and torch.equal(g.latent_T, e.latent_T)
+
+
+def test_buckets_equal_the_full_batch(pipe64, monkeypatch, staggered):
+    """The fixed-shape iteration that gathers the images still optimising into half (a quarter, ...) of the
+    rows (`nulltext._Buckets`, for captured loops; run here step by step) gives each image what the batch
+    gives it: the same iterations, the same embeddings to a float32 ulp. And it did run smaller iterations."""
+    images, prompts, kw, exact = staggered
     monkeypatch.setitem(nulltext.COMPACTION, "eager", "buckets")
     rows = []
     predict = pipe64.predict
     monkeypatch.setattr(pipe64, "predict", lambda x, *a, **k: rows.append(x.shape[0]) or predict(x, *a, **k))
-    gathered = invert_batch(pipe64, images, prompts, **kw)
+    gathered = invert_batch(pipe64, images, prompts, use_graph=False, **kw)
     assert 1 in rows or 2 in rows  # some iterations ran on fewer rows than the batch's 3
-    ulp = torch.finfo(torch.float32).eps
-    for e, g in zip(exact, gathered):
-        assert torch.equal(e.losses.isnan(), g.losses.isnan())
-        assert _rel(g.null_embeddings, e.null_embeddings) <= ulp and torch.equal(g.latent_T, e.latent_T)
+    _assert_same_iterations(exact, gathered)
+
+
+@pytest.mark.parametrize("compaction", ["mask", "buckets"])
+def test_replayed_iteration_equals_eager(pipe64, monkeypatch, emulated_graphs, staggered, compaction):
+    """The inner iteration recorded once and replayed as a CUDA graph replays it (emulated on the CPU:
+    tests/tape.py), with images that stop at different iterations: masked in the full batch, or gathered into
+    iterations of fewer rows, each recorded once. Each image gets the eager loop's iterations and embeddings
+    (to a float32 ulp: the eager loop runs the UNet on the remaining rows only), and no recorded iteration reads
+    a value back to the host."""
+    images, prompts, kw, eager = staggered
+    monkeypatch.setitem(nulltext.COMPACTION, "graph", compaction)
+    with _no_warning():
+        replayed = invert_batch(pipe64, images, prompts, use_graph=True, **kw)
+    # one recording of the batch's iteration; gathered, one more per smaller size the stopped images left
+    assert (len(emulated_graphs) == 1) if compaction == "mask" else (len(emulated_graphs) > 1)
+    assert all(not t.syncs for t in emulated_graphs), [t.describe_syncs() for t in emulated_graphs]
+    _assert_same_iterations(eager, replayed)
 
 
 def test_bucket_sizes():

@@ -317,7 +317,7 @@ def test_batch_equals_singles(pipe64):
         assert math.isclose(float(b.losses.nansum()), float(s.losses.nansum()), rel_tol=1e-6)
 
 
-def test_cached_re_edit_equals_uncached(pipe64):
+def test_cached_re_edit_equals_uncached(pipe64, capture_way):
     """A re-edit from an edit cache (tests/test_cache.py for SD 1.x) carries SDXL's pooled embeddings and time ids
     for the targets' rows; float64, so that only the logic is compared."""
     prompts, ctrl = [SRC, TGT], p2p.Replace()
@@ -337,9 +337,10 @@ def test_cached_re_edit_equals_uncached(pipe64):
     assert static.self_qk.keys() == cache.self_qk.keys()
     assert all(torch.equal(a, b) for k in cache.self_qk for a, b in zip(static.self_qk[k], cache.self_qk[k]))
     assert torch.equal(static.latents, cache.latents)
+    capture_way()
 
 
-def test_static_loop_equals_eager(pipe64):
+def test_static_loop_equals_eager(pipe64, capture_way):
     """The captured loop's static step (tests/test_captured.py for SD 1.x) with SDXL's pooled embeddings, time ids
     and a null-text inversion's per-step pooled null; a non-square size, so the buffers allocated up front take
     each level's own height and width; float64."""
@@ -351,3 +352,4 @@ def test_static_loop_equals_eager(pipe64):
         out = pipe64.edit([SRC, TGT], p2p.Replace(), capture=True, **kw)
         assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-12
         assert out.attention.layers == ref.attention.layers
+    capture_way()
