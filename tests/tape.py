@@ -58,8 +58,8 @@ class Tape(TorchDispatchMode):
             self.syncs.append((func, traceback.extract_stack()))
         schema = func._schema
         given = list(zip(schema.arguments, args)) + [(a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs]
-        written = [x for a, x in given
-                   if isinstance(x, torch.Tensor) and a.alias_info is not None and a.alias_info.is_write]
+        written = [x for a, value in given if a.alias_info is not None and a.alias_info.is_write
+                   for x in _tensors(value)]  # a written Tensor[] (the _foreach_ ops) too
         self._before_write(written)
         storages = [x.untyped_storage().data_ptr() for x in written]
         pinned_args, pinned_kwargs = tree_map(_pinned, args), tree_map(_pinned, kwargs)
