@@ -315,18 +315,8 @@ def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool
     why = unsupported(smp, control)
     if why is not None:
         raise ValueError(f"capture: {why}")
-    if graph and not graphs.can_capture(pipe.device):
-        raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {pipe.device}")
     loop, recorded = _kept(pipe, StaticLoop(pipe, prompts, src, smp, control, pin=pin), graph)
-    calls = range(len(smp.timesteps))
-    if progress:
-        from tqdm.auto import tqdm
-        calls = tqdm(calls, desc=f"{desc} (captured)" if graph else desc)
-    for _ in calls:
-        if recorded is not None:
-            recorded()
-        else:
-            loop.step()
+    run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc)
     # copies: the kept loop's buffers are the next edit's
     return loop.latents.clone(), None if loop.control is None else loop.control.snapshot()
 
@@ -361,9 +351,27 @@ def forget(pipe) -> None:
     _kept_by_pipe.pop(pipe, None)
 
 
+def run_calls(loop: StaticLoop, replay: Callable[[], None] | None, calls: int, *, progress: bool,
+              desc: str) -> None:
+    """Advance `loop` by `calls` steps: by its recorded step's replay, or (None) running the step call by call."""
+    steps = range(calls)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=desc if replay is None else f"{desc} (captured)")
+    for _ in steps:
+        if replay is not None:
+            replay()
+        else:
+            loop.step()
+
+
 def record_graph(loop: StaticLoop) -> Callable[[], None]:
     """The loop's step recorded once (`graphs.capture`: two warm-up steps, the state reset to call 0, the step
-    recorded): returns its replay, one step per call. Raises `CaptureFailed` if recording fails."""
+    recorded): returns its replay, one step per call. Raises `CaptureFailed` if recording fails, ValueError
+    where the loop's device cannot record."""
+    device = loop.counter.device
+    if not graphs.can_capture(device):
+        raise ValueError(f"capture: CUDA graphs need a CUDA pipeline; this one is on {device}")
     try:  # at most as many warm-up steps as calls: the counter must stay inside the tables
         replay, _ = graphs.capture(loop.step, warmup=min(2, loop.timesteps.shape[0]), reset=loop.reset)
     except Exception as e:  # noqa: BLE001 -- reported by the caller, which falls back to the eager loop

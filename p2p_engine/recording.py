@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .cache import EditCache, Recorder
-from .captured import StaticLoop, layer_queries, record_graph, unsupported
+from .captured import StaticLoop, layer_queries, record_graph, run_calls, unsupported
 from .plan import compute_dtype
 from .unet import Attention
 from .words import MAX_TOKENS
@@ -159,14 +159,5 @@ def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: 
     if why is not None:
         raise ValueError(f"capture: {why}")
     loop = RecordLoop(pipe, prompt, src, smp, recorder)
-    recorded = record_graph(loop) if graph else None
-    calls = range(len(smp.timesteps))
-    if progress:
-        from tqdm.auto import tqdm
-        calls = tqdm(calls, desc="source (captured)" if graph else "source")
-    for _ in calls:
-        if recorded is not None:
-            recorded()
-        else:
-            loop.step()
+    run_calls(loop, record_graph(loop) if graph else None, len(smp.timesteps), progress=progress, desc="source")
     return loop.latents.clone(), loop.control
