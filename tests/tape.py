@@ -20,10 +20,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
+import emulated_device
+from emulated_device import recording_host_copies
+
 aten = torch.ops.aten
-# Operations that read a tensor's values back to the host (a value, or a shape that depends on values).
+EMULATION = {__file__, emulated_device.__file__}  # frames of the emulation, not of the code it runs
+# Operations that read a tensor's values back to the host (a value, or a shape that depends on values), and
+# `lift_fresh`: a tensor made from host data (`torch.tensor(...)`), which on a GPU is a copy from pageable host
+# memory, refused while a graph records.
 SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
-         aten.is_nonzero.default, aten.unique_dim.default, aten._unique2.default}
+         aten.is_nonzero.default, aten.unique_dim.default, aten._unique2.default, aten.lift_fresh.default}
 
 
 def _pinned(x):
@@ -110,7 +116,7 @@ class Tape(TorchDispatchMode):
         """Each sync with the line that asked for it (the innermost frame outside torch and this file)."""
         lines = []
         for func, stack in self.syncs:
-            asked = [f for f in stack if "site-packages" not in f.filename and f.filename != __file__]
+            asked = [f for f in stack if "site-packages" not in f.filename and f.filename not in EMULATION]
             where = f"{asked[-1].filename}:{asked[-1].lineno} ({asked[-1].line})" if asked else "?"
             lines.append(f"{func} at {where}")
         return "; ".join(lines)
@@ -143,8 +149,9 @@ def capture_on_tape(run, *, warmup: int, reset=None, tapes: list | None = None):
     if reset is not None:
         reset()
     tape = Tape()
-    with tape:
+    with tape, recording_host_copies() as copies:
         out = run()
+    tape.syncs += copies  # on an emulated device (tests/emulated_device.py): a copy from the host syncs
     tape.finish()
     if tapes is not None:
         tapes.append(tape)

@@ -1,0 +1,166 @@
+"""The engine on a device that is not the host, emulated on the CPU (tests/emulated_device.py).
+
+Every other CPU test runs with the host as the pipeline's device, so a tensor left on the host where the
+device needs it (a table built with torch.tensor and no `device=`, then indexed by the loop's device counter;
+a mask made on the host) cannot show there, and a copy from the host inside a recorded step (refused while a
+CUDA graph records) neither. Here the pipeline lives on an emulated device: each operation that mixes its
+tensors with host tensors fails as on CUDA, and each copy from the host inside a recording counts as a sync.
+The captured loops run replayed (`emulated_graphs`); every result equals the host's in float64.
+"""
+import warnings
+
+import pytest
+import torch
+
+import p2p_engine as p2p
+from emulated_device import DEVICE, OnDevice, emulated_device
+from numerics import rel_max_error
+from p2p_engine.graphs import GraphedUNet
+
+SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
+STEPS = 6
+SELF = dict(self_max_queries=64)
+
+
+def _load_off_host(path):
+    """A checkpoint in float64 on the emulated device (as `load_float64` loads it on the host)."""
+    with pytest.MonkeyPatch.context() as mp, emulated_device(mp):
+        off = p2p.load(path, device=DEVICE, dtype=torch.float32, backend="torch")
+        torch.__future__.set_overwrite_module_params_on_conversion(True)  # `.data =` would keep the old values
+        try:
+            for m in (off.unet, off.vae, off.text_encoder, off.text_encoder_2):
+                if m is not None:
+                    m.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+        off.dtype = torch.float64
+    assert isinstance(next(off.unet.parameters()), OnDevice)
+    return off
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_ckpt, load_float64):
+    """(the tiny model in float64 on the host, the same on the emulated device)."""
+    return load_float64(tiny_ckpt), _load_off_host(tiny_ckpt)
+
+
+@pytest.fixture
+def device(monkeypatch, emulated_graphs):
+    """The emulation on, CUDA graphs emulated (tests/tape.py), a failed recording an error (not the eager loop
+    the engine falls back to); yields the check that steps were recorded and none crossed to the host."""
+    with emulated_device(monkeypatch), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(CUDA-graph capture|as a CUDA graph failed)")
+
+        def check():
+            assert emulated_graphs, "nothing was recorded"
+            for tape in emulated_graphs:
+                assert not tape.syncs, f"a recorded step crossed to the host: {tape.describe_syncs()}"
+        yield check
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    assert isinstance(t, OnDevice), "a result left the device"
+    return t.cpu()
+
+
+def _assert_same(ref, out, tol):
+    assert rel_max_error(_host(out.latents), ref.latents) <= tol
+    if ref.attention is not None:
+        for ours, theirs in [(out.attention._cross, ref.attention._cross), (out.attention._self, ref.attention._self)]:
+            assert ours.keys() == theirs.keys()
+            for k, buf in theirs.items():
+                assert rel_max_error(_host(ours[k]), buf) <= tol
+
+
+CASES = {
+    "generation": dict(prompts=[SOURCE, TARGET], controller=None, kw=dict(store=False)),
+    "replace, blend, self maps": dict(
+        prompts=[SOURCE, TARGET], controller=lambda: p2p.Replace(cross_steps=0.5, self_steps=(0.25, 0.6),
+                                                                 self_maps=True, **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))),
+    "reweight on refine, word windows, blend with subtract, proximal guidance": dict(
+        prompts=[SOURCE, "a big cat riding a bicycle", "a big fox riding a bicycle"],
+        controller=lambda: p2p.Reweight({"riding": 2.0}, prev=p2p.Refine(), cross_steps={"default_": 0.8,
+                                                                                         "bicycle": 0.3}, **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "cat", "fox"], subtract=["bicycle"] * 3, start=0.25),
+                proximal="l0")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_edits_off_the_host(pipes, device, case):
+    """The eager loop and the captured one (recorded once, replayed) on the device equal the host's eager loop."""
+    host, off = pipes
+    c = CASES[case]
+    make = c["controller"] or (lambda: None)
+    kw = dict(seed=3, steps=STEPS, progress=False, **c["kw"])
+    ref = host.edit(c["prompts"], make(), capture=False, **kw)
+    for capture in (False, True):
+        _assert_same(ref, off.edit(c["prompts"], make(), capture=capture, **kw), 1e-12)
+    device()
+
+
+def test_re_edits_from_a_cache_off_the_host(pipes, device):
+    """A cache recorded by the captured loop on the device, and a captured re-edit from it, equal the host's
+    uncached edit; a cache offloaded to the host re-edits eagerly."""
+    host, off = pipes
+    source = dict(seed=2, steps=STEPS, progress=False, self_maps=True, cross_steps=(0.2, 1.0), self_steps=(0.1, 0.7),
+                  **SELF)
+    ctrl = p2p.Replace(self_maps=True, cross_steps=(0.3, 0.8), self_steps=(0.25, 0.6), **SELF)
+    ref = host.edit([SOURCE, TARGET], ctrl, capture=False, seed=2, steps=STEPS, progress=False)
+    cache = off.edit_cache(SOURCE, capture=True, **source)
+    _assert_same(ref, off.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, progress=False), 1e-12)
+    offloaded = off.edit_cache(SOURCE, capture=False, storage="cpu", **source)
+    _assert_same(ref, off.edit([SOURCE, TARGET], ctrl, cache=offloaded, capture=False, progress=False), 1e-12)
+    device()
+
+
+@pytest.mark.parametrize("method", ["null_text", "direct"])
+def test_inversions_off_the_host(pipes, device, method):
+    """An inversion on the device (null-text's iteration recorded and replayed) and a captured edit from it
+    equal the host's."""
+    host, off = pipes
+    img = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    kw = dict(steps=STEPS, inner_steps=2, method=method, progress=False)
+    ref = host.invert(img, SOURCE, use_graph=False, **kw)
+    inv = off.invert(img, SOURCE, use_graph=True, **kw)
+    assert rel_max_error(inv.null_embeddings, ref.null_embeddings) <= 1e-6  # float32 embeddings and Adam
+    ctrl = p2p.Replace(**SELF)
+    edit = host.edit([SOURCE, TARGET], ctrl, inversion=ref, capture=False, progress=False)
+    _assert_same(edit, off.edit([SOURCE, TARGET], ctrl, inversion=inv, capture=True, progress=False), 1e-6)
+    device()
+
+
+def test_graphed_unet_off_the_host(pipes, device):
+    host, off = pipes
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 77, 32, generator=g,
+                                                                                  dtype=torch.float64)
+    t = torch.tensor([500, 500])
+    graphed = GraphedUNet(off.unet, x.to(DEVICE), t.to(DEVICE), ctx.to(DEVICE))
+    for seed in (1, 2):
+        x = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        t = torch.full((2,), 100 * seed)
+        with torch.inference_mode():
+            assert torch.equal(_host(graphed(x.to(DEVICE), t.to(DEVICE), ctx.to(DEVICE))), host.unet(x, t, ctx))
+    device()
+
+
+def test_sdxl_off_the_host(tmp_path, load_float64, device):
+    """SDXL's pooled embeddings, time ids and per-step pooled nulls on the device: a null-text inversion that
+    optimises the pooled null (recorded iteration), a captured edit from it, a captured recording of a cache
+    and a captured re-edit from that."""
+    folder = p2p.save_random_checkpoint(tmp_path / "tiny-sdxl", "tiny-sdxl", seed=1)
+    host, off = load_float64(folder), _load_off_host(folder)
+    img = (torch.rand(80, 112, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    kw = dict(steps=4, inner_steps=1, optimize_pooled=True, progress=False)
+    ref, inv = host.invert(img, SOURCE, use_graph=False, **kw), off.invert(img, SOURCE, use_graph=True, **kw)
+    assert rel_max_error(inv.null_pooled, ref.null_pooled) <= 1e-6  # float32 embeddings and Adam
+    edit = dict(local_blend=p2p.LocalBlend(["cat", "dog"]), progress=False)
+    _assert_same(host.edit([SOURCE, TARGET], p2p.Replace(), inversion=ref, capture=False, **edit),
+                 off.edit([SOURCE, TARGET], p2p.Replace(), inversion=inv, capture=True, **edit), 1e-6)
+    source = dict(seed=4, steps=4, height=128, width=96)
+    cache = off.edit_cache(SOURCE, progress=False, capture=True, **source)
+    _assert_same(host.edit([SOURCE, TARGET], p2p.Replace(), capture=False, **source, **edit),
+                 off.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, **edit), 1e-10)
+    device()
