@@ -73,6 +73,9 @@ def _run(func, args, kwargs):
     on = any(isinstance(x, OnDevice) for x in tensors)
     host = [x for x in tensors if not isinstance(x, OnDevice)]
     asked = kwargs.get("device")
+    if any(x.device == DEVICE for x in host):
+        raise RuntimeError(f"{func}: torch made a tensor on {DEVICE} without its values (from data the emulation "
+                           f"does not see: `_Moves` must turn it into a host tensor first)")
     if on and func not in MIXING and any(x.dim() > 0 for x in host):
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                            f"{DEVICE} (emulated) and cpu! ({func})")
@@ -130,6 +133,16 @@ class _Moves(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and _to_device(kwargs.get("device")):
             _crossed(func)  # values from the host
             return OnDevice(func(*args, **{**kwargs, "device": "cpu"}))
+        if func is torch.Tensor.new_tensor and isinstance(args[0], OnDevice):
+            _crossed(func)
+            return OnDevice(torch.tensor(*args[1:], **{"dtype": args[0].dtype, **kwargs, "device": "cpu"}))
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(args[0], OnDevice):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, list) for i in index):  # torch would make it a tensor on the device, from the host
+                _crossed(func)
+                index = tuple(torch.tensor(i) if isinstance(i, list) else i for i in index)
+                args = (args[0], index, *args[2:])
+            return func(*args, **kwargs)
         if func is not torch.Tensor.to:
             return func(*args, **kwargs)
         x = args[0]

@@ -70,6 +70,9 @@ def _assert_same(ref, out, tol):
             assert ours.keys() == theirs.keys()
             for k, buf in theirs.items():
                 assert rel_max_error(_host(ours[k]), buf) <= tol
+        res = ref.attention.resolutions[0]  # what users read of them
+        word = (out.attention.word_maps(0, "cat", res), ref.attention.word_maps(0, "cat", res))
+        assert rel_max_error(_host(word[0]), word[1]) <= tol
 
 
 CASES = {
