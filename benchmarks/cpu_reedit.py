@@ -4,9 +4,10 @@
     python benchmarks/cpu_reedit.py --preset sd15 --size 256 --steps 4   # SD 1.5's architecture, random weights
 
 Each variant runs three times (the toy) or twice (a preset: SD 1.5 takes 14 s per 512 x 512 forward on 2
-cores); the first run is a warm-up and the fastest of the others is kept. The edit is the reference's Replace (cross 0.8, self 0.4) with LocalBlend and
-stored maps; the re-edit runs the targets' rows only. On the GPU, `p2p-engine bench --only pipeline` times the
-same pair at 512 x 512 and 50 steps; this script is for the CPU, where the suite runs its smoke sizes only.
+cores); the first run is a warm-up and the fastest of the others is kept. The edit is the reference's Replace
+(cross 0.8, self 0.4) with LocalBlend and stored maps; the re-edit runs the targets' rows only. On the GPU,
+`p2p-engine bench --only pipeline` times the same pair at 512 x 512 and 50 steps; this script is for the CPU,
+where the suite runs its smoke sizes only.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .controllers import LocalBlend, Refine, Replace, Reweight, Store, _Edit
+from .controllers import LocalBlend, Replace, Reweight, Store, _Edit
 from .maps import AttentionMaps
 from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
 from .words import MAX_TOKENS, refine_mappers, replace_mappers, require_word, word_inds

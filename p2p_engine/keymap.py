@@ -44,7 +44,8 @@ def unet_rows(cfg: UNetConfig) -> list[tuple[str, str, str]]:
     """(diffusers prefix, LDM prefix, kind) for every sub-module of the UNet."""
     n, L = len(cfg.block_out_channels), cfg.layers_per_block
     rows = [("time_embedding.linear_1", "time_embed.0", "plain"), ("time_embedding.linear_2", "time_embed.2", "plain"),
-            ("conv_in", "input_blocks.0.0", "plain"), ("conv_norm_out", "out.0", "plain"), ("conv_out", "out.2", "plain"),
+            ("conv_in", "input_blocks.0.0", "plain"), ("conv_norm_out", "out.0", "plain"),
+            ("conv_out", "out.2", "plain"),
             ("mid_block.resnets.0", "middle_block.0", "resnet"), ("mid_block.attentions.0", "middle_block.1", "plain"),
             ("mid_block.resnets.1", "middle_block.2", "resnet")]
     if cfg.addition_time_embed_dim is not None:  # SDXL's added conditioning

@@ -214,8 +214,8 @@ def _resolve(path) -> tuple[str, Path]:
     if isinstance(path, str) and path == "toy":
         toy = toy_path()
         if not (toy / "model_index.json").exists():
-            raise CheckpointError("the toy model is not shipped in this build of p2p_engine; pass a checkpoint path, or "
-                                  "make a random one with p2p.save_random_checkpoint(path, 'tiny')")
+            raise CheckpointError("the toy model is not shipped in this build of p2p_engine; pass a checkpoint path, "
+                                  "or make a random one with p2p.save_random_checkpoint(path, 'tiny')")
         verify_checksums(toy)
         return "diffusers", toy
     p = Path(path)

@@ -60,7 +60,8 @@ class AttentionMaps:
     def self_maps(self, res: int = 16, places=("down", "up")) -> torch.Tensor:
         """(P, N, N) self maps (N = res_h * res_w) averaged like `cross`; needs self_maps=True."""
         if not self._self:
-            raise ValueError("no self maps were stored: pass a controller with self_maps=True (e.g. p2p.Store(self_maps=True))")
+            raise ValueError("no self maps were stored: pass a controller with self_maps=True "
+                             "(e.g. p2p.Store(self_maps=True))")
         keys, _ = self._pick(self._self, res, places)
         return sum(self._self[k] for k in keys) / (len(keys) * self.steps)
 

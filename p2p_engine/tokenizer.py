@@ -23,7 +23,7 @@ N_MERGES = VOCAB_SIZE - 2 * 256 - 2
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's byte -> printable-character table: printable Latin-1 bytes map to themselves,
     the rest to code points from 256 up, in byte order (so BPE never sees whitespace/control bytes)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -52,8 +52,8 @@ def clip_tokenizer(pad_token: str = EOS):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], unk_token=EOS, bos_token=BOS, eos_token=EOS,
-                         pad_token=pad_token, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], unk_token=EOS, bos_token=BOS,
+                         eos_token=EOS, pad_token=pad_token, model_max_length=MAX_LENGTH)
 
 
 def load_tokenizer(folder: str | os.PathLike):

@@ -4,7 +4,7 @@ import torch
 
 from p2p_engine import control as C
 from p2p_engine import controllers, words
-from p2p_engine.plan import AttnLayer, CrossPlan, SelfPlan
+from p2p_engine.plan import AttnLayer, CrossPlan
 from p2p_engine.tokenizer import clip_tokenizer
 from reference import ref_word_inds
 

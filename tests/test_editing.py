@@ -189,8 +189,8 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
 
 # -- the fused kernels through Triton's interpreter ------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="the interpreter is off where CUDA is present; tests/test_kernel_*.py run the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present; "
+                    "tests/test_kernel_*.py run the compiled kernels")
 def test_triton_backend_matches_reference(tiny_ckpt, tiny_pipe, ref_unet, sched_config):
     tpipe = p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="triton")
     assert tpipe.backend == "triton"

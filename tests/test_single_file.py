@@ -202,7 +202,8 @@ def test_detection_outside_presets_uses_documented_defaults(tmp_path):
         f = p2p.save_random_checkpoint(tmp_path / "odd.safetensors", "odd", layout="single_file")
     got = p2p.load(f).config
     assert got.unet.num_heads == (8, 8) and got.unet.norm_num_groups == 32 and got.prediction_type == "epsilon"
-    assert (got.unet.block_out_channels, got.unet.cross_attn, got.unet.cross_attention_dim) == ((32, 64), (True, False), 48)
+    unet = (got.unet.block_out_channels, got.unet.cross_attn, got.unet.cross_attention_dim)
+    assert unet == ((32, 64), (True, False), 48)
     assert (got.text.hidden_size, got.text.num_hidden_layers, got.vae.block_out_channels) == (64, 1, (32, 32))
 
 

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import p2p_engine as p2p
 from p2p_engine import loading

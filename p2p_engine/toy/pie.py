@@ -62,8 +62,9 @@ def _obj(shape: str, color: str, size: str, center) -> Obj:
 
 def _place(rng, size: str, occupied: np.ndarray):
     half = SIZES[size]
+    lo, hi = half + 1, IMAGE_SIZE - half - 1
     for _ in range(200):
-        center = (int(rng.integers(half + 1, IMAGE_SIZE - half - 1)), int(rng.integers(half + 1, IMAGE_SIZE - half - 1)))
+        center = (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
         grown = _dilate(shape_mask("square", center, half, IMAGE_SIZE), 2)
         if not (grown & occupied).any():
             return center, grown

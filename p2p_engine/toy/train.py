@@ -304,7 +304,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, scale: float, args, deadline:
             extra = "" if attn_ema is None else f"  attention loss ema {attn_ema:.3f}"
             print(f"unet step {step:6d}  eps mse {eps_loss.item():.4f} (ema {ema:.4f}){extra}", flush=True)
     ema = float("nan") if ema is None else ema
-    print(f"unet final: steps {done}  eps mse ema {ema:.4f}  ({(time.time() - t0) / max(1, done):.2f} s/step)", flush=True)
+    per_step = (time.time() - t0) / max(1, done)
+    print(f"unet final: steps {done}  eps mse ema {ema:.4f}  ({per_step:.2f} s/step)", flush=True)
     return ema
 
 
