@@ -5,17 +5,23 @@ device needs it (a table built with torch.tensor and no `device=`, then indexed 
 a mask made on the host) cannot show there, and a copy from the host inside a recorded step (refused while a
 CUDA graph records) neither. Here the pipeline lives on an emulated device: each operation that mixes its
 tensors with host tensors fails as on CUDA, and each copy from the host inside a recording counts as a sync.
-The captured loops run replayed (`emulated_graphs`); every result equals the host's in float64.
+The captured loops run replayed (`emulated_graphs`). Covered: edits, cached re-edits, inversions, SDXL, the
+graphed UNet, dataset jobs; every result equals the host's in float64.
 """
+import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import p2p_engine as p2p
 from emulated_device import DEVICE, OnDevice, emulated_device
 from numerics import rel_max_error
+from p2p_engine import jobs
 from p2p_engine.graphs import GraphedUNet
+from p2p_engine.inversion import Inversion
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 STEPS = 6
@@ -166,4 +172,39 @@ def test_sdxl_off_the_host(tmp_path, load_float64, device):
     cache = off.edit_cache(SOURCE, progress=False, capture=True, **source)
     _assert_same(host.edit([SOURCE, TARGET], p2p.Replace(), capture=False, **source, **edit),
                  off.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, **edit), 1e-10)
+    device()
+
+
+def test_dataset_jobs_off_the_host(pipes, device, tmp_path):
+    """`run_jobs` (what `p2p-engine run` and the PIE protocol call) with the pipeline on the device: a batch of
+    inversions, an edit of one of them, every file written as the host's run writes it."""
+    host, off = pipes
+    lines = []
+    for k, prompt in enumerate([SOURCE, "a red car"]):
+        pixels = np.random.RandomState(k).randint(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+        job = {"image": f"{k}.png", "prompt": prompt}
+        if k == 0:
+            job.update(edits=[TARGET], seed=3, controller={"mode": "replace", "cross_steps": 0.6, "self_steps": 0.4})
+        lines.append(json.dumps(job))
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    runs = {}
+    for name, pipe in (("host", host), ("device", off)):
+        summary = jobs.run_jobs(tmp_path / "jobs.jsonl", pipe, tmp_path / name, steps=STEPS, inner_steps=2,
+                                batch_size=2, progress=False)
+        assert (summary.ok, summary.failed) == (2, 0)
+        runs[name] = {e["id"]: e for e in map(json.loads, (tmp_path / name / "index.jsonl").read_text().splitlines())}
+    assert runs["host"].keys() == runs["device"].keys()
+    edits = 0
+    for key, h in runs["host"].items():
+        d = runs["device"][key]
+        a, b = (Inversion.load(tmp_path / run / e["outputs"]["inversion"]) for run, e in (("host", h), ("device", d)))
+        assert rel_max_error(b.null_embeddings, a.null_embeddings) <= 1e-6  # float32 embeddings and Adam
+        assert len(h["outputs"].get("edits", [])) == len(d["outputs"].get("edits", []))
+        for x, y in zip(h["outputs"].get("edits", []), d["outputs"].get("edits", [])):
+            ours, theirs = (np.asarray(Image.open(tmp_path / run / f), dtype=np.int16) for run, f in (("device", y),
+                                                                                                   ("host", x)))
+            assert np.abs(ours - theirs).max() <= 1
+            edits += 1
+    assert edits == 2  # the reconstruction and the edit
     device()
