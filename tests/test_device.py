@@ -19,7 +19,7 @@ from PIL import Image
 import p2p_engine as p2p
 from emulated_device import DEVICE, OnDevice, emulated_device
 from numerics import rel_max_error
-from p2p_engine import jobs
+from p2p_engine import graphs, jobs
 from p2p_engine.graphs import GraphedUNet
 from p2p_engine.inversion import Inversion
 
@@ -79,6 +79,30 @@ def _assert_same(ref, out, tol):
         res = ref.attention.resolutions[0]  # what users read of them
         word = (out.attention.word_maps(0, "cat", res), ref.attention.word_maps(0, "cat", res))
         assert rel_max_error(_host(word[0]), word[1]) <= tol
+
+
+def test_the_emulation_refuses_what_cuda_refuses(device, emulated_graphs):
+    """Device tensors hold their values and stay on the device; mixing them with a host tensor is refused (a 0-dim
+    one is taken, as CUDA takes it); copies both ways and host indices work. Inside a recorded step, a tensor
+    made from host data, a copy from the host and a host scalar are each listed as syncs."""
+    host = torch.arange(6.0).reshape(2, 3)
+    x = host.to(DEVICE)
+    assert isinstance(x, OnDevice) and x.device == DEVICE and torch.equal(x.cpu(), host)
+    y = torch.zeros(2, 3, device=DEVICE).add_(x).mul_(torch.tensor(2.0))
+    assert isinstance(y, OnDevice) and torch.equal(y.cpu(), 2 * host)
+    with pytest.raises(RuntimeError, match="same device"):
+        x + host
+    assert torch.equal(x[:, [0, 2]].cpu(), host[:, [0, 2]]) and torch.equal(x.squeeze_(0).cpu(), host)
+    scale, counter = torch.tensor(3.0), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    steps = {
+        "clean": lambda: x.index_select(0, counter).mul(2),
+        "made from host data": lambda: x * torch.tensor([1.0, 2.0, 3.0], device=DEVICE),
+        "a copy from the host": lambda: x.add(host.to(DEVICE)),
+        "a host scalar": lambda: x * scale,
+    }
+    for name, step in steps.items():
+        graphs.capture(step, warmup=1)
+        assert bool(emulated_graphs[-1].syncs) == (name != "clean"), name
 
 
 CASES = {
