@@ -6,13 +6,16 @@ where the device needs it (a table made with `torch.tensor` and no `device=`, th
 works there and fails only on a GPU. Inside `emulated_device()`, factories asked for `DEVICE`, `torch.tensor`
 and `as_tensor` with it, and `.to(DEVICE)` make `OnDevice` tensors: CPU tensors underneath, `DEVICE` by their
 `device`. An operation that mixes them with host tensors is refused as CUDA refuses it (a 0-dim host tensor
-excepted: CUDA takes those as scalars); copies both ways, and host indices, are allowed and, inside
-`recording_host_copies()`, listed (a recorded CUDA graph cannot copy from pageable host memory, nor read back).
+excepted: CUDA takes those as scalars); copies both ways, and host indices, are allowed. Inside
+`recording_host_copies()` (which tests/tape.py opens around a recorded step), each crossing is listed: a copy
+either way, a host index, a 0-dim host tensor read (a recorded CUDA graph cannot copy from pageable host
+memory, nor read back; it keeps the value a host scalar had when it was recorded).
 
 `DEVICE` is `meta` by name only (a CPU build of torch has no other device that is not the host, and refuses to
-make tensors say `cuda`): no tensor here is a meta tensor, every one holds its values. The engine's kernels
-take CUDA or the CPU, so the emulated device runs the pure-torch backend; what is CUDA's own (graphs' memory
-pools, streams, pinned memory) is not emulated.
+make tensors say `cuda`): no tensor here is a meta tensor, every one holds its values, including those the
+engine makes on `meta` for shape checks while loading (real allocations, small at the tests' sizes). The
+engine's kernels take CUDA or the CPU, so the emulated device runs the pure-torch backend; what is CUDA's own
+(graphs' memory pools, streams, pinned memory) is not emulated.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 aten = torch.ops.aten
 DEVICE = torch.device("meta")
-COPIES = {aten.copy_.default, aten._to_copy.default, aten._copy_from.default, aten._copy_from_and_resize.default}
 # Operations CUDA lets mix a device tensor with host tensors of any size: copies, and indices on the host.
-MIXING = COPIES | {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+MIXING = {aten.copy_.default, aten._to_copy.default, aten._copy_from.default, aten._copy_from_and_resize.default,
+          aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 _copies: list | None = None  # where `recording_host_copies` lists them
 
 
