@@ -13,9 +13,10 @@ memory, nor read back; it keeps the value a host scalar had when it was recorded
 
 `DEVICE` is `meta` by name only (a CPU build of torch has no other device that is not the host, and refuses to
 make tensors say `cuda`): no tensor here is a meta tensor, every one holds its values, including those the
-engine makes on `meta` for shape checks while loading (real allocations, small at the tests' sizes). The
-engine's kernels take CUDA or the CPU, so the emulated device runs the pure-torch backend; what is CUDA's own
-(graphs' memory pools, streams, pinned memory) is not emulated.
+engine makes on `meta` for shape checks while loading (real allocations, small at the tests' sizes). Triton
+kernels run interpreted on the device's tensors, refusing a launch that hands them a host tensor, once a test
+lets their launchers' input check take the device (`kernel_check`). What is CUDA's own (graphs' memory pools,
+streams, pinned memory) is not emulated.
 """
 from __future__ import annotations
 
@@ -160,6 +161,30 @@ class _Moves(TorchFunctionMode):
         return OnDevice(moved.clone() if moved is base else moved)
 
 
+def _launch(run):
+    """Triton's interpreted launch, for kernels on the device: a host tensor among their arguments is refused (a
+    GPU kernel cannot read host memory: Triton refuses it at launch), device tensors go as the memory they live in.
+    """
+    def launch(kernel, *args, grid, warmup, **kwargs):
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        if any(isinstance(x, OnDevice) for x in tensors) and not all(isinstance(x, OnDevice) for x in tensors):
+            shapes = [(tuple(x.shape), str(x.device)) for x in tensors]
+            raise ValueError(f"{kernel.fn.__name__}: a host tensor among a device kernel's arguments: {shapes}")
+        unwrap = lambda x: x.elem if isinstance(x, OnDevice) else x  # noqa: E731
+        return run(kernel, *tree_map(unwrap, args), grid=grid, warmup=warmup, **tree_map(unwrap, kwargs))
+    return launch
+
+
+def kernel_check(check):
+    """A kernel launcher's input check (`kernels._common.check_inputs`) that takes the device as the host it
+    computes on, so the interpreted kernels run there."""
+    def on_host(name, q, k, v):
+        if len({x.device for x in (q, k, v)}) > 1:
+            raise ValueError(f"{name}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+        return check(name, *(x.elem if isinstance(x, OnDevice) else x for x in (q, k, v)))
+    return on_host
+
+
 @contextlib.contextmanager
 def emulated_device(monkeypatch):
     """Inside, `DEVICE` is a device that is not the host, as described above; `torch.Generator(DEVICE)` draws
@@ -171,6 +196,8 @@ def emulated_device(monkeypatch):
             return host.__new__(host, "cpu" if _to_device(device) else device)
 
     monkeypatch.setattr(torch, "Generator", Generator)
+    from triton.runtime.interpreter import InterpretedFunction
+    monkeypatch.setattr(InterpretedFunction, "run", _launch(InterpretedFunction.run))
     autocast = torch.is_autocast_enabled  # no autocast on the device (torch has none for `meta`)
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: not (a and _to_device(a[0])) and autocast(*a))
     with _Factories(), _Moves():

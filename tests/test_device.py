@@ -8,6 +8,7 @@ tensors with host tensors fails as on CUDA, and each copy from the host inside a
 The captured loops run replayed (`emulated_graphs`). Covered: edits, cached re-edits, inversions, SDXL, the
 graphed UNet, dataset jobs; every result equals the host's in float64.
 """
+import importlib
 import json
 import warnings
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 import p2p_engine as p2p
-from emulated_device import DEVICE, OnDevice, emulated_device
+from emulated_device import DEVICE, OnDevice, emulated_device, kernel_check
 from numerics import rel_max_error
 from p2p_engine import graphs, jobs
 from p2p_engine.graphs import GraphedUNet
@@ -145,6 +146,31 @@ def test_re_edits_from_a_cache_off_the_host(pipes, device):
     _assert_same(ref, off.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, progress=False), 1e-12)
     offloaded = off.edit_cache(SOURCE, capture=False, storage="cpu", **source)
     _assert_same(ref, off.edit([SOURCE, TARGET], ctrl, cache=offloaded, capture=False, progress=False), 1e-12)
+    device()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present")
+def test_triton_kernels_off_the_host(tiny_ckpt, pipes, device, monkeypatch):
+    """The Triton backend's kernels (interpreted) on the device: an edit with cross and self injection, and a
+    captured re-edit from a cache, whose kernels read the cached tables at the device counter's row. Every
+    tensor the launchers hand a kernel must be on the device; against float64 truth the results err no more than
+    the host's."""
+    for name in ("cross_attention", "self_attention"):  # the modules (the package's names are the functions)
+        module = importlib.import_module(f"p2p_engine.kernels.{name}")
+        monkeypatch.setattr(module, "check_inputs", kernel_check(module.check_inputs))
+    host = p2p.load(tiny_ckpt, device="cpu", dtype=torch.float32, backend="triton")
+    off = p2p.load(tiny_ckpt, device=DEVICE, dtype=torch.float32, backend="triton")
+    size = 8 * host.config.vae.downscale  # 8 x 8 latents and 2 steps: the interpreter is slow
+    source = dict(seed=2, steps=2, height=size, width=size)
+    ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=1.0, self_steps=1.0, **SELF)
+    for pipe in (host, off):
+        cache = pipe.edit_cache(SOURCE, cross_steps=1.0, self_steps=1.0, progress=False, **SELF, **source)
+        pipe.edits = [pipe.edit([SOURCE, TARGET], ctrl, capture=True, progress=False, **source),
+                      pipe.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, progress=False)]
+    truth = pipes[0].edit([SOURCE, TARGET], ctrl, capture=False, progress=False, **source).latents  # float64
+    for ours, theirs in zip(off.edits, host.edits):  # float32 rounding differs with the memory's alignment
+        err_host, err_device = rel_max_error(theirs.latents, truth), rel_max_error(_host(ours.latents), truth)
+        assert err_host < 1e-4 and err_device <= 2 * err_host + 1e-6, (err_host, err_device)
     device()
 
 
