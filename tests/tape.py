@@ -17,11 +17,12 @@ from __future__ import annotations
 import traceback
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 import emulated_device
-from emulated_device import recording_host_copies
+from emulated_device import OnDevice, recording_host_copies
 
 aten = torch.ops.aten
 EMULATION = {__file__, emulated_device.__file__}  # frames of the emulation, not of the code it runs
@@ -36,6 +37,25 @@ def _pinned(x):
     """A view of the same storage, shape and strides that later operations cannot reshape (`squeeze_` and the
     like change a tensor's view in place; the recorded argument must stay the one the operation saw)."""
     return x.as_strided(x.size(), x.stride(), x.storage_offset()) if isinstance(x, torch.Tensor) else x
+
+
+class _Borrowed:
+    """A tensor made before the recording, as a graph holds it: by its address, not a reference (a graph does not
+    keep its inputs alive), so a replay after its owner dropped it fails here; on a GPU it would read whatever the
+    allocator put there since."""
+
+    def __init__(self, x: torch.Tensor):
+        self.ref = StorageWeakRef(x.untyped_storage())
+        self.view = (x.dtype, x.size(), x.stride(), x.storage_offset(), isinstance(x, OnDevice))
+
+    def get(self) -> torch.Tensor:
+        if self.ref.expired():
+            raise RuntimeError("a recorded step reads a tensor freed since its recording (a graph keeps addresses, "
+                               "not tensors): keep it alive as long as the graph")
+        dtype, size, stride, offset, on_device = self.view
+        x = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_with_weak_ptr(self.ref.cdata), offset, size,
+                                             stride)
+        return OnDevice(x) if on_device else x
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -58,6 +78,12 @@ class Tape(TorchDispatchMode):
             if x.untyped_storage().data_ptr() not in self.owned:
                 self.saved.append((_pinned(x), x.clone()))
 
+    def _hold(self, x):
+        """An argument as the replay takes it: the recording's own tensors pinned, the others borrowed."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        return _pinned(x) if x.untyped_storage().data_ptr() in self.owned else _Borrowed(x)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in SYNCS:
@@ -68,7 +94,7 @@ class Tape(TorchDispatchMode):
                    for x in _tensors(value)]  # a written Tensor[] (the _foreach_ ops) too
         self._before_write(written)
         storages = [x.untyped_storage().data_ptr() for x in written]
-        pinned_args, pinned_kwargs = tree_map(_pinned, args), tree_map(_pinned, kwargs)
+        held_args, held_kwargs = tree_map(self._hold, args), tree_map(self._hold, kwargs)
         out = func(*args, **kwargs)
         if storages != [x.untyped_storage().data_ptr() for x in written]:
             raise RuntimeError(f"{func} reallocated a tensor it writes; a recorded graph cannot")
@@ -81,17 +107,19 @@ class Tape(TorchDispatchMode):
             fresh.append(None if ptr in inputs else _pinned(t))
             if ptr not in inputs:
                 self.owned.add(ptr)
-        self.ops.append((lambda f=func, a=pinned_args, k=pinned_kwargs: f(*a, **k), fresh))
+        self.ops.append((lambda get, f=func, a=held_args, k=held_kwargs: f(*tree_map(get, a), **tree_map(get, k)),
+                         fresh))
         return out
 
     def _triton_launch(self, launch, kernel, args, grid, kwargs):
         """An interpreted Triton launch: recorded whole (the kernel writes through raw pointers, so every tensor
         it is handed that the recording did not make is saved for `finish`)."""
         self._before_write(_tensors((args, kwargs)))
-        pinned_args, pinned_kwargs = tree_map(_pinned, args), tree_map(_pinned, kwargs)
+        held_args, held_kwargs = tree_map(self._hold, args), tree_map(self._hold, kwargs)
         with _disable_current_modes():  # the interpreter's own tensor copies are the launch's, not the step's
             out = launch(kernel, *args, grid=grid, warmup=False, **kwargs)
-        self.ops.append((lambda: launch(kernel, *pinned_args, grid=grid, warmup=False, **pinned_kwargs), []))
+        self.ops.append((lambda get: launch(kernel, *tree_map(get, held_args), grid=grid, warmup=False,
+                                            **tree_map(get, held_kwargs)), []))
         return out
 
     def __enter__(self):
@@ -133,9 +161,18 @@ class Tape(TorchDispatchMode):
                     t.fill_(float("nan"))
 
     def replay(self) -> None:
+        live = {}  # each borrowed tensor, looked up once per replay
+
+        def get(x):
+            if not isinstance(x, _Borrowed):
+                return x
+            if id(x) not in live:
+                live[id(x)] = x.get()
+            return live[id(x)]
+
         with torch.inference_mode() if self.inference else torch.no_grad():
             for run, fresh in self.ops:
-                out = run()
+                out = run(get)
                 for dst, src in zip(fresh, _tensors(out)):
                     if dst is not None:
                         dst.copy_(src)

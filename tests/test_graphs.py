@@ -65,6 +65,19 @@ def test_the_emulation_bakes_in_what_a_graph_bakes_in(emulated_graphs):
     assert not emulated_graphs[-2].syncs and "counter.item()" in emulated_graphs[-1].describe_syncs()
 
 
+def test_the_emulation_keeps_addresses_not_tensors(emulated_graphs):
+    """A graph does not keep alive the tensors its step reads: replaying after one was dropped fails on the tape
+    (on a GPU it would read whatever the allocator put there since), and works while it is held."""
+    held = {"scale": torch.full((3,), 2.0)}
+    x = torch.ones(3)
+    replay, out = graphs.capture(lambda: x * held["scale"], warmup=1)
+    replay()
+    assert torch.equal(out, torch.full((3,), 2.0))
+    del held["scale"]
+    with pytest.raises(RuntimeError, match="freed since its recording"):
+        replay()
+
+
 def test_emulated_unet_graph_reads_new_inputs(tmp_path, emulated_graphs):
     """GraphedUNet on the emulation: the recorded forward replays on inputs it never saw."""
     p2p.save_random_checkpoint(tmp_path / "m", "tiny", seed=0)
