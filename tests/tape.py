@@ -6,11 +6,14 @@ without running Python. What Python decided while recording (a branch on the ste
 aten operations (and interpreted Triton launches) of one call the same way: each with its arguments as views
 of the very storage it used, so a replay reads the buffers' current values and writes where the recording
 wrote. As a CUDA graph's recording does, it leaves the state it found: writes to tensors made before it are
-undone, and the tensors it made (the graph's own memory) are filled with NaN until a replay fills them.
+undone, and the tensors it made (the graph's own memory) are filled with NaN until a replay fills them. Like a
+graph, it keeps its own tensors alive but not the ones it found: those it holds by a weak reference, and a
+replay after one was freed fails (`_Borrowed`).
 
 So an emulated replay equals the eager loop exactly where everything that changes between steps and edits
 reaches the step as tensor data, which is what the CUDA tests check on a GPU. `Tape.syncs` lists what would
-have read the device back to the host (a sync: refused while a CUDA graph records).
+have read the device back to the host (a sync: refused while a CUDA graph records), and, on an emulated device
+(tests/emulated_device.py), each crossing between host and device inside the recording.
 """
 from __future__ import annotations
 
