@@ -219,3 +219,26 @@ def test_profile_step_smoke(tmp_path, capsys):
         total = next(float(r["ms_per_step"]) for r in mine if r["kind"] == "total" and r["name"] == "op time")
         assert total > 0 and cats["convolution"] > 0 and cats["norm"] > 0
         assert sum(cats.values()) == pytest.approx(total, rel=1e-3)
+
+
+def test_gpu_session_script_names_what_exists():
+    """benchmarks/gpu_session.sh is the one call a lent GPU gets, with minutes for at most one rerun: it parses,
+    every test it names exists (a renamed test would be 'not found' there), and every benchmark it runs is in the
+    suite (`p2p-engine bench --only` refuses others)."""
+    import re
+    import shutil
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    text = script.read_text()
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    named = re.findall(r"(tests/test_\w+\.py)(?:::(\w+))?", text)
+    assert len(named) >= 10
+    for path, test in named:
+        source = (ROOT / path).read_text()
+        assert not test or re.search(rf"^def {test}\(", source, re.M), f"{path}::{test} is not a test any more"
+    specs = re.search(r"for spec in ([\w: ]+); do", text).group(1).split()
+    benches = [s.split(":")[0] for s in specs]
+    assert {b for b in benches if b != "profile"} <= set(common.SUITE) and "pipeline" in benches
+    assert (ROOT / "benchmarks" / "profile_step.py").exists()
