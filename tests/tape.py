@@ -181,6 +181,13 @@ class Tape(TorchDispatchMode):
                         dst.copy_(src)
 
 
+def assert_recorded_cleanly(tapes: list) -> None:
+    """At least one step was recorded, and no recorded step read the device back to the host or crossed to it."""
+    assert tapes, "nothing was recorded"
+    for tape in tapes:
+        assert not tape.syncs, f"a recorded step read back to the host or crossed to it: {tape.describe_syncs()}"
+
+
 def capture_on_tape(run, *, warmup: int, reset=None, tapes: list | None = None):
     """`p2p_engine.graphs.capture` on a tape: `warmup` calls, `reset()`, one call recorded; returns (replay, what
     the recorded call returned). Each tape is appended to `tapes`."""

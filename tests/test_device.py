@@ -23,24 +23,17 @@ from numerics import rel_max_error
 from p2p_engine import graphs, jobs
 from p2p_engine.graphs import GraphedUNet
 from p2p_engine.inversion import Inversion
+from tape import assert_recorded_cleanly
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 STEPS = 6
 SELF = dict(self_max_queries=64)
 
 
-def _load_off_host(path):
-    """A checkpoint in float64 on the emulated device (as `load_float64` loads it on the host)."""
+def _load_off_host(load_float64, path):
+    """A checkpoint in float64 on the emulated device."""
     with pytest.MonkeyPatch.context() as mp, emulated_device(mp):
-        off = p2p.load(path, device=DEVICE, dtype=torch.float32, backend="torch")
-        torch.__future__.set_overwrite_module_params_on_conversion(True)  # `.data =` would keep the old values
-        try:
-            for m in (off.unet, off.vae, off.text_encoder, off.text_encoder_2):
-                if m is not None:
-                    m.double()
-        finally:
-            torch.__future__.set_overwrite_module_params_on_conversion(False)
-        off.dtype = torch.float64
+        off = load_float64(path, device=DEVICE)
     assert isinstance(next(off.unet.parameters()), OnDevice)
     return off
 
@@ -48,7 +41,7 @@ def _load_off_host(path):
 @pytest.fixture(scope="module")
 def pipes(tiny_ckpt, load_float64):
     """(the tiny model in float64 on the host, the same on the emulated device)."""
-    return load_float64(tiny_ckpt), _load_off_host(tiny_ckpt)
+    return load_float64(tiny_ckpt), _load_off_host(load_float64, tiny_ckpt)
 
 
 @pytest.fixture
@@ -57,12 +50,7 @@ def device(monkeypatch, emulated_graphs):
     the engine falls back to); yields the check that steps were recorded and none crossed to the host."""
     with emulated_device(monkeypatch), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(CUDA-graph capture|as a CUDA graph failed)")
-
-        def check():
-            assert emulated_graphs, "nothing was recorded"
-            for tape in emulated_graphs:
-                assert not tape.syncs, f"a recorded step crossed to the host: {tape.describe_syncs()}"
-        yield check
+        yield lambda: assert_recorded_cleanly(emulated_graphs)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -163,12 +151,13 @@ def test_triton_kernels_off_the_host(tiny_ckpt, pipes, device, monkeypatch):
     size = 8 * host.config.vae.downscale  # 8 x 8 latents and 2 steps: the interpreter is slow
     source = dict(seed=2, steps=2, height=size, width=size)
     ctrl = p2p.Reweight({"riding": 2.0}, prev=p2p.Replace(), cross_steps=1.0, self_steps=1.0, **SELF)
+    edits = {}
     for pipe in (host, off):
         cache = pipe.edit_cache(SOURCE, cross_steps=1.0, self_steps=1.0, progress=False, **SELF, **source)
-        pipe.edits = [pipe.edit([SOURCE, TARGET], ctrl, capture=True, progress=False, **source),
-                      pipe.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, progress=False)]
+        edits[pipe] = [pipe.edit([SOURCE, TARGET], ctrl, capture=True, progress=False, **source),
+                       pipe.edit([SOURCE, TARGET], ctrl, cache=cache, capture=True, progress=False)]
     truth = pipes[0].edit([SOURCE, TARGET], ctrl, capture=False, progress=False, **source).latents  # float64
-    for ours, theirs in zip(off.edits, host.edits):  # float32 rounding differs with the memory's alignment
+    for ours, theirs in zip(edits[off], edits[host]):  # float32 rounding differs with the memory's alignment
         err_host, err_device = rel_max_error(theirs.latents, truth), rel_max_error(_host(ours.latents), truth)
         assert err_host < 1e-4 and err_device <= 2 * err_host + 1e-6, (err_host, err_device)
     device()
@@ -210,7 +199,7 @@ def test_sdxl_off_the_host(tmp_path, load_float64, device):
     optimises the pooled null (recorded iteration), a captured edit from it, a captured recording of a cache
     and a captured re-edit from that."""
     folder = p2p.save_random_checkpoint(tmp_path / "tiny-sdxl", "tiny-sdxl", seed=1)
-    host, off = load_float64(folder), _load_off_host(folder)
+    host, off = load_float64(folder), _load_off_host(load_float64, folder)
     img = (torch.rand(80, 112, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
     kw = dict(steps=4, inner_steps=1, optimize_pooled=True, progress=False)
     ref, inv = host.invert(img, SOURCE, use_graph=False, **kw), off.invert(img, SOURCE, use_graph=True, **kw)
