@@ -262,8 +262,8 @@ class Recorder:
     def refuse_over(self, need: int) -> None:
         """Raise if a cache of `need` bytes is over `max_bytes`."""
         if self.max_bytes is not None and need > self.max_bytes:
-            raise ValueError(f"the edit cache would hold {need / 2**30:.2f} GiB, over max_bytes = "
-                             f"{self.max_bytes / 2**30:.2f} GiB: narrow its cross_steps / self_steps windows or "
+            raise ValueError(f"the edit cache would hold {need / 2**20:,.1f} MiB, over max_bytes = "
+                             f"{self.max_bytes / 2**20:,.1f} MiB: narrow its cross_steps / self_steps windows or "
                              f"self_max_queries, raise max_bytes, or keep it in host memory (storage='cpu')")
 
     def _table(self, calls: list) -> torch.Tensor:

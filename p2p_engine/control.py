@@ -13,6 +13,8 @@ Windows follow the reference exactly: cross windows are rounded with
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ def _bounds(value, what: str) -> tuple[float, float]:
         raise TypeError(f"{what} must be a float or a (start, end) pair of fractions, got {value!r}")
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
         raise ValueError(f"{what} = {value!r}: fractions of the steps must lie in [0, 1]")
+    if start > end:
+        raise ValueError(f"{what} = {value!r}: the window starts after it ends; give (start, end) with start <= end")
     return start, end
 
 
@@ -138,8 +142,13 @@ def _mapping(ctrl, prompts, tokenizer):
             mapper, mix, _ = _mapping(ctrl.prev, prompts, tokenizer)
         else:
             mapper, mix = torch.eye(MAX_TOKENS).expand(n, -1, -1).clone(), None
+        if not ctrl.equalizer and ctrl.prev is None:
+            raise ValueError("Reweight needs at least one word to scale: an equalizer {word: scale}, e.g. "
+                             "Reweight({\"fluffy\": 2.0})")
         eq = torch.ones(n, MAX_TOKENS)
         for word, scale in ctrl.equalizer.items():
+            if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+                raise ValueError(f"Reweight equalizer: the scale of {word!r} must be a finite number, got {scale!r}")
             for j, p in enumerate(prompts[1:]):
                 eq[j, require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
         return mapper, mix, eq
@@ -153,6 +162,8 @@ def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int, self_ma
     gate = cross_gate(prompts, steps, ctrl.cross_steps, tokenizer)[:calls]
     mapper, mix, eq = _mapping(ctrl, prompts, tokenizer)
     limit = self_max_queries if ctrl.self_max_queries is None else ctrl.self_max_queries
+    if not isinstance(limit, numbers.Integral) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"self_max_queries must be a count of queries (an integer >= 0), got {limit!r}")
     return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), limit)
 
 
@@ -172,6 +183,10 @@ def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
 def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> BlendTables:
     if not 0.0 <= float(blend.start) <= 1.0:
         raise ValueError(f"LocalBlend start = {blend.start!r}: a fraction of the steps in [0, 1]")
+    for name in ("threshold", "subtract_threshold"):
+        if not 0.0 <= float(getattr(blend, name)) <= 1.0:
+            raise ValueError(f"LocalBlend {name} = {getattr(blend, name)!r}: a fraction of the mask's maximum in "
+                             "[0, 1]")
     subtract = None if blend.subtract is None else _word_table(blend.subtract, prompts, tokenizer,
                                                                "LocalBlend subtract")
     return BlendTables(_word_table(blend.words, prompts, tokenizer, "LocalBlend words"), subtract,
@@ -349,6 +364,8 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
     calls = steps if calls is None else calls
     edit = blend = None
     self_maps = False
+    if controller is not None and not isinstance(getattr(controller, "self_maps", False), bool):
+        raise TypeError(f"self_maps must be True or False, got {controller.self_maps!r}")
     if isinstance(controller, Store):
         self_maps = controller.self_maps
     elif controller is not None:

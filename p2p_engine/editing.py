@@ -25,6 +25,8 @@ the guidance and the scheduler's arithmetic stay in the master dtype
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -71,6 +73,12 @@ class Source:
     seed: int | None
 
 
+def check_guidance(guidance) -> None:
+    """Refuse a guidance scale that is not a finite number (None: the default)."""
+    if guidance is not None and not (isinstance(guidance, numbers.Real) and math.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+
+
 def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, steps_offset=None, height=None,
                    width=None, latents=None, inversion=None, proximal=None, quantile=None) -> Source:
     """The edit's arguments (see `edit`) checked and resolved into a `Source`; None takes the default."""
@@ -82,8 +90,15 @@ def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, 
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
+                             or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    check_guidance(guidance)
     null = timesteps = pivots = None
     if inversion is not None:
+        if not hasattr(inversion, "check_compatible"):  # (the Pipeline's methods load one given by its path)
+            raise TypeError(f"inversion must be a p2p_engine.Inversion or the path of its file, got "
+                            f"{type(inversion).__name__}")
         inversion.check_compatible(pipe)
         n = inversion.null_embeddings.shape[0]
         if steps is not None and steps != n:
@@ -112,8 +127,12 @@ def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, 
         latents = torch.randn((1, channels, height // down, width // down), generator=g, device=device,
                               dtype=torch.float32)
     latents = latents.to(device, master)
-    if latents.dim() != 4 or latents.shape[0] != 1:
+    if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != channels:
         raise ValueError(f"latents must be (1, {channels}, h, w), shared by all prompts; got {tuple(latents.shape)}")
+    size = [n * pipe.config.vae.downscale for n in latents.shape[-2:]]
+    if [height or size[0], width or size[1]] != size:
+        raise ValueError(f"height x width = {height} x {width}, but the start latent (`latents` or the inversion's) "
+                         f"makes {size[0]} x {size[1]} images; leave height and width out")
     return Source(latents, steps, guidance, sampler, steps_offset, timesteps, null, pivots, proximal, quantile, seed)
 
 

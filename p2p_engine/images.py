@@ -27,6 +27,9 @@ def load_image(x):
             raise FileNotFoundError(f"image file not found: {path}") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image file {path}: {e}") from None
+    if isinstance(x, Image.Image) and (x.mode == "I" or x.mode.startswith("I;16")):
+        # 16-bit greyscale (PIL's convert("RGB") clips it to white): scaled to 8 bits
+        x = Image.fromarray((np.asarray(x, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if isinstance(x, Image.Image):
         # Palette, greyscale, RGBA, CMYK...: RGB like the reference's [:, :, :3] on an RGB(A) file.
         return np.asarray(x.convert("RGB"))
@@ -37,8 +40,8 @@ def load_image(x):
             raise ValueError(f"image arrays must be uint8 (H, W, 3); got dtype {x.dtype}")
         if x.ndim == 2:
             x = np.repeat(x[:, :, None], 3, axis=2)
-        if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
-            raise ValueError(f"image arrays must be (H, W, 3) uint8; got shape {x.shape}")
+        if x.ndim != 3 or x.shape[2] not in (1, 3, 4) or 0 in x.shape:
+            raise ValueError(f"image arrays must be (H, W, 3) uint8 with H, W > 0; got shape {x.shape}")
         if x.shape[2] == 1:
             x = np.repeat(x, 3, axis=2)
         return np.ascontiguousarray(x[:, :, :3])

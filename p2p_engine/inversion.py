@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import graphs
-from .editing import edit
+from .editing import check_guidance, edit
 from .files import atomic_write
 from .images import prepare
 from .nulltext import EPSILON, EPSILON_SLOPE, null_optimize, warn_bf16
@@ -57,6 +57,9 @@ class Inversion:
     # negative_prompt; optimised with the context when `pooled_optimized`).
     null_pooled: torch.Tensor | None = None
     pooled_optimized: bool = False
+    # `Pipeline.weights_probe()` of the model it was made with (None in files from before it was recorded): an
+    # edit on a model whose weights differ is refused.
+    weights_probe: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.timesteps is None:
@@ -97,6 +100,13 @@ class Inversion:
             if key in self.scheduler and self.scheduler[key] != mine[key]:
                 raise ValueError(f"this inversion was made with a noise schedule of {key} = {self.scheduler[key]!r}; "
                                  f"the pipeline's is {mine[key]!r}. Invert the image again with this model.")
+        if self.weights_probe is not None:
+            probe = pipe.weights_probe()
+            # half precision rounds a weight by at most 2^-9 of it; another model's differ far more
+            if probe.shape != self.weights_probe.shape or not torch.allclose(probe, self.weights_probe, rtol=1e-2,
+                                                                              atol=1e-5):
+                raise ValueError("this inversion was made with other weights than this pipeline's model (same "
+                                 "architecture, different checkpoint). Invert the image again with this model.")
 
     def save(self, path) -> None:
         """One safetensors file: tensors plus the settings as JSON in the header; written atomically."""
@@ -111,6 +121,8 @@ class Inversion:
             tensors["pivots"] = self.pivots
         if self.null_pooled is not None:
             tensors["null_pooled"] = self.null_pooled
+        if self.weights_probe is not None:
+            tensors["weights_probe"] = self.weights_probe
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
         with atomic_write(path) as f:
             f.write(save(tensors, metadata={"p2p_inversion": json.dumps(meta)}))
@@ -135,7 +147,7 @@ class Inversion:
             raise ValueError(f"{path}: unknown inversion format; expected {FORMAT}")
         return cls(latent_T=tensors["latent_T"], null_embeddings=tensors["null_embeddings"],
                    losses=tensors["losses"], pivots=tensors.get("pivots"), null_pooled=tensors.get("null_pooled"),
-                   **meta)
+                   weights_probe=tensors.get("weights_probe"), **meta)
 
     def unet_evaluations(self, prompts: int = 2) -> dict[str, int]:
         """What the inversion and one edit of `prompts` prompts from it cost, in UNet rows (one latent through
@@ -191,12 +203,17 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         prompts = [prompts]
     if len(images) != len(prompts):
         raise ValueError(f"invert_batch got {len(images)} images but {len(prompts)} prompts")
+    if not images:
+        raise ValueError("invert_batch got no images")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"each image's prompt must be one string, got {[type(p).__name__ for p in prompts]}")
     if not early_stop:
         epsilon, epsilon_slope = -math.inf, 0.0
+    check_guidance(guidance)
     guidance = pipe.default_guidance if guidance is None else guidance
     ts = pipe.scheduler.timesteps(steps, steps_offset)  # the sampling timesteps, 981 .. 1 for SD at 50 steps
     size = pipe.config.image_size
-    x = torch.cat([im if isinstance(im, torch.Tensor) else prepare(im, size, *crop) for im in images])
+    x = torch.cat([prepare(im, size, *crop) if _prepared(im, size) is None else im for im in images])
     z0 = pipe.encode_images(x)  # (N, 4, h, w)
     n = len(prompts)
     cond = pipe.encode_text(list(prompts)).to(pipe.master_dtype)  # (N, 77, D), SDXL's pooled (N, P)
@@ -227,8 +244,22 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
                       text_dim=cfg.unet.cross_attention_dim, prediction_type=cfg.prediction_type, timesteps=ts,
                       pivots=None if pivots is None else pivots[:, k].clone(),
                       null_pooled=None if pooled is None else pooled[:, k].clone(),
-                      pooled_optimized=method == "null_text" and optimize_pooled and pooled is not None)
+                      pooled_optimized=method == "null_text" and optimize_pooled and pooled is not None,
+                      weights_probe=pipe.weights_probe().clone())
             for k in range(n)]
+
+
+def _prepared(image, size: int):
+    """A float tensor image as `images.prepare` makes it, checked; None for anything else (prepare reads it)."""
+    if not (isinstance(image, torch.Tensor) and image.is_floating_point()):
+        return None
+    if tuple(image.shape) != (1, 3, size, size):
+        raise ValueError(f"a prepared image tensor must be (1, 3, {size}, {size}) in [-1, 1], got "
+                         f"{tuple(image.shape)}; pass uint8 (H, W, 3) images to have them prepared")
+    if image.min() < -1.001 or image.max() > 1.001:
+        raise ValueError(f"a prepared image tensor must hold values in [-1, 1], got [{float(image.min()):.3g}, "
+                         f"{float(image.max()):.3g}]")
+    return image
 
 
 def invert(pipe, image, prompt: str, **kw) -> Inversion:

@@ -95,14 +95,27 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; a diffusers checkpoint folder needs model_index.json, "
-                              f"unet/, vae/, text_encoder/, tokenizer/ and scheduler/") from None
+                              f"unet/, vae/, text_encoder/ and tokenizer/ (scheduler/ is optional)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
+def _parsed(path: Path, parse):
+    """`parse` of the JSON at `path`, a config that lacks a key or holds a wrong value named with its file."""
+    raw = _read_json(path)
+    try:
+        return parse(raw)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the config has no {e.args[0]!r}; is it the right part's config.json?") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+
+
 def _text_config(path: Path) -> TextConfig:
     names = {f.name for f in dataclasses.fields(TextConfig)}
-    return TextConfig(**{k: v for k, v in _read_json(path).items() if k in names})
+    return _parsed(path, lambda raw: TextConfig(**{k: v for k, v in raw.items() if k in names}))
 
 
 def _diffusers_config(root: Path, prediction_type: str | None) -> ModelConfig:
@@ -117,8 +130,8 @@ def _diffusers_config(root: Path, prediction_type: str | None) -> ModelConfig:
             or u.get("class_embed_type") or (u.get("addition_embed_type") and not sdxl) \
             or (u.get("transformer_layers_per_block", 1) != 1 and not sdxl):
         raise CheckpointError(f"{root / 'unet' / 'config.json'}: this UNet variant is not supported; {supported}")
-    unet = UNetConfig.from_diffusers(u)
-    vae = VAEConfig.from_diffusers(_read_json(root / "vae" / "config.json"))
+    unet = _parsed(root / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae = _parsed(root / "vae" / "config.json", VAEConfig.from_diffusers)
     text = _text_config(root / "text_encoder" / "config.json")
     pred = prediction_type or _schedule(root).prediction_type
     if sdxl:
@@ -230,6 +243,24 @@ def _resolve(path) -> tuple[str, Path]:
                           f"text_encoder/, tokenizer/) nor a single-file .safetensors checkpoint")
 
 
+def _device(device) -> torch.device:
+    """The device asked for, refused with what to pass instead when this machine or torch build lacks it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from e
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise ValueError(f"device {str(device)!r} is not available here (torch {torch.__version__}, "
+                         f"{'no CUDA device or a CPU build' if device.type == 'cuda' else 'no MPS'}); "
+                         "pass device='cpu' or leave device unset")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, prediction_type: str | None = None,
          channels_last: bool | None = None):
     """Load a Stable Diffusion 1.x/2.x or SDXL base checkpoint into a `Pipeline`.
@@ -253,7 +284,7 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
 

@@ -20,6 +20,8 @@ the plan contract states. LocalBlend alone rebuilds the post-injection sums
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .words import require_word
@@ -45,6 +47,8 @@ class AttentionMaps:
         return sorted({self._hw(self.layers[k][0].level)[0] for k in self._cross}, reverse=True)
 
     def _pick(self, store, res: int, places):
+        if not isinstance(res, numbers.Integral) or isinstance(res, bool):
+            raise TypeError(f"res is a map height in latent pixels (an int such as 16), got {res!r}")
         keys = [k for k in store if self._hw(self.layers[k][0].level)[0] == res]
         if not keys:
             raise ValueError(f"no stored maps at resolution {res}; available: {self.resolutions}")

@@ -14,6 +14,7 @@ unconditional prompt is all zeros where the checkpoint says
 from __future__ import annotations
 
 import gc
+import os
 
 import torch
 
@@ -38,6 +39,7 @@ class Pipeline:
         self.backend = backend
         # the checkpoint's noise schedule and timestep settings (scheduler.py); its samplers are in samplers.py
         self.scheduler = DDIM(schedule or SchedulerConfig(prediction_type=config.prediction_type))
+        self._probe = None
 
     @property
     def family(self) -> str:
@@ -47,6 +49,17 @@ class Pipeline:
     def default_guidance(self) -> float:
         """The family's guidance scale: 5.0 for SDXL, 7.5 for SD 1.x/2.x (the references')."""
         return 5.0 if self.family == "sdxl" else 7.5
+
+    def weights_probe(self) -> torch.Tensor:
+        """The middle entry of every weight matrix and kernel of the UNet and text encoder(s), float32 on the
+        host, computed once: what an `Inversion` records, so that an edit from it can tell that it was made
+        with other weights. The same model in another dtype gives the same values to its rounding."""
+        if self._probe is None:
+            parts = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+            with torch.no_grad():
+                values = [p.reshape(-1)[p.numel() // 2] for m in parts for p in m.parameters() if p.dim() >= 2]
+                self._probe = torch.stack(values).float().cpu()
+        return self._probe
 
     def self_max_queries(self, h: int, w: int) -> int:
         """Self-attention replacement's default limit for latents of h x w: the stable notebook's 16 x 16 layers
@@ -133,15 +146,15 @@ class Pipeline:
 
     def edit(self, prompts, controller=None, **kwargs):
         from .editing import edit
-        return edit(self, prompts, controller=controller, **kwargs)
+        return edit(self, prompts, controller=controller, **_opened(kwargs))
 
     def generate(self, prompts, **kwargs):
         from .editing import edit
-        return edit(self, prompts, controller=None, **kwargs)
+        return edit(self, prompts, controller=None, **_opened(kwargs))
 
     def edit_cache(self, prompt, **kwargs):
         from .editing import edit_cache
-        return edit_cache(self, prompt, **kwargs)
+        return edit_cache(self, prompt, **_opened(kwargs))
 
     def invert(self, image, prompt, **kwargs):
         from .inversion import invert
@@ -163,3 +176,11 @@ def release_memory(device=None) -> None:
     gc.collect()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.empty_cache()
+
+
+def _opened(kwargs: dict) -> dict:
+    """The keyword arguments of an edit with an inversion given by its file's path loaded from it."""
+    if isinstance(kwargs.get("inversion"), (str, os.PathLike)):
+        from .inversion import Inversion
+        kwargs = {**kwargs, "inversion": Inversion.load(kwargs["inversion"])}
+    return kwargs

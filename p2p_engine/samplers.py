@@ -21,6 +21,8 @@ master dtype, float32).
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -103,7 +105,12 @@ class DPMSolverPPSampler:
         elif spacing == "leading":
             ratio = n // (steps + 1)
             ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
-            ts += cfg.steps_offset if steps_offset is None else steps_offset
+            offset = cfg.steps_offset if steps_offset is None else steps_offset
+            if not isinstance(offset, numbers.Integral) or not 0 <= offset <= n - 1 - ts[0]:
+                raise ValueError(f"steps_offset must be an integer in [0, {n - 1 - ts[0]}] for {steps} DPM-Solver++ "
+                                 f"steps, got {offset!r} (the first timestep would pass {n - 1}); use fewer steps "
+                                 f"or another steps_offset")
+            ts += offset
         else:
             ts = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
         self.timesteps = [int(t) for t in ts]
@@ -150,6 +157,7 @@ def make_sampler(name: str, schedule: DDIM, steps: int, device, *, steps_offset:
         raise ValueError(f"fixed timesteps are DDIM's (an inversion's); the {name} sampler makes its own")
     if name == "pndm":
         return PNDMSampler(schedule, steps, steps_offset)
-    if not 1 <= steps < schedule.num_train_steps:
-        raise ValueError(f"steps must be in [1, {schedule.num_train_steps - 1}] for {name}, got {steps}")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps < schedule.num_train_steps:
+        raise ValueError(f"steps must be an integer in [1, {schedule.num_train_steps - 1}] for {name}, "
+                         f"got {steps!r}")
     return DPMSolverPPSampler(schedule, steps, steps_offset)

@@ -16,6 +16,7 @@ The other samplers (PNDM, DPM-Solver++) live in `samplers.py` on the same alphas
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,14 +111,21 @@ class DDIM:
         """The DDIM timesteps, descending, as diffusers' DDIMScheduler.set_timesteps gives them (981 .. 1 at
         50 steps for SD). `steps_offset` overrides the config's (it applies to "leading" spacing)."""
         n = self.num_train_steps
-        if not 1 <= steps <= n:
-            raise ValueError(f"steps must be in [1, {n}], got {steps}")
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps <= n:
+            raise ValueError(f"steps must be an integer in [1, {n}], got {steps!r}")
         spacing = self.config.timestep_spacing or "leading"
         if steps_offset is not None and spacing != "leading":
             raise ValueError(f"steps_offset applies to 'leading' timesteps; this checkpoint's scheduler spaces "
                              f"them {spacing!r}")
         if spacing == "leading":
-            return leading_timesteps(n, steps, self.config.steps_offset if steps_offset is None else steps_offset)
+            offset = self.config.steps_offset if steps_offset is None else steps_offset
+            most = n - 1 - (steps - 1) * (n // steps)  # the first timestep stays below num_train_timesteps
+            if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or not 0 <= offset <= most:
+                whose = "the checkpoint's scheduler config has" if steps_offset is None else "got"
+                raise ValueError(f"steps_offset must be an integer in [0, {most}] for {steps} steps ({whose} "
+                                 f"{offset!r}: the first timestep would pass {n - 1}); use fewer steps or "
+                                 f"another steps_offset")
+            return leading_timesteps(n, steps, offset)
         if spacing == "trailing":
             return [int(t) - 1 for t in np.round(np.arange(n, 0, -n / steps)).astype(np.int64)]
         return [int(t) for t in np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)]

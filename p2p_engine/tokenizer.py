@@ -60,7 +60,12 @@ def load_tokenizer(folder: str | os.PathLike):
     """CLIPTokenizer from a diffusers `tokenizer/` folder (vocab.json + merges.txt + special tokens)."""
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+    from .files import CheckpointError
+
+    try:
+        tok = CLIPTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+    except Exception as e:  # transformers raises bare Exception, OSError or ValueError for a broken folder
+        raise CheckpointError(f"{folder}: cannot read the CLIP tokenizer (vocab.json, merges.txt): {e}") from None
     tok.model_max_length = MAX_LENGTH  # some folders store a huge sentinel here
     return tok
 

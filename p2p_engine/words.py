@@ -82,6 +82,9 @@ def refine_mappers(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.T
 def require_word(prompt: str, word: str, tokenizer, what: str) -> list[int]:
     """`word_inds`, raising with a message naming `what` asked when the word is not in the prompt."""
     inds = word_inds(prompt, word, tokenizer)
+    if not inds and word in prompt.split(" "):
+        raise ValueError(f"{what}: the word {word!r} lies past the 77-token window of the prompt {prompt!r}, "
+                         "which the text encoder truncates")
     if not inds:
         raise ValueError(f"{what}: the word {word!r} is not in the prompt {prompt!r} "
                          "(words are matched whole, split on spaces)")

@@ -187,6 +187,45 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
         tiny_pipe.edit([SRC, TGT], p2p.Replace(cross_steps=1.2), steps=STEPS, progress=False)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(controller=p2p.Reweight({"dog": float("nan")})), ValueError, "scale of 'dog'"),
+    (dict(controller=p2p.Reweight({"dog": None})), ValueError, "scale of 'dog'"),
+    (dict(controller=p2p.Reweight()), ValueError, "at least one word"),
+    (dict(controller=p2p.Replace(self_steps=(0.6, 0.2))), ValueError, "starts after it ends"),
+    (dict(controller=p2p.Replace(self_max_queries=-5)), ValueError, "self_max_queries"),
+    (dict(controller=p2p.Store(self_maps="yes")), TypeError, "self_maps"),
+    (dict(controller=p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=-1)), ValueError,
+     "threshold"),
+    (dict(seed=1.5), ValueError, "seed"),
+    (dict(guidance="7.5"), ValueError, "guidance"),
+    (dict(guidance=float("inf")), ValueError, "guidance"),
+    (dict(steps=2.5), ValueError, "steps must be an integer"),
+    (dict(steps_offset=-1), ValueError, "steps_offset"),
+    (dict(steps_offset=500), ValueError, "steps_offset"),
+    (dict(latents=torch.zeros(1, 3, 8, 8)), ValueError, "latents must be"),
+    (dict(latents=torch.zeros(1, 4, 8, 8), height=128, width=128), ValueError, "leave height and width out"),
+    (dict(inversion="a string that names no file"), FileNotFoundError, "inversion file"),
+    (dict(inversion=42), TypeError, "p2p_engine.Inversion"),
+])
+def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
+    """Misuse that would otherwise run on (NaN latents, an empty window, a shape error deep in the UNet) is
+    refused before the loop, with the argument named."""
+    args = dict(controller=p2p.Replace(), steps=STEPS, progress=False, decode_images=False) | kwargs
+    with pytest.raises(error, match=match):
+        tiny_pipe.edit([SRC, TGT], **args)
+
+
+def test_misnamed_words_and_resolutions(tiny_pipe):
+    """A word past the 77-token window is named as such, not as missing; a resolution must be an int."""
+    long_tgt = " ".join(["a"] * 80) + " dog"
+    with pytest.raises(ValueError, match="past the 77-token window"):
+        tiny_pipe.edit([" ".join(["a"] * 80) + " cat", long_tgt], p2p.Reweight({"dog": 2.0}), steps=STEPS,
+                       progress=False)
+    att = tiny_pipe.edit([SRC], p2p.Store(), steps=STEPS, progress=False, decode_images=False).attention
+    with pytest.raises(TypeError, match="an int"):
+        att.cross(str(att.resolutions[0]))
+
+
 # -- the fused kernels through Triton's interpreter ------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is off where CUDA is present; "
@@ -226,3 +265,5 @@ def test_inversion_supplies_start_latent_and_null_context(tiny_pipe):
                            ours(tiny_pipe, prompts, p2p.Replace()))
     with pytest.raises(ValueError, match=f"made with {STEPS} steps"):
         tiny_pipe.edit(prompts, inversion=inv, steps=STEPS + 1, **edit)
+    with pytest.raises(ValueError, match="leave height and width out"):
+        tiny_pipe.edit(prompts, inversion=inv, height=2 * s * tiny_pipe.config.vae.downscale, **edit)

@@ -267,6 +267,42 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
         Inversion.load(tmp_path / "nope.safetensors")
 
 
+def test_inversion_from_other_weights_is_refused(pipe, tiny_ckpt, tmp_path):
+    """An inversion records a probe of its model's weights: the same checkpoint in half precision accepts it, a
+    checkpoint of the same architecture with other weights refuses it, and a file without a probe is accepted."""
+    inv = invert(pipe, photo(8), "a cat", steps=3, inner_steps=1, method="ddim", progress=False)
+    back = Inversion.load(_saved(inv, tmp_path / "probe.safetensors"))
+    assert torch.equal(back.weights_probe, pipe.weights_probe()) and back.weights_probe.numel() > 50
+    for dtype in (torch.float16, torch.bfloat16):
+        back.check_compatible(p2p.load(tiny_ckpt, dtype=dtype))
+    p2p.save_random_checkpoint(tmp_path / "other", "tiny", seed=1)
+    other = p2p.load(tmp_path / "other")
+    with pytest.raises(ValueError, match="other weights"):
+        other.edit(["a cat", "a dog"], controller=p2p.Replace(), inversion=back, progress=False)
+    back.weights_probe = None  # as in files written before the probe
+    back.check_compatible(other)
+
+
+def test_edit_takes_an_inversion_file_and_bad_images_are_named(pipe, tmp_path):
+    inv = invert(pipe, photo(9), "a cat", steps=3, inner_steps=1, method="ddim", progress=False)
+    path = _saved(inv, tmp_path / "cat.safetensors")
+    edit = dict(controller=p2p.Replace(), progress=False, decode_images=False)
+    assert torch.equal(pipe.edit(["a cat", "a dog"], inversion=str(path), **edit).latents,
+                       pipe.edit(["a cat", "a dog"], inversion=inv, **edit).latents)
+    size = pipe.config.image_size
+    run = dict(steps=3, method="ddim", progress=False)
+    for images, prompts, match in [([], [], "no images"), ([photo(1)], [["a cat"]], "one string"),
+                                   ([np.zeros((0, 5, 3), np.uint8)], ["a cat"], "H, W > 0"),
+                                   ([torch.zeros(3, size, size)], ["a cat"], r"\(1, 3, "),
+                                   ([torch.full((1, 3, size, size), 200.0)], ["a cat"], r"in \[-1, 1\]")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            invert_batch(pipe, images, prompts, **run)
+    # a uint8 (H, W, 3) tensor is an image like its array
+    image = photo(2)
+    assert torch.equal(invert(pipe, torch.from_numpy(image), "a cat", **run).latent_T,
+                       invert(pipe, image, "a cat", **run).latent_T)
+
+
 def test_timesteps_recorded_and_older_files_edit_as_made(pipe, tmp_path):
     """An inversion records its timesteps (the checkpoint's 981 .. 1 style by default) and an edit from it
     runs them; a file written before timesteps were recorded was made at 980 .. 0 and still edits so."""

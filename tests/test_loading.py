@@ -117,6 +117,12 @@ def test_argument_validation(folders):
         p2p.load(folders["tiny"], dtype=torch.int8)
     with pytest.raises(ValueError, match="prediction_type"):
         p2p.load(folders["tiny"], prediction_type="sample")
+    with pytest.raises(ValueError, match="torch device"):
+        p2p.load(folders["tiny"], device="gpu")
+    # a device this machine lacks is named as such, not read as a corrupt checkpoint
+    missing = "mps" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=f"'{missing}' is not available"):
+        p2p.load(folders["tiny"], device=missing)
     with pytest.raises(ValueError, match="preset"):
         p2p.save_random_checkpoint(folders["tiny"].parent / "x", "sd3")
 

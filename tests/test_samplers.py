@@ -50,6 +50,21 @@ def test_sd_default_is_981_to_1_and_offset_zero_is_980_to_0():
     assert len(pndm.timesteps) == 51 and pndm.timesteps[:4] == [981, 961, 961, 941]
 
 
+@pytest.mark.parametrize("kind, steps", [("ddim", 1000), ("pndm", 1000), ("dpmsolver++", 999)])
+def test_timesteps_past_the_schedule_are_refused(kind, steps):
+    """Where steps_offset would put the first timestep at num_train_timesteps or beyond (diffusers indexes past
+    its alphas there, and DPM-Solver++ divided by a zero step into NaN), the sampler refuses and names it; one
+    offset lower is diffusers' timesteps."""
+    sched = DDIM(SchedulerConfig(timestep_spacing="leading", steps_offset=1))
+    with pytest.raises(ValueError, match="steps_offset must be an integer in \\[0, 0\\]"):
+        make_sampler(kind, sched, steps, "cpu")
+    with pytest.raises(ValueError, match="steps_offset"):
+        make_sampler(kind, DDIM(SchedulerConfig()), 10, "cpu", steps_offset=-1)
+    ref = _diffusers(kind, **SD, timestep_spacing="leading", steps_offset=0)
+    ref.set_timesteps(steps)
+    assert make_sampler(kind, sched, steps, "cpu", steps_offset=0).timesteps == ref.timesteps.tolist()
+
+
 def _fake_model(x: torch.Tensor, t: int) -> torch.Tensor:
     """A smooth stand-in for a UNet: depends on the sample and the timestep."""
     return 0.3 * x + 0.2 * torch.sin(x * (1 + t / 500.0)) + 0.05 * math.cos(t / 100.0)
