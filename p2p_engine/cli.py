@@ -53,13 +53,26 @@ def _load(args):
     return p2p.load(model, device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
 
 
-def _check_out(path: str, suffix: str) -> Path:
+def _check_out(path: str, suffix: str, flag: str = "--out") -> Path:
+    """The output file a flag names, checked before any work: its suffix, its folder, and not a folder itself."""
     out = Path(path)
     if out.suffix.lower() != suffix:
-        raise UserError(f"--out {path!r} must end in {suffix}")
+        raise UserError(f"{flag} {path!r} must end in {suffix}")
     if out.parent and not out.parent.exists():
-        raise UserError(f"the folder of --out {path!r} does not exist")
+        raise UserError(f"the folder of {flag} {path!r} does not exist")
+    if out.is_dir():
+        raise UserError(f"{flag} {path!r} is a folder; give a file name")
     return out
+
+
+def _check_in(path: str, what: str, hint: str = "") -> Path:
+    """An input file, checked: it exists and is a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {path!r} is a folder, not a file")
+    if not p.is_file():
+        raise UserError(f"{what} {path!r} does not exist{hint}")
+    return p
 
 
 # -- subcommands
@@ -70,6 +83,17 @@ def cmd_random_checkpoint(args) -> int:
     out = Path(args.path)
     if out.exists() and not args.overwrite:
         raise UserError(f"{args.path!r} already exists; pass --overwrite or choose another path")
+    if out.exists():  # --overwrite replaces a checkpoint of the same layout, nothing else
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise UserError(f"{args.path!r} holds the current folder; it cannot be replaced")
+        folder = args.layout == "diffusers"
+        if folder and not (out / "model_index.json").is_file():
+            raise UserError(f"{args.path!r} is not a diffusers checkpoint folder (no model_index.json); "
+                            "--overwrite replaces only a checkpoint, so choose another path")
+        if not folder and not (out.is_file() and out.suffix == ".safetensors"):
+            raise UserError(f"{args.path!r} is not a .safetensors file; --overwrite replaces only a checkpoint, "
+                            "so choose another path")
     p2p.save_random_checkpoint(str(out), args.preset, seed=args.seed, layout=args.layout)
     print(f"wrote a random {args.preset} checkpoint ({args.layout}) to {out}")
     return EXIT_OK
@@ -92,8 +116,7 @@ def cmd_edit(args) -> int:
     out_path = _check_out(args.out, ".png")
     inversion = None
     if args.inversion is not None:
-        if not Path(args.inversion).is_file():
-            raise UserError(f"inversion file {args.inversion!r} does not exist (make one with `p2p-engine invert`)")
+        _check_in(args.inversion, "inversion file", " (make one with `p2p-engine invert`)")
         inversion = p2p.Inversion.load(args.inversion)
     prompt = args.prompt if args.prompt is not None or inversion is None else inversion.prompt
     if prompt is None:
@@ -126,19 +149,15 @@ def cmd_edit(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    out_path = Path(args.out)
-    if not out_path.name.endswith(".safetensors"):
-        raise UserError(f"--out {args.out!r} must end in .safetensors")
-    if not out_path.parent.exists():
-        raise UserError(f"the folder of --out {args.out!r} does not exist")
-    strip_path = _check_out(args.strip, ".png") if args.strip else None
-    if not Path(args.image).is_file():
-        raise UserError(f"image {args.image!r} does not exist")
+    out_path = _check_out(args.out, ".safetensors")
+    strip_path = _check_out(args.strip, ".png", "--strip") if args.strip else None
+    _check_in(args.image, "image")
 
     pipe = _load(args)
     inv = pipe.invert(args.image, args.prompt, steps=args.steps, inner_steps=args.inner_steps, method=args.method,
                       guidance=args.guidance, steps_offset=args.steps_offset, progress=True)
     inv.save(str(out_path))
+    args.written.append(out_path)
     print(f"wrote the {args.method} inversion of {args.image} to {out_path}")
     if strip_path is not None:
         _save_png(_reconstruction_strip(pipe, args, inv), strip_path)
@@ -165,16 +184,21 @@ def cmd_maps(args) -> int:
     out_path = _check_out(args.out, ".png")
     pipe = _load(args)
     prompts = list(args.prompt)
+    side = pipe.config.latent_size
+    cross = sorted({-(-side // 2 ** l.level) for l in pipe.unet.attn_layers if l.is_cross}, reverse=True)
+    res = args.res if args.res is not None else next((r for r in (16, side // 4) if r in cross), cross[0])
+    if res not in cross:
+        raise UserError(f"--res {res}: this model's cross-attention maps are {cross} wide at its native size")
     out = pipe.edit(prompts, controller=p2p.Store(), seed=args.seed, steps=args.steps, guidance=args.guidance,
                     sampler=args.sampler, steps_offset=args.steps_offset, progress=True)
-    maps = out.attention.cross(res=args.res)  # (P, res, res, 77), summed over steps, averaged over heads
+    maps = out.attention.cross(res=res)  # (P, res, res, 77), summed over steps, averaged over heads
     ids = pipe.tokenize(prompts)  # (P, 77)
     rows = []
     for i, prompt in enumerate(prompts):
         tokens = prompt_tokens(pipe.tokenizer, ids[i].tolist())
         rows.append(heat_row(out.images[i], maps[i], tokens))
     _save_png(stack_rows(rows), out_path)
-    print(f"wrote {sum(len(r) - 1 for r in rows)} token maps at {args.res}x{args.res} to {out_path}")
+    print(f"wrote {sum(len(r) - 1 for r in rows)} token maps at {res}x{res} to {out_path}")
     return EXIT_OK
 
 
@@ -258,7 +282,7 @@ def cmd_pie_metrics(args) -> int:
         absent["clip"] = "CLIP similarity needs a local openai/clip-vit-large-patch14 folder (--clip-model)"
     print("\nabsent: " + "; ".join(absent.values()))
     print(f"wrote {Path(args.out) / 'pie_metrics.csv'} and pie_metrics_per_image.csv")
-    return EXIT_OK
+    return EXIT_FAILED if any(r.get("status") != "ok" for r in rows) else EXIT_OK
 
 
 # -- parser
@@ -331,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompt: the image, then each token's heat map over it, labelled by token.")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--res", type=int, default=16, choices=(8, 16, 32, 64), help="map resolution")
+    p.add_argument("--res", type=int, default=None,
+                   help="map resolution: one of the model's cross-attention sizes (default 16, the reference's, "
+                        "where the model has it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default the family's: 7.5, SDXL 5.0)")
@@ -407,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on a usage error
+    args.written = []  # files a command finished before an interrupt
     try:
         return args.func(args)
     except USER_ERRORS as e:
@@ -415,8 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{e.strerror or 'no such file'}: {e.filename}"
         print(f"p2p-engine {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"p2p-engine {args.command}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if args.command in ("run", "pie"):  # jobs.Interrupted says how many jobs finished
+            kept = str(e) or "the jobs finished so far are kept; run the same command again to resume"
+        elif args.written:
+            kept = "only " + ", ".join(str(p) for p in args.written) + " was written"
+        else:
+            kept = "nothing was written"
+        print(f"p2p-engine {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
 
 

@@ -64,7 +64,7 @@ def test_module_entry_point_help():
     ["edit", "--model", "toy", "--cross-steps", "1.5"],  # outside [0, 1]
     ["edit", "--model", "toy", "--mode", "swap"],
     ["invert", "--model", "toy", "--image", "x.png", "--prompt", "p"],  # --out missing
-    ["maps", "--model", "toy", "--prompt", "a cat", "--res", "12"],
+    ["maps", "--model", "toy", "--prompt", "a cat", "--res", "x"],  # not a number
 ])
 def test_usage_error_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -116,6 +116,31 @@ def test_missing_image(ckpt, tmp_path, capsys):
 
 def test_existing_checkpoint_not_overwritten(ckpt, capsys):
     _fails_cleanly(["random-checkpoint", str(ckpt), "--preset", "tiny"], capsys, "already exists")
+
+
+def test_overwrite_replaces_only_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """--overwrite never removes a folder or file that is not a checkpoint of the layout asked for."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "thesis.txt").write_text("precious")
+    _fails_cleanly(["random-checkpoint", str(data), "--preset", "tiny", "--overwrite"], capsys, "model_index.json")
+    _fails_cleanly(["random-checkpoint", str(data / "thesis.txt"), "--preset", "tiny", "--layout", "single_file",
+                    "--overwrite"], capsys, "not a .safetensors file")
+    monkeypatch.chdir(data)
+    _fails_cleanly(["random-checkpoint", ".", "--preset", "tiny", "--overwrite"], capsys, "current folder")
+    assert (data / "thesis.txt").read_text() == "precious"
+
+
+def test_output_and_input_that_are_folders(ckpt, photo, tmp_path, capsys):
+    """A folder where a file is wanted is named before any work, and nothing is written."""
+    (tmp_path / "strip.png").mkdir()
+    argv = ["invert", "--model", str(ckpt), "--image", str(photo), "--prompt", "a cat", "--method", "ddim",
+            "--out", str(tmp_path / "x.safetensors"), *STEPS]
+    _fails_cleanly(argv + ["--strip", str(tmp_path / "strip.png")], capsys, "--strip", "is a folder")
+    _fails_cleanly(argv[:4] + [str(tmp_path)] + argv[5:], capsys, "is a folder, not a file")
+    _no_leftovers(tmp_path, {"strip.png"})
+    _fails_cleanly(["maps", "--model", str(ckpt), "--prompt", "a cat", "--res", "5", *STEPS,
+                    "--out", str(tmp_path / "m.png")], capsys, "--res 5", "cross-attention maps")
 
 
 # -- successful runs
