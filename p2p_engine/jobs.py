@@ -23,29 +23,34 @@ Per finished job, written atomically (temporary file + rename):
 then one line appended to the index (DIR/index.jsonl, or DIR/index.rank<r>.jsonl
 per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end).
 
-A job counts as done when an index line says "ok" for its id with the same steps,
-inner steps and method, and every output it names exists; a second run skips done
-jobs and redoes the rest (interrupted ones, failed ones). Under torchrun each rank
+A job counts as done when an index line says "ok" for its id with the same model and
+settings (`manifest.SETTINGS`, defaults resolved: the model's fingerprint and dtype, steps,
+inner steps, method, guidance, steps offset, edit options) and every output it names exists;
+a second run skips done jobs and redoes the rest (interrupted ones, failed ones, and ones
+made with another model or other settings, whose files are replaced). Under torchrun each rank
 takes jobs[rank::world] of the deduplicated job list; torchrun itself starts,
 names and restarts the ranks, and the output folder is the only shared state.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from .control import compile_control
 from .controllers import blend_from_spec, from_spec
 from .images import prepare, save_image_atomic
 from .loading import load
-from .manifest import INDEX, Job, _append, _done_ids, merge_index, read_jobs
+from .manifest import INDEX, Job, _append, _done_ids, _ok_ids, merge_index, read_jobs
 from .pipeline import Pipeline, release_memory
 from .words import MAX_TOKENS
 
@@ -64,6 +69,50 @@ class Summary:
         return 1 if self.failed else 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says how many jobs finished (their files and index lines are kept)."""
+
+    def __init__(self, finished: int, out_dir):
+        self.finished = finished
+        kept = (f"{finished} jobs finished and were kept in {out_dir}" if finished > 1 else
+                f"1 job finished and was kept in {out_dir}" if finished else "no job finished")
+        super().__init__(f"{kept}; run again to resume")
+
+
+# -- what makes a result ----------------------------------------------------------------------------
+
+def _probe(module: torch.nn.Module) -> torch.Tensor:
+    """The middle entry of every weight matrix and kernel, as `Pipeline.weights_probe` takes them."""
+    with torch.no_grad():
+        return torch.stack([p.reshape(-1)[p.numel() // 2] for p in module.parameters() if p.dim() >= 2]).float().cpu()
+
+
+def model_fingerprint(pipe: Pipeline) -> str:
+    """16 hex digits identifying the weights and configuration as loaded: sha256 over the model and scheduler
+    configs and the exact values of `weights_probe` (UNet, text encoders) and of the VAE's probe. Exact, not
+    rounded: one checkpoint loaded in one dtype always gives the same values (casting is deterministic), while
+    rounding a half-precision copy to a few digits flips some of hundreds of values whatever the digits; the
+    dtype is therefore a setting of its own, and the path is not part of it (a moved checkpoint is the same)."""
+    h = hashlib.sha256()
+    config = {"model": asdict(pipe.config), "scheduler": asdict(pipe.scheduler.config)}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for probe in (pipe.weights_probe(), _probe(pipe.vae)):
+        h.update(probe.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _settings(pipe: Pipeline, *, steps, inner_steps, method, guidance, steps_offset, edit_options) -> dict:
+    """Every setting that changes a job's files, defaults resolved, so that leaving an option out and giving
+    its default count as the same run (the keys of `manifest.SETTINGS`)."""
+    spacing = pipe.scheduler.config.timestep_spacing or "leading"
+    if steps_offset is None and spacing == "leading":
+        steps_offset = pipe.scheduler.config.steps_offset
+    return {"model": model_fingerprint(pipe), "dtype": str(pipe.dtype).removeprefix("torch."), "steps": steps,
+            "inner_steps": inner_steps, "method": method,
+            "guidance": float(pipe.default_guidance if guidance is None else guidance),
+            "steps_offset": steps_offset, "edit": dict(edit_options or {})}
+
+
 # -- running ----------------------------------------------------------------------------------------
 
 def _final_losses(losses: torch.Tensor) -> list:
@@ -75,21 +124,32 @@ def _final_losses(losses: torch.Tensor) -> list:
     return out
 
 
-def _prepare(pipe, job: Job) -> torch.Tensor:
-    """Read and check one job's image and prompts -> (1, 3, S, S) in [-1, 1]; raises with the reason."""
-    for p in [job.spec["prompt"], *job.spec.get("edits", [])]:
+def _prepare(pipe, job: Job, steps: int) -> torch.Tensor:
+    """Read and check one job's image, prompts and edit -> (1, 3, S, S) in [-1, 1]; raises with the reason.
+    The edit's words and windows are checked here, before the inversion they would otherwise waste."""
+    spec = job.spec
+    for p in [spec["prompt"], *spec.get("edits", [])]:
         n = len(pipe.tokenizer(p).input_ids)
         if n > MAX_TOKENS:
             raise ValueError(f"prompt {p!r} has {n} tokens; the text encoder reads at most {MAX_TOKENS}: shorten it")
+    if spec.get("edits") or spec.get("controller"):
+        compile_control(from_spec(spec.get("controller")), _edit_prompts(spec), pipe.tokenizer, steps,
+                        torch.device("cpu"), layers=pipe.unet.attn_layers,
+                        local_blend=blend_from_spec(spec.get("blend")), store=False)
     return prepare(str(job.image), pipe.config.image_size)
 
 
-def _batches(pipe, jobs: list[Job], batch_size: int, record_error):
+def _edit_prompts(spec: dict) -> list[str]:
+    edits = spec.get("edits", [])
+    return [spec["prompt"], *(edits or [spec["prompt"]])]  # a reweight may edit the prompt itself
+
+
+def _batches(pipe, jobs: list[Job], batch_size: int, steps: int, record_error):
     """Yield lists of (job, image tensor) of up to batch_size, loading lazily so memory stays O(batch)."""
     batch = []
     for job in jobs:
         try:
-            batch.append((job, _prepare(pipe, job)))
+            batch.append((job, _prepare(pipe, job, steps)))
         except Exception as e:  # one bad input must not stop the others: recorded, and the run goes on
             record_error(job, e)
             continue
@@ -155,19 +215,27 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output folder {out_dir} is a file: give a folder (it is created if missing)")
     jobs = read_jobs(job_file)
     with process_group(device) as (rank, world, device):
+        mine = jobs[rank::world]
+        own_pipe = not isinstance(model, Pipeline)
+        pipe = None
+        if any(j.error is None for j in mine):  # loaded first: a model that fails to load writes nothing
+            pipe = load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
         out_dir.mkdir(parents=True, exist_ok=True)
         index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
-        settings = {"steps": steps, "inner_steps": inner_steps, "method": method}
-        if steps_offset is not None:
-            settings["steps_offset"] = steps_offset
-        if edit_options:
-            settings["edit"] = dict(edit_options)
-        done = _done_ids(out_dir, settings)
-        mine = jobs[rank::world]
-        todo = [j for j in mine if j.id not in done]
+        settings = {} if pipe is None else _settings(pipe, steps=steps, inner_steps=inner_steps, method=method,
+                                                     guidance=guidance, steps_offset=steps_offset,
+                                                     edit_options=edit_options)
+        done = _done_ids(out_dir, settings) if settings else set()
+        todo = [j for j in mine if j.error is not None or j.id not in done]
         summary = Summary(total=len(jobs), skipped=len(mine) - len(todo))
+        stale = len({j.id for j in todo} & _ok_ids(out_dir))
+        if stale and rank == 0:
+            print(f"{stale} job{'s were' if stale > 1 else ' was'} finished with another model or other settings: "
+                  f"redoing {'them' if stale > 1 else 'it'} (files replaced)", file=sys.stderr)
 
         bar = _progress_bar(len(todo), progress and rank == 0,
                             "jobs" if world == 1 else f"rank 0 of {world}")
@@ -175,6 +243,8 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         def record(job: Job, entry: dict) -> None:
             base = {"id": job.id, "line": job.line, "image": job.spec.get("image"), "prompt": job.spec.get("prompt"),
                     "edits": job.spec.get("edits", []), "rank": rank, **settings}
+            if isinstance(model, (str, os.PathLike)):
+                base["model_path"] = model if str(model) == "toy" else str(Path(model).resolve())
             if job.spec.get("out"):
                 base["out"] = job.spec["out"]
             _append(index, {**base, **entry})
@@ -189,30 +259,20 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
             record(job, {"status": "error", "error": msg})
             bar.write(f"job {job.id} (line {job.line}) failed: {msg}", file=sys.stderr)
 
-        for job in todo:
-            if job.error is not None:
-                record_error(job, job.error)
-        runnable = [j for j in todo if j.error is None]
-        own_pipe = not isinstance(model, Pipeline)
-        if runnable:
-            pipe = load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
-            for n_batch, batch in enumerate(_batches(pipe, runnable, batch_size, record_error), 1):
-                t0 = time.perf_counter()
-                try:
-                    invs = pipe.invert_batch([x for _, x in batch], [j.spec["prompt"] for j, _ in batch],
-                                             steps=steps, inner_steps=inner_steps, method=method,
-                                             guidance=guidance, steps_offset=steps_offset, progress=False)
-                except Exception as e:  # e.g. out of memory: the batch's jobs fail, the next batch may not
-                    for job, _ in batch:
-                        record_error(job, e)
-                else:
-                    per_image = (time.perf_counter() - t0) / len(batch)
-                    for (job, _), inv in zip(batch, invs):
-                        _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary,
-                                save_inversions, edit_options or {})
-                if max_batches is not None and n_batch >= max_batches:
-                    break
-            if own_pipe:  # a caller's pipeline keeps its cache for the next call; ours is dropped
+        try:
+            for job in todo:
+                if job.error is not None:
+                    record_error(job, job.error)
+            runnable = [j for j in todo if j.error is None]
+            if runnable:
+                _run_batches(pipe, runnable, out_dir, batch_size, record, record_error, summary, max_batches,
+                             {"steps": steps, "inner_steps": inner_steps, "method": method, "guidance": guidance,
+                              "steps_offset": steps_offset}, save_inversions, edit_options or {})
+        except KeyboardInterrupt:
+            bar.close()
+            raise Interrupted(summary.ok, out_dir) from None
+        finally:
+            if own_pipe and pipe is not None:  # a caller's pipeline keeps its cache for the next call; ours goes
                 del pipe
                 release_memory()
         bar.close()
@@ -233,17 +293,36 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
     return summary
 
 
+def _run_batches(pipe, runnable: list[Job], out_dir: Path, batch_size: int, record, record_error, summary: Summary,
+                 max_batches: int | None, invert_options: dict, save_inversions: bool, edit_options: dict) -> None:
+    for n_batch, batch in enumerate(_batches(pipe, runnable, batch_size, invert_options["steps"], record_error), 1):
+        t0 = time.perf_counter()
+        try:
+            invs = pipe.invert_batch([x for _, x in batch], [j.spec["prompt"] for j, _ in batch], progress=False,
+                                     **invert_options)
+        except Exception as e:  # e.g. out of memory: the batch's jobs fail, the next batch may not
+            for job, _ in batch:
+                record_error(job, e)
+        else:
+            per_image = (time.perf_counter() - t0) / len(batch)
+            for (job, _), inv in zip(batch, invs):
+                _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary, save_inversions,
+                        edit_options)
+        if max_batches is not None and n_batch >= max_batches:
+            break
+
+
 def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary,
             save_inversion: bool, edit_options: dict) -> None:
     """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
     t0 = time.perf_counter()
+    outputs = {"inversion": None, "edits": []}
     try:
-        outputs = {"inversion": None, "edits": []}
         if save_inversion:
             outputs["inversion"] = f"{job.id}/inversion.safetensors"
             inv.save(out_dir / outputs["inversion"])
         edits = job.spec.get("edits", [])
-        prompts = [job.spec["prompt"], *(edits or [job.spec["prompt"]])]  # a reweight may edit the prompt itself
+        prompts = _edit_prompts(job.spec)
         cost = inv.unet_evaluations(len(prompts))
         if edits or job.spec.get("controller"):
             out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")),
@@ -258,6 +337,9 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
         else:
             cost["edit"] = 0
     except Exception as e:
+        for name in (outputs["inversion"], *outputs["edits"]):  # a failed job leaves no files behind
+            if name is not None:
+                (out_dir / name).unlink(missing_ok=True)
         record_error(job, e)
         return
     losses = _final_losses(inv.losses)

@@ -18,6 +18,8 @@ ID_LEN = 16
 INDEX = "index.jsonl"
 JOB_KEYS = {"image", "prompt", "edits", "controller", "seed", "blend", "out"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# what an index line records of the run that made it; a job is done only when all of them match (jobs._settings)
+SETTINGS = ("model", "dtype", "steps", "inner_steps", "method", "guidance", "steps_offset", "edit")
 
 
 @dataclass
@@ -108,7 +110,22 @@ def read_jobs(path) -> list[Job]:
                 continue
             image = Path(spec["image"]).expanduser()
             jobs.append(Job(n, jid, spec, image if image.is_absolute() else path.parent / image))
+    _refuse_shared_outputs(jobs)
     return jobs
+
+
+def _refuse_shared_outputs(jobs: list[Job]) -> None:
+    """Jobs whose "out" names one file would overwrite each other: every one of them becomes an error."""
+    by_out: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.error is None and job.spec.get("out"):
+            by_out.setdefault(os.path.normcase(os.path.normpath(job.spec["out"])), []).append(job)
+    for same in by_out.values():
+        if len(same) > 1:
+            for job in same:
+                others = ", ".join(str(j.line) for j in same if j is not job)
+                job.error = (f"line {job.line}: 'out' {job.spec['out']!r} is also the output of line {others}; "
+                             f"give each job its own output file")
 
 
 # -- index ------------------------------------------------------------------------------------------
@@ -135,7 +152,9 @@ def _index_files(out_dir: Path) -> list[Path]:
 
 
 def _complete(entry: dict, out_dir: Path, settings: dict) -> bool:
-    if entry.get("status") != "ok" or any(entry.get(k) != v for k, v in settings.items()):
+    """Whether an index line is a finished job of a run with `settings` (every key of SETTINGS, defaults
+    included: a line lacking one was made by another run); empty settings check the files only."""
+    if entry.get("status") != "ok" or (settings and any(entry.get(k) != settings.get(k) for k in SETTINGS)):
         return False
     outputs = entry.get("outputs", {})
     files = [f for f in (outputs.get("inversion"), *outputs.get("edits", [])) if f is not None]
@@ -144,6 +163,11 @@ def _complete(entry: dict, out_dir: Path, settings: dict) -> bool:
 
 def _done_ids(out_dir: Path, settings: dict) -> set[str]:
     return {e["id"] for p in _index_files(out_dir) for e in _read_index(p) if _complete(e, out_dir, settings)}
+
+
+def _ok_ids(out_dir: Path) -> set[str]:
+    """Ids finished by some run, whatever its settings."""
+    return _done_ids(out_dir, {})
 
 
 def _append(path: Path, entry: dict) -> None:

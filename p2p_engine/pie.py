@@ -77,9 +77,7 @@ def read_mapping(pie_dir, types=None) -> list[Entry]:
         raise ValueError(f"{path} must map keys to entries, got a {type(data).__name__}")
     out = []
     for key, item in data.items():
-        missing = [k for k in ENTRY_KEYS if k not in item]
-        if missing:
-            raise ValueError(f"{path}: entry {key!r} lacks {missing}")
+        _check_entry(path, key, item)
         if str(item["editing_type_id"]) not in EDIT_TYPES:
             raise ValueError(f"{path}: entry {key!r} has editing_type_id {item['editing_type_id']!r}, not one of "
                              f"{sorted(EDIT_TYPES)}")
@@ -92,6 +90,23 @@ def read_mapping(pie_dir, types=None) -> list[Entry]:
         out.append(Entry(key, item["image_path"], clean(item["original_prompt"]), clean(item["editing_prompt"]),
                          str(item["editing_type_id"]), tuple(words) if words else None, list(item["mask"])))
     return out
+
+
+def _check_entry(path: Path, key, item) -> None:
+    """Raise ValueError naming the entry and field of the mapping file that has the wrong type."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{path}: entry {key!r} must be an object with {list(ENTRY_KEYS)}, got {item!r}")
+    missing = [k for k in ENTRY_KEYS if k not in item]
+    if missing:
+        raise ValueError(f"{path}: entry {key!r} lacks {missing}")
+    for name in ("image_path", "original_prompt", "editing_prompt", "blended_word"):
+        if not isinstance(item[name], str) or (name == "image_path" and not item[name]):
+            raise ValueError(f"{path}: entry {key!r} has {name} {item[name]!r}; expected a string")
+    mask = item["mask"]
+    if not (isinstance(mask, list) and len(mask) % 2 == 0
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in mask)):
+        raise ValueError(f"{path}: entry {key!r} has mask {str(mask)[:60]!r}; expected run-length pairs "
+                         f"[start, length, ...] of integers >= 0")
 
 
 # -- masks ----------------------------------------------------------------------------------------
@@ -140,8 +155,10 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
             steps_offset: int | None = None, batch_size: int = 1, device=None, dtype=torch.float32,
             backend: str = "auto", progress: bool = True) -> dict:
     """Run the protocol for every entry (of `types`) and method into OUT/<method>/; see the module docstring.
-    Returns {method: jobs.Summary}."""
-    from .jobs import process_group, run_jobs
+    `model` is loaded once for every method (before anything is written). Returns {method: jobs.Summary}."""
+    from .jobs import Interrupted, process_group, run_jobs
+    from .loading import load
+    from .pipeline import Pipeline, release_memory
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -149,19 +166,31 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
     entries = read_mapping(pie_dir, types)
     if not entries:
         raise ValueError(f"no entries of edit types {types} in {Path(pie_dir) / MAPPING_FILE}")
+    for folder in (Path(out), *(Path(out) / m for m in methods)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file; the output of `pie` is a folder (OUT/<method>/)")
     lines = "".join(json.dumps(protocol_job(e, pie_dir), sort_keys=True) + "\n" for e in entries)
     summaries = {}
     with process_group(device) as (_, _, device):  # one group for every method's run, not one each
-        for name in methods:
-            folder = Path(out) / name
-            job_file = folder / "jobs.jsonl"
-            with atomic_write(job_file, "w", encoding="utf-8") as f:
-                f.write(lines)
-            method, options = METHODS[name]
-            summaries[name] = run_jobs(job_file, model, folder, steps=steps, inner_steps=inner_steps,
-                                       method=method, steps_offset=steps_offset, edit_options=options,
-                                       save_inversions=False, batch_size=batch_size, device=device, dtype=dtype,
-                                       backend=backend, progress=progress)
+        pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend)
+        try:
+            for name in methods:
+                folder = Path(out) / name
+                job_file = folder / "jobs.jsonl"
+                with atomic_write(job_file, "w", encoding="utf-8") as f:
+                    f.write(lines)
+                method, options = METHODS[name]
+                summaries[name] = run_jobs(job_file, pipe, folder, steps=steps, inner_steps=inner_steps,
+                                           method=method, steps_offset=steps_offset, edit_options=options,
+                                           save_inversions=False, batch_size=batch_size, device=device,
+                                           progress=progress)
+        except KeyboardInterrupt as e:
+            finished = sum(s.ok for s in summaries.values()) + getattr(e, "finished", 0)
+            raise Interrupted(finished, out) from None
+        finally:
+            if pipe is not model:
+                del pipe
+                release_memory()
     return summaries
 
 
@@ -222,8 +251,12 @@ class ClipSimilarity:
             raise FileNotFoundError(f"{path} is not a transformers CLIP folder (config.json, weights, tokenizer and "
                                     f"preprocessor files): give the folder of openai/clip-vit-large-patch14")
         self.device = torch.device(device or "cpu")
-        self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        try:
+            self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ValueError(f"{path}: cannot load a transformers CLIP model from it ({e}); give the folder of "
+                             f"openai/clip-vit-large-patch14") from None
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> float:
@@ -262,9 +295,15 @@ def evaluate(pie_dir, out, methods=None, *, types=None, clip: ClipSimilarity | N
     from .images import load_image
 
     pie_dir, out = Path(pie_dir), Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not the output folder of a `p2p-engine pie` run")
     methods = methods or sorted(p.name for p in out.iterdir() if (p / "jobs.jsonl").is_file())
     if not methods:
         raise FileNotFoundError(f"{out} holds no method folders (OUT/<method>/jobs.jsonl); run `p2p-engine pie` first")
+    never = [m for m in methods if not (out / m / "jobs.jsonl").is_file()]
+    if never:
+        raise ValueError(f"{never} never ran into {out} (no OUT/<method>/jobs.jsonl): run `p2p-engine pie --methods "
+                         f"{','.join(never)}` first, or leave them out of --methods")
     entries = read_mapping(pie_dir, types)
     rows = []
     for method in methods:
@@ -274,7 +313,7 @@ def evaluate(pie_dir, out, methods=None, *, types=None, clip: ClipSimilarity | N
             line = index.get(e.out)
             edited_path = out / method / e.out
             if line is None or line.get("status") != "ok" or not edited_path.is_file():
-                row["status"] = "missing" if line is None else line.get("status", "missing")
+                row["status"] = "missing" if line is None or line.get("status") in ("ok", None) else line["status"]
                 rows.append(row)
                 continue
             source = load_image(pie_dir / IMAGE_FOLDER / e.image_path)

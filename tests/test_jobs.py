@@ -288,3 +288,110 @@ def test_torchrun_two_ranks_equals_single_process(setup, single_run, tmp_path):
         assert_same_inversion(pipe, a, b)
     files = {p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "index.jsonl"}
     assert files == {p.relative_to(ref_dir) for p in ref_dir.rglob("*") if p.is_file() and p.name != "index.jsonl"}
+
+
+# -- input errors found before any work, and resuming only what the same model and settings made ------------
+
+def _job_file(tmp_path, specs, name="jobs.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(s) + "\n" for s in specs))
+    return f
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return p2p.load("toy", device="cpu")
+
+
+def test_duplicate_outputs_refused(setup, tmp_path):
+    """Two jobs writing one "out" file would overwrite each other: both are errors naming the other line."""
+    img = str(setup[0] / "img/0.png")
+    f = _job_file(tmp_path, [{"image": img, "prompt": "a cat", "edits": ["a dog"], "out": "x.png"},
+                             {"image": img, "prompt": "a red cat", "edits": ["a red dog"], "out": "./x.png"},
+                             {"image": img, "prompt": "a cat", "edits": ["a cow"], "out": "y.png"}])
+    a, b, c = manifest.read_jobs(f)
+    assert "line 1" in a.error and "also the output of line 2" in a.error
+    assert "line 2" in b.error and "also the output of line 1" in b.error and c.error is None
+    s = jobs.run_jobs(_job_file(tmp_path, [a.spec, b.spec], "dup.jsonl"), "toy", tmp_path / "out",
+                      steps=STEPS, method="ddim", device="cpu", progress=False)
+    assert (s.ok, s.failed, s.exit_status) == (0, 2, 1) and not (tmp_path / "out" / "x.png").exists()
+
+
+def test_resume_checks_model_and_every_setting(setup, toy_pipe, tmp_path):
+    """A job is done only for the same model and settings, defaults included."""
+    f = _job_file(tmp_path, [{"image": str(setup[0] / "img/0.png"), "prompt": "a cat"}])
+    out = tmp_path / "out"
+
+    def run(model=toy_pipe, **kw):
+        s = jobs.run_jobs(f, model, out, steps=STEPS, method="ddim", device="cpu", progress=False, **kw)
+        return s.ok, s.skipped
+
+    assert run(steps_offset=0) == (1, 0)
+    assert run() == (1, 0)  # the checkpoint's offset (1 for the toy) differs from 0
+    assert run(steps_offset=toy_pipe.scheduler.config.steps_offset) == (0, 1)  # the default given explicitly
+    assert run(guidance=toy_pipe.default_guidance) == (0, 1)
+    assert run(guidance=3.0) == (1, 0)
+    assert run(guidance=3.0) == (0, 1)
+    assert run(str(setup[1]), guidance=3.0) == (1, 0)  # another checkpoint: redone
+    (e,) = _index(out).values()
+    assert e["model"] == jobs.model_fingerprint(p2p.load(str(setup[1]), device="cpu")) != \
+        jobs.model_fingerprint(toy_pipe)
+    assert e["model_path"] == str(setup[1].resolve()) and e["dtype"] == "float32"
+    old = {k: v for k, v in e.items() if k != "steps_offset"}  # a line of a run that did not record a setting
+    assert manifest._complete(e, out, {k: e[k] for k in manifest.SETTINGS})
+    assert not manifest._complete(old, out, {k: e[k] for k in manifest.SETTINGS})
+
+
+def test_edits_checked_before_inverting(setup, toy_pipe, tmp_path, monkeypatch):
+    """Word counts, blend and reweight words, windows: errors before the inversion, no files left behind."""
+    img = str(setup[0] / "img/0.png")
+    f = _job_file(tmp_path, [
+        {"image": img, "prompt": "a cat", "edits": ["a big dog"], "controller": {"mode": "replace"}},
+        {"image": img, "prompt": "a cat", "edits": ["a dog"], "blend": {"words": ["zebra", "dog"]}},
+        {"image": img, "prompt": "a cat", "edits": ["a dog"], "controller": {"equalizer": {"zebra": 2.0}}},
+        {"image": img, "prompt": "a cat", "edits": ["a dog"], "controller": {"cross_steps": 1.5}},
+        {"image": img, "prompt": "a cat", "edits": ["a dog"]}])
+    inverted = []
+    invert_batch = toy_pipe.invert_batch
+    monkeypatch.setattr(toy_pipe, "invert_batch", lambda images, prompts, **kw: inverted.extend(prompts) or
+                        invert_batch(images, prompts, **kw))
+    s = jobs.run_jobs(f, toy_pipe, tmp_path / "out", steps=STEPS, method="ddim", progress=False)
+    assert (s.ok, s.failed) == (1, 4) and inverted == ["a cat"]
+    errors = sorted(e["error"] for e in _index(tmp_path / "out").values() if e["status"] == "error")
+    assert any("same number of words" in e for e in errors) and any("cross_steps = 1.5" in e for e in errors)
+    assert sum("'zebra' is not in the prompt" in e for e in errors) == 2
+    assert len(list((tmp_path / "out").rglob("*.safetensors"))) == 1
+
+
+def test_failed_edit_leaves_no_inversion(setup, toy_pipe, tmp_path, monkeypatch):
+    def broken_edit(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(toy_pipe, "edit", broken_edit)
+    f = _job_file(tmp_path, [{"image": str(setup[0] / "img/0.png"), "prompt": "a cat", "edits": ["a dog"]}])
+    s = jobs.run_jobs(f, toy_pipe, tmp_path / "out", steps=STEPS, method="ddim", progress=False)
+    assert s.failed == 1 and not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_interrupt_says_what_was_kept(setup, toy_pipe, tmp_path, monkeypatch):
+    f = _job_file(tmp_path, [{"image": str(setup[0] / f"img/{k}.png"), "prompt": "a cat"} for k in (0, 1, 2)])
+    finish = jobs._finish
+
+    def interrupted_after_one(*args):
+        if args[-3].ok:  # the summary: one job finished before Ctrl-C
+            raise KeyboardInterrupt
+        finish(*args)
+
+    monkeypatch.setattr(jobs, "_finish", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt, match="1 job finished and was kept .* run again to resume"):
+        jobs.run_jobs(f, toy_pipe, tmp_path / "out", steps=STEPS, method="ddim", progress=False)
+    assert [e["status"] for e in _index(tmp_path / "out").values()] == ["ok"]
+
+
+def test_bad_output_folder_or_model_writes_nothing(setup, tmp_path):
+    f = _job_file(tmp_path, [{"image": str(setup[0] / "img/0.png"), "prompt": "a cat"}])
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["run", str(f), "--model", "toy", "--out", str(tmp_path / "afile")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["run", str(f), "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()

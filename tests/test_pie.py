@@ -249,3 +249,59 @@ def test_torchrun_shards_like_one_process(toy_run, tmp_path):
     b = pie.evaluate(folder, dist, ["direct"])
     for x, y in zip(a, b):  # the same edits up to float reassociation (each rank runs its own batches)
         assert x["key"] == y["key"] and abs(x["psnr"] - y["psnr"]) < 0.5
+
+
+# -- bad input and missing outputs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"a": 5}, "entry 'a' must be an object"),
+    ({"blended_word": 5}, "blended_word 5; expected a string"),
+    ({"mask": "garbage"}, "mask 'garbage'"),
+    ({"mask": [1, 2, 3]}, "run-length pairs"),
+    ({"original_prompt": None}, "original_prompt None")])
+def test_mapping_entries_of_the_wrong_type(tmp_path, change, message):
+    folder = toy_pie.write(tmp_path / "pie", per_type=1)
+    data = json.loads((folder / pie.MAPPING_FILE).read_text())
+    key = next(iter(data))
+    data.update(change) if "a" in change else data[key].update(change)
+    (folder / pie.MAPPING_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        pie.read_mapping(folder)
+    assert main(["pie-metrics", str(folder), str(tmp_path)]) == 1  # one line, no traceback
+    assert main(["pie", str(folder), "--model", "toy", "--out", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_count_missing_images_and_refuse_methods_never_run(toy_run, tmp_path):
+    import shutil
+
+    folder, out, _ = toy_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    gone = copy / "direct" / pie.read_mapping(folder)[1].out
+    gone.unlink()
+    rows = pie.evaluate(folder, copy, ["direct"])
+    assert [r["status"] for r in rows].count("missing") == 1
+    assert next(r for r in rows if r["status"] == "missing")["key"] == pie.read_mapping(folder)[1].key
+    (total,) = [s for s in pie.summarize(rows) if s["type"] == "all"]
+    assert (total["images"], total["failed"]) == (4, 1)
+    main(["pie-metrics", str(folder), str(copy)])
+    table = (copy / "pie_metrics.csv").read_text()
+    assert main(["pie-metrics", str(folder), str(copy), "--methods", "proximal"]) == 1  # never run
+    assert (copy / "pie_metrics.csv").read_text() == table  # the good table is kept
+
+
+def test_resume_redoes_another_model_and_bad_output_writes_nothing(toy_run, tmp_path, tiny_ckpt, capsys):
+    folder, _, _ = toy_run
+    args = ["pie", str(folder), "--methods", "direct", "--types", "6", "--out", str(tmp_path / "out"), "--steps", "3",
+            "--device", "cpu"]
+    assert main([*args, "--model", "toy"]) == 0
+    assert main([*args, "--model", "toy", "--steps-offset", "1"]) == 0  # the toy's own offset: nothing to redo
+    assert "direct: 0 done, 1 already done" in capsys.readouterr().out
+    assert main([*args, "--model", str(tiny_ckpt)]) == 0
+    assert "direct: 1 done, 0 already done" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("")
+    assert main([*args[:-5], str(tmp_path / "afile"), "--model", "toy"]) == 1
+    (tmp_path / "empty").mkdir()
+    assert main([*args[:-5], str(tmp_path / "new"), "--model", str(tmp_path / "empty")]) == 1
+    assert not (tmp_path / "new").exists()
