@@ -160,9 +160,13 @@ class Recorder:
     def __init__(self, device, storage, calls: int, steps: int, cross_steps, self_steps, self_max_queries: int,
                  self_maps: bool, max_bytes: int | None):
         self.device = torch.device(device)
-        self.storage = self.device if storage is None else torch.device(storage)
+        refused = ValueError(f"storage must be 'cpu' or the pipeline's device {self.device}, got {storage!r}")
+        try:
+            self.storage = self.device if storage is None else torch.device(storage)
+        except (RuntimeError, TypeError):
+            raise refused from None
         if self.storage.type not in ("cpu", self.device.type):
-            raise ValueError(f"storage must be 'cpu' or the pipeline's device {self.device}, got {storage!r}")
+            raise refused
         self.calls = calls
         self.cross_window = cross_window(steps, cross_steps)
         self.self_window = self_window(steps, self_steps)

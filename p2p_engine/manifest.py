@@ -86,30 +86,33 @@ def read_jobs(path) -> list[Job]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"job file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # (JSON strings may hold other line breaks)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"job file {path} is not UTF-8 text ({e})") from None
     jobs, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            raw = raw.strip()
-            if not raw or raw.startswith("#"):
-                continue
-            try:
-                spec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                jid = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:ID_LEN]
-                if jid not in seen:
-                    seen.add(jid)
-                    jobs.append(Job(n, jid, error=f"line {n} is not valid JSON: {e.msg} at column {e.colno}"))
-                continue
-            jid = job_id(spec)
-            if jid in seen:
-                continue
-            seen.add(jid)
-            error = _check_spec(spec)
-            if error is not None:
-                jobs.append(Job(n, jid, spec if isinstance(spec, dict) else {}, error=f"line {n}: {error}"))
-                continue
-            image = Path(spec["image"]).expanduser()
-            jobs.append(Job(n, jid, spec, image if image.is_absolute() else path.parent / image))
+    for n, raw in enumerate(lines, 1):
+        raw = raw.strip()
+        if not raw or raw.startswith("#"):
+            continue
+        try:
+            spec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            jid = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:ID_LEN]
+            if jid not in seen:
+                seen.add(jid)
+                jobs.append(Job(n, jid, error=f"line {n} is not valid JSON: {e.msg} at column {e.colno}"))
+            continue
+        jid = job_id(spec)
+        if jid in seen:
+            continue
+        seen.add(jid)
+        error = _check_spec(spec)
+        if error is not None:
+            jobs.append(Job(n, jid, spec if isinstance(spec, dict) else {}, error=f"line {n}: {error}"))
+            continue
+        image = Path(spec["image"]).expanduser()
+        jobs.append(Job(n, jid, spec, image if image.is_absolute() else path.parent / image))
     _refuse_shared_outputs(jobs)
     return jobs
 

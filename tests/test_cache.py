@@ -136,6 +136,8 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
         pipe.edit_cache(SOURCE, steps=STEPS, proximal="l0", progress=False)
     with pytest.raises(ValueError, match="storage"):
         pipe.edit_cache(SOURCE, steps=STEPS, storage="meta", progress=False)
+    with pytest.raises(ValueError, match="storage must be 'cpu'"):
+        pipe.edit_cache(SOURCE, steps=STEPS, storage="disk", progress=False)
     other = p2p.load(tiny_ckpt, device="cpu", backend="torch")
     with pytest.raises(ValueError, match="another pipeline"):
         other.edit([SOURCE, TARGET], ctrl, cache=cache, progress=False)

@@ -257,6 +257,9 @@ def test_job_file_errors_and_stable_ids(setup, tmp_path):
     assert (s.ok, s.failed) == (1, 4)
     errors = [e["error"] for e in _index(tmp_path / "out").values() if e["status"] == "error"]
     assert any("tokens" in e and "at most 77" in e for e in errors)
+    f.write_bytes(b'{"image": "x.png", "prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match="jobs.jsonl is not UTF-8"):
+        manifest.read_jobs(f)
 
 
 def test_torchrun_two_ranks_equals_single_process(setup, single_run, tmp_path):

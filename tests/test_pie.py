@@ -285,7 +285,7 @@ def test_metrics_count_missing_images_and_refuse_methods_never_run(toy_run, tmp_
     assert next(r for r in rows if r["status"] == "missing")["key"] == pie.read_mapping(folder)[1].key
     (total,) = [s for s in pie.summarize(rows) if s["type"] == "all"]
     assert (total["images"], total["failed"]) == (4, 1)
-    main(["pie-metrics", str(folder), str(copy)])
+    assert main(["pie-metrics", str(folder), str(copy)]) == 1  # a missing image is a failure
     table = (copy / "pie_metrics.csv").read_text()
     assert main(["pie-metrics", str(folder), str(copy), "--methods", "proximal"]) == 1  # never run
     assert (copy / "pie_metrics.csv").read_text() == table  # the good table is kept
