@@ -237,6 +237,9 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
                             capture=capture, progress=progress, decode_images=decode_images)
     src = resolve_source(pipe, **source_args)
+    if inversion is not None and prompts[0] != inversion.prompt:
+        warnings.warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
+                      f"({inversion.prompt!r}): the source row will not reproduce the image", stacklevel=2)
     h, w = src.latents.shape[-2:]
     smp = _sampler(pipe, src)
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,

@@ -4,6 +4,7 @@ The re-statement takes its timesteps and alphas from diffusers' DDIMScheduler bu
 scheduler config (steps offset 1, as the notebook's StableDiffusionPipeline forces: t = 981 .. 1 at 50 steps)
 and writes the notebook's prev_step / next_step out, so it shares no schedule code with the engine."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -287,8 +288,12 @@ def test_edit_takes_an_inversion_file_and_bad_images_are_named(pipe, tmp_path):
     inv = invert(pipe, photo(9), "a cat", steps=3, inner_steps=1, method="ddim", progress=False)
     path = _saved(inv, tmp_path / "cat.safetensors")
     edit = dict(controller=p2p.Replace(), progress=False, decode_images=False)
-    assert torch.equal(pipe.edit(["a cat", "a dog"], inversion=str(path), **edit).latents,
-                       pipe.edit(["a cat", "a dog"], inversion=inv, **edit).latents)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the inversion's own prompt: nothing to warn about
+        assert torch.equal(pipe.edit(["a cat", "a dog"], inversion=str(path), **edit).latents,
+                           pipe.edit(["a cat", "a dog"], inversion=inv, **edit).latents)
+    with pytest.warns(UserWarning, match="not the one the image was inverted with"):
+        pipe.edit(["a kitten", "a dog"], inversion=inv, **edit)
     size = pipe.config.image_size
     run = dict(steps=3, method="ddim", progress=False)
     for images, prompts, match in [([], [], "no images"), ([photo(1)], [["a cat"]], "one string"),
