@@ -291,8 +291,10 @@ def evaluate(pie_dir, out, methods=None, *, types=None, clip: ClipSimilarity | N
              extra: dict | None = None) -> list[dict]:
     """Per image and method: the unedited part's PSNR, MSE, SSIM; seconds and UNet evaluations from the run's
     index; CLIP similarities when `clip` is given; `extra` {name: fn(entry, source, edited) -> float}.
-    Rows of entries a method did not finish carry status "missing" or "error"."""
+    Rows of entries a method was run for but did not finish carry status "missing" or "error"; entries its runs
+    left out (`pie --types`) have no rows."""
     from .images import load_image
+    from .manifest import read_jobs
 
     pie_dir, out = Path(pie_dir), Path(out)
     if not out.is_dir():
@@ -308,7 +310,9 @@ def evaluate(pie_dir, out, methods=None, *, types=None, clip: ClipSimilarity | N
     rows = []
     for method in methods:
         index = _index_by_output(out / method)
-        for e in entries:
+        # what its runs were asked for: the last job file's outputs and every one the index records
+        asked = {j.spec.get("out") for j in read_jobs(out / method / "jobs.jsonl")} | set(index)
+        for e in (e for e in entries if e.out in asked):
             row = {"method": method, "key": e.key, "type": e.type_id}
             line = index.get(e.out)
             edited_path = out / method / e.out

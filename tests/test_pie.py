@@ -296,6 +296,9 @@ def test_resume_redoes_another_model_and_bad_output_writes_nothing(toy_run, tmp_
     args = ["pie", str(folder), "--methods", "direct", "--types", "6", "--out", str(tmp_path / "out"), "--steps", "3",
             "--device", "cpu"]
     assert main([*args, "--model", "toy"]) == 0
+    # the entries a --types run left out are not failures of it
+    assert main(["pie-metrics", str(folder), str(tmp_path / "out")]) == 0
+    assert {r["type"] for r in pie.evaluate(folder, tmp_path / "out")} == {"6"}
     assert main([*args, "--model", "toy", "--steps-offset", "1"]) == 0  # the toy's own offset: nothing to redo
     assert "direct: 0 done, 1 already done" in capsys.readouterr().out
     assert main([*args, "--model", str(tiny_ckpt)]) == 0

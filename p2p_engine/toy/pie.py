@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = write(args.out, args.per_type, args.seed)
     print(f"wrote a toy PIE-Bench of {5 * args.per_type} edits to {out}; run it with\n"
-          f"  p2p-engine pie {out} --model toy --methods ddim,null_text,negative_prompt,direct --out RESULTS\n"
+          f"  p2p-engine pie {out} --model toy --methods ddim,null_text,negative_prompt,direct,proximal --out RESULTS\n"
           f"  p2p-engine pie-metrics {out} RESULTS")
 
 
