@@ -213,7 +213,7 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
     guidance = pipe.default_guidance if guidance is None else guidance
     ts = pipe.scheduler.timesteps(steps, steps_offset)  # the sampling timesteps, 981 .. 1 for SD at 50 steps
     size = pipe.config.image_size
-    x = torch.cat([prepare(im, size, *crop) if _prepared(im, size) is None else im for im in images])
+    x = torch.cat([im if _is_prepared(im, size) else prepare(im, size, *crop) for im in images])
     z0 = pipe.encode_images(x)  # (N, 4, h, w)
     n = len(prompts)
     cond = pipe.encode_text(list(prompts)).to(pipe.master_dtype)  # (N, 77, D), SDXL's pooled (N, P)
@@ -249,17 +249,18 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
             for k in range(n)]
 
 
-def _prepared(image, size: int):
-    """A float tensor image as `images.prepare` makes it, checked; None for anything else (prepare reads it)."""
+def _is_prepared(image, size: int) -> bool:
+    """Whether `image` is a float tensor as `images.prepare` makes it (raising if it is one of another shape or
+    range); anything else is for prepare to read."""
     if not (isinstance(image, torch.Tensor) and image.is_floating_point()):
-        return None
+        return False
     if tuple(image.shape) != (1, 3, size, size):
         raise ValueError(f"a prepared image tensor must be (1, 3, {size}, {size}) in [-1, 1], got "
                          f"{tuple(image.shape)}; pass uint8 (H, W, 3) images to have them prepared")
     if image.min() < -1.001 or image.max() > 1.001:
         raise ValueError(f"a prepared image tensor must hold values in [-1, 1], got [{float(image.min()):.3g}, "
                          f"{float(image.max()):.3g}]")
-    return image
+    return True
 
 
 def invert(pipe, image, prompt: str, **kw) -> Inversion:

@@ -51,7 +51,7 @@ from .controllers import blend_from_spec, from_spec
 from .images import prepare, save_image_atomic
 from .loading import load
 from .manifest import INDEX, Job, _append, _done_ids, _ok_ids, merge_index, read_jobs
-from .pipeline import Pipeline, release_memory
+from .pipeline import Pipeline, probe_weights, release_memory
 from .words import MAX_TOKENS
 
 
@@ -81,12 +81,6 @@ class Interrupted(KeyboardInterrupt):
 
 # -- what makes a result ----------------------------------------------------------------------------
 
-def _probe(module: torch.nn.Module) -> torch.Tensor:
-    """The middle entry of every weight matrix and kernel, as `Pipeline.weights_probe` takes them."""
-    with torch.no_grad():
-        return torch.stack([p.reshape(-1)[p.numel() // 2] for p in module.parameters() if p.dim() >= 2]).float().cpu()
-
-
 def model_fingerprint(pipe: Pipeline) -> str:
     """16 hex digits identifying the weights and configuration as loaded: sha256 over the model and scheduler
     configs and the exact values of `weights_probe` (UNet, text encoders) and of the VAE's probe. Exact, not
@@ -96,7 +90,7 @@ def model_fingerprint(pipe: Pipeline) -> str:
     h = hashlib.sha256()
     config = {"model": asdict(pipe.config), "scheduler": asdict(pipe.scheduler.config)}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for probe in (pipe.weights_probe(), _probe(pipe.vae)):
+    for probe in (pipe.weights_probe(), probe_weights(pipe.vae)):
         h.update(probe.numpy().tobytes())
     return h.hexdigest()[:16]
 

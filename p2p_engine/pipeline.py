@@ -55,10 +55,7 @@ class Pipeline:
         host, computed once: what an `Inversion` records, so that an edit from it can tell that it was made
         with other weights. The same model in another dtype gives the same values to its rounding."""
         if self._probe is None:
-            parts = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
-            with torch.no_grad():
-                values = [p.reshape(-1)[p.numel() // 2] for m in parts for p in m.parameters() if p.dim() >= 2]
-                self._probe = torch.stack(values).float().cpu()
+            self._probe = probe_weights(self.unet, self.text_encoder, self.text_encoder_2)
         return self._probe
 
     def self_max_queries(self, h: int, w: int) -> int:
@@ -184,3 +181,10 @@ def _opened(kwargs: dict) -> dict:
         from .inversion import Inversion
         kwargs = {**kwargs, "inversion": Inversion.load(kwargs["inversion"])}
     return kwargs
+
+
+@torch.no_grad()
+def probe_weights(*modules) -> torch.Tensor:
+    """The middle entry of every weight matrix and kernel of the modules (None skipped), float32 on the host."""
+    return torch.stack([p.reshape(-1)[p.numel() // 2] for m in modules if m is not None for p in m.parameters()
+                        if p.dim() >= 2]).float().cpu()
