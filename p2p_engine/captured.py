@@ -55,6 +55,7 @@ from . import graphs
 from .cache import CachedControl
 from .conditioning import StepTexts, Text
 from .control import Control
+from .maps import level_hw
 from .samplers import DDIMSampler
 from .scheduler import ddim_step
 from .words import MAX_TOKENS
@@ -80,8 +81,7 @@ def unsupported(smp, control) -> str | None:
 
 def layer_queries(h: int, w: int, level: int) -> int:
     """The queries of an attention layer at `level` for latents of h x w."""
-    for _ in range(level):  # each level halves with a stride-2 convolution (padding 1): ceil
-        h, w = -(-h // 2), -(-w // 2)
+    h, w = level_hw(h, w, level)
     return h * w
 
 

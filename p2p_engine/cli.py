@@ -184,8 +184,10 @@ def cmd_maps(args) -> int:
     out_path = _check_out(args.out, ".png")
     pipe = _load(args)
     prompts = list(args.prompt)
+    from .maps import level_hw
+
     side = pipe.config.latent_size
-    cross = sorted({-(-side // 2 ** l.level) for l in pipe.unet.attn_layers if l.is_cross}, reverse=True)
+    cross = sorted({level_hw(side, side, l.level)[0] for l in pipe.unet.attn_layers if l.is_cross}, reverse=True)
     res = args.res if args.res is not None else next((r for r in (16, side // 4) if r in cross), cross[0])
     if res not in cross:
         raise UserError(f"--res {res}: this model's cross-attention maps are {cross} wide at its native size")

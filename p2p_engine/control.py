@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .controllers import LocalBlend, Replace, Reweight, Store, _Edit
-from .maps import AttentionMaps
+from .maps import AttentionMaps, level_hw
 from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
 from .words import MAX_TOKENS, refine_mappers, replace_mappers, require_word, word_inds
 
@@ -335,7 +335,7 @@ class Control:
     def _blend(self, latents):
         h, w = latents.shape[-2:]
         level = self.blend.level
-        hw = (-(-h // 2 ** level), -(-w // 2 ** level))
+        hw = level_hw(h, w, level)
         maps = self.blend_sum.float()
         mask = self._mask(maps, self.blend_words, self.blend.thresholds[0], True, hw, (h, w))
         if self.blend_sub is not None:

@@ -27,6 +27,12 @@ import torch
 from .words import require_word
 
 
+def level_hw(h: int, w: int, level: int) -> tuple[int, int]:
+    """The map size of an attention layer at `level` for latents of h x w: each level halves with a stride-2
+    convolution (padding 1), rounding up."""
+    return -(-h // 2 ** level), -(-w // 2 ** level)
+
+
 class AttentionMaps:
     def __init__(self, prompts, layers, cross_sum, self_sum, steps: int, latent_hw, tokenizer=None):
         self.prompts = list(prompts)
@@ -38,8 +44,7 @@ class AttentionMaps:
         self.tokenizer = tokenizer
 
     def _hw(self, level: int) -> tuple[int, int]:
-        h, w = self.latent_hw
-        return -(-h // 2 ** level), -(-w // 2 ** level)
+        return level_hw(*self.latent_hw, level)
 
     @property
     def resolutions(self) -> list[int]:
