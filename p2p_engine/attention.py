@@ -35,11 +35,30 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these releases, or None. Triton before 3.7 reads a
+    loop bound as int() of a 1-element array, which NumPy 2.4 refuses (seen with triton 3.6, torch 2.11's)."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (the kernels on the CPU) fails with NumPy {numpy_version}: "
+                f"install numpy<2.4 or triton>=3.7, or use backend='torch'")
+    return None
+
+
 @functools.cache
 def load_kernels():
     """`p2p_engine.kernels`, once Triton is known to run them (interpreted on the CPU: see `triton_interpreter`)."""
     if triton_interpreter():
+        import numpy
+        import triton
         import triton.language as tl
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
         if type(tl.max).__name__ != "InterpretedFunction":
             raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set, so its library cannot run "
                                "interpreted on the CPU: import p2p_engine before other packages that use Triton, "

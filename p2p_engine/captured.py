@@ -57,7 +57,7 @@ from .conditioning import StepTexts, Text
 from .control import Control
 from .maps import level_hw
 from .samplers import DDIMSampler
-from .scheduler import ddim_step
+from .scheduler import ddim_step, proximal_delta
 from .words import MAX_TOKENS
 
 
@@ -293,8 +293,7 @@ class StaticLoop:
         out_u, out_c = out.chunk(2)
         delta = out_c - out_u
         if self.proximal == "l0":
-            thr = torch.quantile(delta.abs().flatten(), self.quantile)
-            delta = delta - delta.clamp(-thr, thr)
+            delta = proximal_delta(delta, self.quantile)
         a, a_prev = _at(self.a, i).reshape(()), _at(self.a_prev, i).reshape(())
         latents = ddim_step(out_u + self.guidance * delta, self.latents, a, a_prev, self.v_pred)
         if self.pivots is not None:  # before LocalBlend, as in the eager loop

@@ -38,6 +38,7 @@ from .control import compile_control
 from .images import to_pil
 from .conditioning import StepTexts, Text
 from .samplers import make_sampler
+from .scheduler import proximal_delta
 from .words import check_prompts
 
 DEFAULT_STEPS = 50
@@ -167,8 +168,7 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
         out_u, out_c = out.chunk(2)
         delta = out_c - out_u
         if src.proximal == "l0":
-            thr = torch.quantile(delta.abs().flatten(), src.quantile)
-            delta = delta - delta.clamp(-thr, thr)
+            delta = proximal_delta(delta, src.quantile)
         latents = smp.step(i, out_u + src.guidance * delta, latents)
         if pin and src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
             latents[0] = src.pivots[i]

@@ -106,7 +106,7 @@ class DPMSolverPPSampler:
             ratio = n // (steps + 1)
             ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
             offset = cfg.steps_offset if steps_offset is None else steps_offset
-            if not isinstance(offset, numbers.Integral) or not 0 <= offset <= n - 1 - ts[0]:
+            if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or not 0 <= offset <= n - 1 - ts[0]:
                 raise ValueError(f"steps_offset must be an integer in [0, {n - 1 - ts[0]}] for {steps} DPM-Solver++ "
                                  f"steps, got {offset!r} (the first timestep would pass {n - 1}); use fewer steps "
                                  f"or another steps_offset")

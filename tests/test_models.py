@@ -166,6 +166,22 @@ def test_seam_differentiated_calls_use_sdpa_on_every_backend():
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 
+def test_interpreter_releases_that_cannot_run_are_named():
+    """Triton 3.6 (torch 2.11's) interprets a loop bound as int() of a 1-element array, which NumPy 2.4 refuses:
+    that pair is named with what to install, instead of an InterpreterError from inside a kernel."""
+    import numpy
+    import triton
+
+    from p2p_engine.attention import interpreter_problem, triton_interpreter
+    msg = interpreter_problem("3.6.0", "2.4.6")
+    assert "numpy<2.4" in msg and "triton>=3.7" in msg and "backend='torch'" in msg
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.0", "2.4.0") is None and interpreter_problem("3.10.1", "2.10.0") is None
+    assert interpreter_problem("3.5.1+git0", "2.5.0.dev0") and interpreter_problem("2.3.1", "2.4.0rc1")
+    if triton_interpreter():  # these tests' kernels do run interpreted
+        assert interpreter_problem(triton.__version__, numpy.__version__) is None
+
+
 def test_seam_dispatch_on_the_triton_backend(monkeypatch):
     """What backend "triton" runs, as measured fastest on an H200: SDPA without control, the cross kernel
     with control, the self kernel for an injection up to SELF_KERNEL_MAX_N queries and SDPA on the source's

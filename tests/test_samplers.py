@@ -60,6 +60,8 @@ def test_timesteps_past_the_schedule_are_refused(kind, steps):
         make_sampler(kind, sched, steps, "cpu")
     with pytest.raises(ValueError, match="steps_offset"):
         make_sampler(kind, DDIM(SchedulerConfig()), 10, "cpu", steps_offset=-1)
+    with pytest.raises(ValueError, match="steps_offset must be an integer"):  # a bool is not an offset
+        make_sampler(kind, DDIM(SchedulerConfig()), 10, "cpu", steps_offset=True)
     ref = _diffusers(kind, **SD, timestep_spacing="leading", steps_offset=0)
     ref.set_timesteps(steps)
     assert make_sampler(kind, sched, steps, "cpu", steps_offset=0).timesteps == ref.timesteps.tolist()
@@ -184,3 +186,28 @@ def test_inversion_needs_ddim(tiny_pipe):
         tiny_pipe.edit(["a cat", "a dog"], p2p.Replace(), inversion=inv, sampler="pndm", progress=False)
     with pytest.raises(ValueError, match="fixes the timesteps"):
         tiny_pipe.edit(["a cat", "a dog"], p2p.Replace(), inversion=inv, steps_offset=0, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_proximal_threshold_is_torch_quantile_without_a_host_read(dtype):
+    """Proximal guidance's threshold equals torch.quantile's (linear interpolation) bit for bit, for sizes and
+    quantiles whose rank falls on an entry and between entries; and computing it reads nothing back to the host,
+    which torch.quantile does in torch 2.11 (the GPU machine's release: a captured loop could not record it)."""
+    from tape import Tape
+
+    from p2p_engine.scheduler import proximal_delta
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (2,), (5, 3), (2, 4, 16, 16), (3, 4, 8, 8)]:
+        delta = torch.randn(shape, generator=g, dtype=dtype)
+        delta[..., 0] = 0.0  # ties with sign flips: both sorted neighbours may be equal
+        for q in [0.75, 0.5, 1.0, 1 / 3, 0.1, 0.999, 1e-7]:
+            thr = torch.quantile(delta.abs().flatten(), q)
+            want = delta - delta.clamp(-thr, thr)
+            got = proximal_delta(delta, q)
+            assert torch.equal(got, want), (shape, q, (got - want).abs().max())
+    delta = torch.randn(2, 4, 8, 8, generator=g, dtype=dtype)
+    with Tape() as tape:
+        proximal_delta(delta, 0.75)
+    assert not tape.syncs, tape.describe_syncs()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        proximal_delta(delta.half(), 0.75)
