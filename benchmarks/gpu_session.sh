@@ -5,8 +5,9 @@
 # session.log, install.log, results.csv, RESULTS.md and profile.csv (the profile's categories, top kernels and
 # wall times per configuration and batch) come back under $OUT; copy results.csv and RESULTS.md into benchmarks/.
 #
-# Prepare once in the checkout (diffusers is the baseline and is not on the GPU machine; .whl/ and
-# .commit are in .gitignore):
+# Before spending device time, `bash benchmarks/gpu_releases.sh` runs the test suite on this machine's releases
+# (torch 2.11, triton 3.6, Python 3.12) on the CPU. Prepare once in the checkout (diffusers is the baseline and
+# is not on the GPU machine; .whl/ and .commit are in .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl diffusers==0.42.1 importlib_metadata
 # then call the device tool with
