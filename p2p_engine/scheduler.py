@@ -16,6 +16,7 @@ The other samplers (PNDM, DPM-Solver++) live in `samplers.py` on the same alphas
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -183,8 +184,7 @@ def proximal_delta(delta: torch.Tensor, quantile: float) -> torch.Tensor:
     if flat.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"proximal guidance runs in float32 or float64, got {flat.dtype}")
     rank = quantile * (flat.numel() - 1)
-    below = int(rank)
-    above = min(below + 1, flat.numel() - 1) if rank > below else below
+    below, above = math.floor(rank), math.ceil(rank)  # above <= n - 1 as quantile <= 1
     ordered = torch.sort(flat).values
     thr = torch.lerp(ordered[below], ordered[above], rank - below)
     return delta - delta.clamp(-thr, thr)

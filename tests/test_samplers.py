@@ -199,8 +199,8 @@ def test_proximal_threshold_is_torch_quantile_without_a_host_read(dtype):
 
     from p2p_engine.scheduler import proximal_delta
 
-    def with_torch(delta, q, dtype=None):
-        thr = torch.quantile(delta.abs().flatten().to(dtype or delta.dtype), q).to(delta.dtype)
+    def with_torch(delta, q, precision=None):
+        thr = torch.quantile(delta.abs().flatten().to(precision or delta.dtype), q).to(delta.dtype)
         return delta - delta.clamp(-thr, thr)
 
     g = torch.Generator().manual_seed(0)
