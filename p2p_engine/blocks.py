@@ -11,6 +11,25 @@ from torch import nn
 from .attention import load_kernels
 
 
+def check_input(model: str, name: str, x: torch.Tensor, weight: torch.Tensor, shape: str, axis: int,
+                size: int) -> None:
+    """Raise a ValueError that names what to fix when `x` cannot enter `model`: `x` must have len(`shape`)
+    dimensions (`shape` spells them, e.g. "(B, 4, h, w)"), `size` entries on `axis`, and `weight`'s device and
+    (outside autocast, which casts inputs itself) dtype. Metadata only: no device sync, so captured loops
+    may call it."""
+    dims = len(shape.strip("()").split(","))
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{model}: {name} must be a tensor {shape}, got {type(x).__name__}")
+    if x.dim() != dims or x.shape[axis] != size:
+        raise ValueError(f"{model}: {name} must be {shape} with {size} on dimension {axis}, got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{model}: {name} is on {x.device} but the weights are on {weight.device}: "
+                         f"pass {name}.to({str(weight.device)!r})")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{model}: {name} is {x.dtype} but the weights are {weight.dtype}: "
+                         f"pass {name}.to({weight.dtype})")
+
+
 class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (the same parameters and checkpoint keys) that also applies the SiLU after it when asked.
     With `fused` set (`UNet.set_fused_norms`) both run as one Triton op, `kernels.group_norm`, in the input's

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .blocks import GroupNorm, ResnetBlock, Upsample
+from .blocks import GroupNorm, ResnetBlock, Upsample, check_input
 from .config import UNetConfig
 from .plan import AttnLayer
 
@@ -266,8 +266,16 @@ class UNet(nn.Module):
                 pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         # sample: (B, C, h, w); timestep: scalar, 0-d or (B,); context: (B, T, D)
         # SDXL only: pooled (B, pooled_dim) text embedding, time_ids (B, 6) (original h, w, crop top, left, target h, w)
+        weight = self.conv_in.weight
+        check_input("unet", "sample", sample, weight, "(B, C, h, w)", 1, self.cfg.in_channels)
+        check_input("unet", "context", context, weight, "(B, T, D)", 2, self.cfg.cross_attention_dim)
         B = sample.shape[0]
+        if context.shape[0] != B:
+            raise ValueError(f"unet: context has {context.shape[0]} rows but sample has {B}: one prompt embedding per "
+                             "sample row")
         t = torch.as_tensor(timestep, device=sample.device)
+        if t.numel() not in (1, B):
+            raise ValueError(f"unet: timestep must be a scalar or ({B},), one per sample row; got {tuple(t.shape)}")
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(sample.dtype))
         if self.cfg.addition_time_embed_dim is not None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEConfig
-from .blocks import ResnetBlock, Upsample
+from .blocks import ResnetBlock, Upsample, check_input
 
 EPS = 1e-6
 
@@ -124,9 +124,11 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) in [-1, 1] -> latent mean (B, latent, H/f, W/f), before scaling."""
+        check_input("vae.encode", "x", x, self.quant_conv.weight, "(B, 3, H, W)", 1, self.cfg.in_channels)
         moments = self.quant_conv(self.encoder(x))
         return moments[:, : self.cfg.latent_channels]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, latent, h, w), unscaled -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        check_input("vae.decode", "z", z, self.post_quant_conv.weight, "(B, latent, h, w)", 1, self.cfg.latent_channels)
         return self.decoder(self.post_quant_conv(z))

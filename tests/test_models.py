@@ -238,3 +238,35 @@ def test_attention_probabilities_are_what_forward_applies():
     k = four.to_k(x).view(2, 12, 4, 4).transpose(1, 2)
     want = torch.stack([torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) / 2.0, -1) for h in range(4)]).mean(0)
     torch.testing.assert_close(four.probabilities(x), want)
+
+
+def test_model_inputs_that_cannot_enter_are_named(tiny_pipe):
+    """pipe.unet and pipe.vae are public (API.md): a wrong dtype, channel count, rank, batch or timestep shape
+    is refused with the fix named, before any layer sees it; right inputs still run (and under autocast a
+    dtype mismatch is autocast's to resolve)."""
+    unet, vae = tiny_pipe.unet, tiny_pipe.vae
+    c, d = unet.cfg.in_channels, unet.cfg.cross_attention_dim
+    x, ctx = torch.randn(2, c, 8, 8), torch.randn(2, 5, d)
+    with pytest.raises(ValueError, match=r"sample is torch.float16 but the weights are torch.float32: "
+                                         r"pass sample.to\(torch.float32\)"):
+        unet(x.half(), 10, ctx)
+    with pytest.raises(ValueError, match=r"context must be \(B, T, D\) with %d on dimension 2, got \(2, 5, 7\)" % d):
+        unet(x, 10, torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match=r"sample must be \(B, C, h, w\) with %d on dimension 1" % c):
+        unet(torch.randn(2, c + 1, 8, 8), 10, ctx)
+    with pytest.raises(ValueError, match="context has 1 rows but sample has 2"):
+        unet(x, 10, ctx[:1])
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or \(2,\)"):
+        unet(x, torch.tensor([10, 20, 30]), ctx)
+    with pytest.raises(ValueError, match="sample must be a tensor"):
+        unet(x.numpy(), 10, ctx)
+    assert unet(x, torch.tensor([10, 20]), ctx).shape == x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet(x.bfloat16(), 10, ctx).shape == x.shape
+    with pytest.raises(ValueError, match=r"sample is on meta but the weights are on cpu: pass sample.to\('cpu'\)"):
+        unet(x.to("meta"), 10, ctx)
+    with pytest.raises(ValueError, match=r"vae.encode: x must be \(B, 3, H, W\) with 3 on dimension 1, got \(1, 4, 1"):
+        vae.encode(torch.randn(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"vae.decode: z is torch.float64 but the weights are torch.float32"):
+        vae.decode(torch.randn(1, vae.cfg.latent_channels, 4, 4, dtype=torch.float64))
+    assert vae.decode(torch.randn(1, vae.cfg.latent_channels, 4, 4)).shape == (1, 3, 32, 32)
