@@ -11,6 +11,11 @@
 set -euo pipefail
 VENV=${VENV:-/tmp/p2p-gpu-releases}
 PYTHON=${PYTHON:-python3.12}
+if ! "$PYTHON" -c "" 2>/dev/null; then
+    # a pyenv shim for a version that is installed but not selected fails to run: take the interpreter itself
+    PYTHON=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+    [ -n "$PYTHON" ] || { echo "no Python 3.12 here: set PYTHON=/path/to/python3.12" >&2; exit 1; }
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

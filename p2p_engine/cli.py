@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, cross_steps,
-                      fraction, names, positive_int, reweight, self_steps)
+from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, blend_words,
+                      cross_steps, fraction, names, positive_int, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
@@ -137,7 +137,10 @@ def cmd_edit(args) -> int:
                         "runs DDIM on the timesteps it was made with")
     if args.blend:
         # one entry per prompt, source first; "cat,hat" blends several words of one prompt
-        kwargs["local_blend"] = p2p.LocalBlend([w.split(",") if "," in w else w for w in args.blend])
+        if len(args.blend) != len(prompts):
+            raise UserError(f"--blend takes one entry per prompt, source first ({len(prompts)} here), "
+                            f"got {len(args.blend)}: {' '.join(args.blend)}")
+        kwargs["local_blend"] = p2p.LocalBlend([blend_words(w, p) for w, p in zip(args.blend, prompts)])
     if inversion is not None:
         kwargs["inversion"] = inversion
     if args.capture:

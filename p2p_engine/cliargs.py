@@ -61,6 +61,28 @@ def reweight(text: str) -> tuple[str, float]:
     return word, scale
 
 
+def blend_words(entry: str, prompt: str) -> str | list[str]:
+    """One --blend entry for one prompt: a word of the prompt, or several as cat,hat. Prompt words are split on
+    spaces and matched whole, so a word may end in a comma ("a cat, on a mat" has "cat,"): a piece that is not a
+    word of the prompt but is one with a comma after it takes the comma back ("cat," and "cat,,hat" both name
+    "cat,")."""
+    words = prompt.split(" ")
+    if entry in words:
+        return entry
+    pieces = entry.split(",")
+    out = []
+    for i, piece in enumerate(pieces):
+        if piece == "" and out and out[-1].endswith(","):
+            continue  # the second comma of "cat,,hat": the first went back on "cat"
+        if piece not in words and piece + "," in words and i + 1 < len(pieces):
+            piece += ","
+        out.append(piece)
+    out = [p for p in out if p]
+    if not out:
+        raise ValueError(f"--blend: {entry!r} names no word of {prompt!r}")
+    return out[0] if len(out) == 1 else out
+
+
 def names(choices):
     """A comma-separated list of some of `choices` (e.g. --methods ddim,direct)."""
     def parse(text: str) -> list[str]:

@@ -79,6 +79,9 @@ def refine_mappers(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.T
     return torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
 
 
+_PUNCTUATION = ",.;:!?\"'()"
+
+
 def require_word(prompt: str, word: str, tokenizer, what: str) -> list[int]:
     """`word_inds`, raising with a message naming `what` asked when the word is not in the prompt."""
     inds = word_inds(prompt, word, tokenizer)
@@ -86,8 +89,11 @@ def require_word(prompt: str, word: str, tokenizer, what: str) -> list[int]:
         raise ValueError(f"{what}: the word {word!r} lies past the 77-token window of the prompt {prompt!r}, "
                          "which the text encoder truncates")
     if not inds:
+        near = [w for w in dict.fromkeys(prompt.split(" ")) if isinstance(word, str) and word and w != word
+                and w.strip(_PUNCTUATION) == word.strip(_PUNCTUATION)]
+        hint = f"; the prompt has {' or '.join(map(repr, near))}" if near else ""
         raise ValueError(f"{what}: the word {word!r} is not in the prompt {prompt!r} "
-                         "(words are matched whole, split on spaces)")
+                         f"(words are matched whole, split on spaces{hint})")
     return inds
 
 

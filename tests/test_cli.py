@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from p2p_engine.cli import main
+from p2p_engine.cliargs import blend_words
 
 STEPS = ["--steps", "3"]
 SIZE = 128  # the tiny preset's image side
@@ -165,6 +166,25 @@ def test_edit_writes_images_side_by_side(ckpt, tmp_path, capsys):
     assert not np.array_equal(tiles[:, 0], tiles[:, 1])  # the edit changed the target
     _no_leftovers(tmp_path, {"edit.png"})
 
+
+
+def test_blend_words_that_end_in_commas(ckpt, tmp_path, capsys):
+    """Prompt words are split on spaces and matched whole (the reference's rule), so "a cat, riding" has the word
+    "cat,": --blend names it as written, and the comma that separates several words does not eat it. A word
+    given without its comma is refused with the prompt's spelling named; a wrong entry count is refused."""
+    assert blend_words("cat,", "a cat, on a mat") == "cat,"
+    assert blend_words("cat,mat", "a cat, on a mat") == ["cat,", "mat"]
+    assert blend_words("cat,,mat", "a cat, on a mat") == ["cat,", "mat"]
+    assert blend_words("mat,cat,", "a cat, on a mat") == ["mat", "cat,"]
+    assert blend_words("cat,hat", "a cat with a hat") == ["cat", "hat"]
+    with pytest.raises(ValueError, match="names no word"):
+        blend_words(",", "a cat, on a mat")
+    base = ["edit", "--model", str(ckpt), "--prompt", "a cat, riding a bicycle",
+            "--target", "a dog, riding a bicycle", *STEPS, "--out", str(tmp_path / "comma.png")]
+    assert main([*base, "--blend", "cat,", "dog,bicycle"]) == 0, capsys.readouterr().err
+    _fails_cleanly([*base, "--blend", "cat", "dog,"], capsys, "the word 'cat' is not in the prompt",
+                   "the prompt has 'cat,'")
+    _fails_cleanly([*base, "--blend", "cat,"], capsys, "one entry per prompt", "2 here")
 
 def test_edit_refine_with_reweight(ckpt, tmp_path, capsys):
     out = tmp_path / "refine.png"
