@@ -377,6 +377,9 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
         edit = edit_tables(controller, prompts, tokenizer, steps, calls, self_max_queries)
         self_maps = controller.self_maps
     if local_blend is not None:
+        if not isinstance(local_blend, LocalBlend):
+            raise TypeError(f"local_blend must be a p2p_engine.LocalBlend (e.g. LocalBlend([\"cat\", \"dog\"]): "
+                            f"one word or list of words per prompt), got {type(local_blend).__name__}")
         if P < 2:
             raise ValueError("LocalBlend needs a source and at least one target prompt")
         blend = blend_tables(local_blend, prompts, tokenizer, steps, layers)

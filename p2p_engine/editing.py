@@ -89,8 +89,13 @@ def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, 
     quantile = 0.75 if quantile is None else quantile
     if proximal not in PROXIMAL:
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    if not isinstance(quantile, numbers.Real) or isinstance(quantile, bool) or not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be a number in (0, 1], got {quantile!r}")
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0):
+            raise ValueError(f"{name} must be a positive number of pixels, got {size!r}")
+    if latents is not None and not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor (1, 4, h, w), got {type(latents).__name__}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
                              or not 0 <= seed < 2 ** 63):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -230,6 +235,9 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
                        height=height, width=width, latents=latents, inversion=inversion, proximal=proximal,
                        quantile=quantile)
     if cache is not None:
+        if not isinstance(cache, EditCache):
+            raise TypeError(f"cache must be an EditCache (made by pipe.edit_cache(source prompt, ...)), "
+                            f"got {type(cache).__name__}")
         given = [k for k, v in source_args.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: an edit from a cache runs the source settings the cache was made "

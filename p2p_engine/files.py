@@ -38,6 +38,8 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
     an existing `path` is left as it was.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the path of a file to write (inside it, or elsewhere)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

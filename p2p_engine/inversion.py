@@ -201,6 +201,10 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(prompts, str):
         prompts = [prompts]
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "getpixel") or getattr(images, "ndim", 4) < 4:
+        raise TypeError(f"invert_batch takes a list of images (paths, PIL images or (H, W, 3) uint8 arrays), got "
+                        f"one {type(images).__name__}; for one image, call invert")
+    images = list(images)
     if len(images) != len(prompts):
         raise ValueError(f"invert_batch got {len(images)} images but {len(prompts)} prompts")
     if not images:

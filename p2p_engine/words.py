@@ -101,7 +101,10 @@ def check_prompts(prompts, tokenizer) -> list[str]:
     """A list of prompt strings, source first; warns about prompts the text encoder will truncate."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise TypeError(f"prompts must be a list of strings, source first, got {type(prompts).__name__}") from None
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (the source first)")
     for p in prompts:

@@ -132,6 +132,8 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
         pipe.edit([SOURCE, TARGET], p2p.Replace(self_maps=True, **SELF), cache=cache, progress=False)
     with pytest.raises(ValueError, match="target prompt"):
         pipe.edit([SOURCE], None, cache=cache, progress=False)
+    with pytest.raises(TypeError, match="cache must be an EditCache .* got str"):
+        pipe.edit([SOURCE, TARGET], ctrl, cache="source.cache", progress=False)
     with pytest.raises(ValueError, match="proximal"):
         pipe.edit_cache(SOURCE, steps=STEPS, proximal="l0", progress=False)
     with pytest.raises(ValueError, match="storage"):

@@ -9,6 +9,7 @@ offset 1: t = 981 .. 1 at 50 steps): DDIM, or PNDM with PLMS steps as the stable
 notebook samples (N steps are N + 1 UNet calls, so cur_step reaches N and the
 cross alpha table's N + 1 rows are all used).
 """
+import numpy as np
 import pytest
 import torch
 
@@ -180,6 +181,8 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
     assert torch.equal(ours(tiny_pipe, [SRC], None), ours(tiny_pipe, [SRC], None))
     with pytest.raises(ValueError, match="empty"):
         tiny_pipe.edit([], steps=STEPS, progress=False)
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        tiny_pipe.edit(None, steps=STEPS, progress=False)
     with pytest.raises(ValueError, match="'horse'"):
         tiny_pipe.edit([SRC, TGT], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "horse"]), steps=STEPS,
                   progress=False)
@@ -206,6 +209,11 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
     (dict(latents=torch.zeros(1, 4, 8, 8), height=128, width=128), ValueError, "leave height and width out"),
     (dict(inversion="a string that names no file"), FileNotFoundError, "inversion file"),
     (dict(inversion=42), TypeError, "p2p_engine.Inversion"),
+    (dict(local_blend=["cat", "dog"]), TypeError, "local_blend must be a p2p_engine.LocalBlend"),
+    (dict(height="64"), ValueError, "height must be a positive number of pixels"),
+    (dict(width=0), ValueError, "width must be a positive number of pixels"),
+    (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), TypeError, "latents must be a torch.Tensor"),
+    (dict(proximal="l0", quantile="0.5"), ValueError, "quantile must be a number"),
 ])
 def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
     """Misuse that would otherwise run on (NaN latents, an empty window, a shape error deep in the UNet) is

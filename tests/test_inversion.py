@@ -266,6 +266,11 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
         reconstruct(pipe, back)
     with pytest.raises(FileNotFoundError, match="nope"):
         Inversion.load(tmp_path / "nope.safetensors")
+    # a folder given for the file is named, and nothing is written beside it
+    before = sorted(tmp_path.parent.iterdir())
+    with pytest.raises(IsADirectoryError, match="is a folder: give the path of a file"):
+        inv.save(tmp_path)
+    assert sorted(tmp_path.parent.iterdir()) == before and sorted(tmp_path.iterdir()) == [path]
 
 
 def test_inversion_from_other_weights_is_refused(pipe, tiny_ckpt, tmp_path):
@@ -297,6 +302,8 @@ def test_edit_takes_an_inversion_file_and_bad_images_are_named(pipe, tmp_path):
     size = pipe.config.image_size
     run = dict(steps=3, method="ddim", progress=False)
     for images, prompts, match in [([], [], "no images"), ([photo(1)], [["a cat"]], "one string"),
+                                   (str(tmp_path / "cat.png"), ["a cat"], "one str; for one image, call invert"),
+                                   (photo(1), ["a cat"], "one ndarray; for one image, call invert"),
                                    ([np.zeros((0, 5, 3), np.uint8)], ["a cat"], "H, W > 0"),
                                    ([torch.zeros(3, size, size)], ["a cat"], r"\(1, 3, "),
                                    ([torch.full((1, 3, size, size), 200.0)], ["a cat"], r"in \[-1, 1\]")]:
