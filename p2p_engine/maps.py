@@ -27,6 +27,9 @@ import torch
 from .words import require_word
 
 
+PLACES = ("down", "mid", "up")  # the UNet blocks an attention layer lies in (plan.AttnLayer.place)
+
+
 def level_hw(h: int, w: int, level: int) -> tuple[int, int]:
     """The map size of an attention layer at `level` for latents of h x w: each level halves with a stride-2
     convolution (padding 1), rounding up."""
@@ -54,6 +57,10 @@ class AttentionMaps:
     def _pick(self, store, res: int, places):
         if not isinstance(res, numbers.Integral) or isinstance(res, bool):
             raise TypeError(f"res is a map height in latent pixels (an int such as 16), got {res!r}")
+        if isinstance(places, str):
+            places = (places,)
+        if not places or any(p not in PLACES for p in places):
+            raise ValueError(f"places must name blocks among {PLACES} (e.g. (\"down\", \"up\")), got {places!r}")
         keys = [k for k in store if self._hw(self.layers[k][0].level)[0] == res]
         if not keys:
             raise ValueError(f"no stored maps at resolution {res}; available: {self.resolutions}")
@@ -78,5 +85,9 @@ class AttentionMaps:
         """(res_h, res_w): the mean over the word's tokens of prompt `prompt_index`'s cross maps."""
         if self.tokenizer is None:
             raise ValueError("word_maps needs the tokenizer; these maps were built without one")
+        n = len(self.prompts)
+        if not isinstance(prompt_index, numbers.Integral) or isinstance(prompt_index, bool) \
+                or not -n <= prompt_index < n:
+            raise IndexError(f"prompt_index must be an int in [0, {n}) (0 is the source), got {prompt_index!r}")
         inds = require_word(self.prompts[prompt_index], word, self.tokenizer, "word_maps")
         return self.cross(res)[prompt_index][..., inds].mean(-1)

@@ -224,7 +224,8 @@ def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
 
 
 def test_misnamed_words_and_resolutions(tiny_pipe):
-    """A word past the 77-token window is named as such, not as missing; a resolution must be an int."""
+    """A word past the 77-token window is named as such, not as missing; a resolution must be an int, the blocks
+    known ones, a prompt index one of the edit's."""
     long_tgt = " ".join(["a"] * 80) + " dog"
     with pytest.raises(ValueError, match="past the 77-token window"):
         tiny_pipe.edit([" ".join(["a"] * 80) + " cat", long_tgt], p2p.Reweight({"dog": 2.0}), steps=STEPS,
@@ -232,6 +233,13 @@ def test_misnamed_words_and_resolutions(tiny_pipe):
     att = tiny_pipe.edit([SRC], p2p.Store(), steps=STEPS, progress=False, decode_images=False).attention
     with pytest.raises(TypeError, match="an int"):
         att.cross(str(att.resolutions[0]))
+    res = att.resolutions[0]
+    with pytest.raises(ValueError, match="places must name blocks among"):
+        att.cross(res, places=("left",))
+    assert torch.equal(att.cross(res, places="up"), att.cross(res, places=("up",)))
+    with pytest.raises(IndexError, match=r"prompt_index must be an int in \[0, 1\)"):
+        att.word_maps(1, SRC.split(" ")[-1], res)
+    assert torch.equal(att.word_maps(-1, SRC.split(" ")[-1], res), att.word_maps(0, SRC.split(" ")[-1], res))
 
 
 # -- the fused kernels through Triton's interpreter ------------------------------------------------
