@@ -127,6 +127,9 @@ def _word_table(words, prompts, tokenizer, what: str) -> torch.Tensor:
     if isinstance(words, str) or len(words) != len(prompts):
         raise ValueError(f"{what}: give one entry (a word or a list of words) per prompt, "
                          f"{len(prompts)} in all, got {words!r}")
+    for ws in words:
+        if not (isinstance(ws, str) or isinstance(ws, (list, tuple)) and all(isinstance(w, str) for w in ws)):
+            raise TypeError(f"{what}: each prompt's entry is a word or a list of words, got {ws!r}")
     table = torch.zeros(len(prompts), MAX_TOKENS)
     for i, (p, ws) in enumerate(zip(prompts, words)):
         for w in ([ws] if isinstance(ws, str) else ws):
@@ -181,6 +184,9 @@ def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
 
 
 def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> BlendTables:
+    for name in ("start", "threshold", "subtract_threshold"):
+        if not isinstance(getattr(blend, name), numbers.Real) or isinstance(getattr(blend, name), bool):
+            raise TypeError(f"LocalBlend {name} must be a number, got {getattr(blend, name)!r}")
     if not 0.0 <= float(blend.start) <= 1.0:
         raise ValueError(f"LocalBlend start = {blend.start!r}: a fraction of the steps in [0, 1]")
     for name in ("threshold", "subtract_threshold"):

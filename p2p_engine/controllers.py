@@ -48,6 +48,9 @@ class Reweight(_Edit):
     def __init__(self, equalizer=None, prev=None, cross_steps=0.8, self_steps=0.4,
                  self_max_queries=None, self_maps=False):
         super().__init__(cross_steps, self_steps, self_max_queries, self_maps)
+        if equalizer is not None and not isinstance(equalizer, dict):
+            raise TypeError(f"Reweight's equalizer maps words to scales, e.g. {{\"fluffy\": 2.0}}; got "
+                            f"{type(equalizer).__name__}")
         self.equalizer = dict(equalizer or {})
         self.prev = prev
         if prev is not None and not isinstance(prev, (Replace, Refine)):

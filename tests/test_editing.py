@@ -214,6 +214,8 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
     (dict(width=0), ValueError, "width must be a positive number of pixels"),
     (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), TypeError, "latents must be a torch.Tensor"),
     (dict(proximal="l0", quantile="0.5"), ValueError, "quantile must be a number"),
+    (dict(local_blend=p2p.LocalBlend(["cat", "dog"], threshold="0.3")), TypeError, "threshold must be a number"),
+    (dict(local_blend=p2p.LocalBlend([["cat"], 3])), TypeError, "a word or a list of words, got 3"),
 ])
 def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
     """Misuse that would otherwise run on (NaN latents, an empty window, a shape error deep in the UNet) is
@@ -221,6 +223,11 @@ def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
     args = dict(controller=p2p.Replace(), steps=STEPS, progress=False, decode_images=False) | kwargs
     with pytest.raises(error, match=match):
         tiny_pipe.edit([SRC, TGT], **args)
+
+
+def test_reweight_equalizer_must_be_a_mapping():
+    with pytest.raises(TypeError, match="equalizer maps words to scales"):
+        p2p.Reweight(["fluffy"])
 
 
 def test_misnamed_words_and_resolutions(tiny_pipe):
