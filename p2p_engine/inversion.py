@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -179,6 +180,24 @@ def ddim_invert(pipe, z0: torch.Tensor, cond, timesteps: list[int], time_ids=Non
     return traj
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_options(*, inner_steps, epsilon, epsilon_slope, crop, flags: dict) -> None:
+    """invert_batch's numeric and on/off options, refused by name before any work."""
+    if not _is_int(inner_steps) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0 (optimiser iterations per step), got {inner_steps!r}")
+    for name, value in (("epsilon", epsilon), ("epsilon_slope", epsilon_slope)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(crop, (tuple, list)) or len(crop) != 4 or not all(_is_int(c) and c >= 0 for c in crop):
+        raise ValueError(f"crop must be 4 pixel offsets >= 0, (left, right, top, bottom), got {crop!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float | None = None,
                  method: str = "null_text", early_stop: bool = True, progress: bool = True,
                  epsilon: float = EPSILON, epsilon_slope: float = EPSILON_SLOPE, use_graph: bool | None = None,
@@ -211,6 +230,9 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         raise ValueError("invert_batch got no images")
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"each image's prompt must be one string, got {[type(p).__name__ for p in prompts]}")
+    _check_options(inner_steps=inner_steps, epsilon=epsilon, epsilon_slope=epsilon_slope, crop=crop,
+                   flags=dict(early_stop=early_stop, progress=progress, optimize_pooled=optimize_pooled,
+                              use_graph=True if use_graph is None else use_graph))
     if not early_stop:
         epsilon, epsilon_slope = -math.inf, 0.0
     check_guidance(guidance)

@@ -273,6 +273,24 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
     assert sorted(tmp_path.parent.iterdir()) == before and sorted(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.parametrize("option, error, match", [
+    (dict(inner_steps=1.5), ValueError, "inner_steps must be an integer >= 0"),
+    (dict(inner_steps=-1), ValueError, "inner_steps must be an integer >= 0"),
+    (dict(epsilon="1e-5"), ValueError, "epsilon must be a finite number"),
+    (dict(epsilon_slope=float("nan")), ValueError, "epsilon_slope must be a finite number"),
+    (dict(crop=(1, 2)), ValueError, r"crop must be 4 pixel offsets"),
+    (dict(crop="0,0,0,0"), ValueError, r"crop must be 4 pixel offsets"),
+    (dict(crop=(0, 0, -1, 0)), ValueError, r"crop must be 4 pixel offsets"),
+    (dict(early_stop="no"), TypeError, "early_stop must be True or False"),
+    (dict(use_graph="yes"), TypeError, "use_graph must be True or False"),
+])
+def test_bad_inversion_options_are_named(pipe, option, error, match):
+    """Options that torch would trip over deep inside (a float or negative iteration count, a string epsilon or
+    crop) or that would be read as their truth value ("no" is true) are refused before any work."""
+    with pytest.raises(error, match=match):
+        invert(pipe, photo(3), "a cat", steps=2, progress=False, **option)
+
+
 def test_inversion_from_other_weights_is_refused(pipe, tiny_ckpt, tmp_path):
     """An inversion records a probe of its model's weights: the same checkpoint in half precision accepts it, a
     checkpoint of the same architecture with other weights refuses it, and a file without a probe is accepted."""
