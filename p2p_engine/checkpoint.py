@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import struct
 import zlib
 from pathlib import Path
@@ -176,6 +177,8 @@ def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diff
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     cfg = PRESETS[preset]
     shapes = expected_shapes(build_meta(cfg))
     path = Path(path)

@@ -74,6 +74,14 @@ class Source:
     seed: int | None
 
 
+def check_flags(**flags) -> None:
+    """Refuse on/off options that are not True or False (None where a flag is optional is for the caller to
+    leave out): any other value would be taken by its truth, and "no" is true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_guidance(guidance) -> None:
     """Refuse a guidance scale that is not a finite number (None: the default)."""
     if guidance is not None and not (isinstance(guidance, numbers.Real) and math.isfinite(guidance)):
@@ -230,6 +238,8 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
             of the same shapes and settings replays the recorded loop with its own inputs (`captured.forget`
             drops it). None: on CUDA when CAPTURE_BY_DEFAULT and the edit allows it, else eager.
     """
+    check_flags(store=store, progress=progress, decode_images=decode_images,
+                **({} if capture is None else {"capture": capture}))
     prompts = check_prompts(prompts, pipe.tokenizer)
     source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,
                        height=height, width=width, latents=latents, inversion=inversion, proximal=proximal,
@@ -279,6 +289,13 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
             captures on CUDA when CAPTURE_BY_DEFAULT, DDIM sampling and storage on the device allow it.
         **source_args: the source's settings, as `edit` takes them (seed, steps, inversion, ...).
     """
+    if not isinstance(prompt, str):
+        raise TypeError(f"edit_cache takes the source prompt, one string (the targets come with each edit), got "
+                        f"{type(prompt).__name__}")
+    check_flags(self_maps=self_maps, progress=progress, **({} if capture is None else {"capture": capture}))
+    for name, count in (("max_bytes", max_bytes), ("self_max_queries", self_max_queries)):
+        if count is not None and (not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0):
+            raise ValueError(f"{name} must be an integer >= 0 or None, got {count!r}")
     [prompt] = check_prompts([prompt], pipe.tokenizer)
     src = resolve_source(pipe, **source_args)
     if src.proximal is not None:

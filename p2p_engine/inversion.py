@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import graphs
-from .editing import check_guidance, edit
+from .editing import check_flags, check_guidance, edit
 from .files import atomic_write
 from .images import prepare
 from .nulltext import EPSILON, EPSILON_SLOPE, null_optimize, warn_bf16
@@ -135,6 +135,8 @@ class Inversion:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"inversion file not found: {path}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder: give the inversion's .safetensors file")
         try:
             with safe_open(path, framework="pt") as f:
                 raw = (f.metadata() or {}).get("p2p_inversion")
@@ -193,9 +195,7 @@ def _check_options(*, inner_steps, epsilon, epsilon_slope, crop, flags: dict) ->
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not isinstance(crop, (tuple, list)) or len(crop) != 4 or not all(_is_int(c) and c >= 0 for c in crop):
         raise ValueError(f"crop must be 4 pixel offsets >= 0, (left, right, top, bottom), got {crop!r}")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    check_flags(**flags)
 
 
 def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 10, guidance: float | None = None,

@@ -134,6 +134,13 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
         pipe.edit([SOURCE], None, cache=cache, progress=False)
     with pytest.raises(TypeError, match="cache must be an EditCache .* got str"):
         pipe.edit([SOURCE, TARGET], ctrl, cache="source.cache", progress=False)
+    with pytest.raises(TypeError, match="edit_cache takes the source prompt, one string"):
+        pipe.edit_cache([SOURCE, TARGET], steps=STEPS, progress=False)
+    for bad in (dict(max_bytes="1e9"), dict(max_bytes=-1), dict(self_max_queries="64")):
+        with pytest.raises(ValueError, match="must be an integer >= 0 or None"):
+            pipe.edit_cache(SOURCE, steps=STEPS, progress=False, **bad)
+    with pytest.raises(TypeError, match="self_maps must be True or False"):
+        pipe.edit_cache(SOURCE, steps=STEPS, progress=False, self_maps="no")
     with pytest.raises(ValueError, match="proximal"):
         pipe.edit_cache(SOURCE, steps=STEPS, proximal="l0", progress=False)
     with pytest.raises(ValueError, match="storage"):

@@ -216,6 +216,9 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
     (dict(proximal="l0", quantile="0.5"), ValueError, "quantile must be a number"),
     (dict(local_blend=p2p.LocalBlend(["cat", "dog"], threshold="0.3")), TypeError, "threshold must be a number"),
     (dict(local_blend=p2p.LocalBlend([["cat"], 3])), TypeError, "a word or a list of words, got 3"),
+    (dict(capture="no"), TypeError, "capture must be True or False"),
+    (dict(store="no"), TypeError, "store must be True or False"),
+    (dict(decode_images=0), TypeError, "decode_images must be True or False"),
 ])
 def test_bad_arguments_name_what_to_fix(tiny_pipe, kwargs, error, match):
     """Misuse that would otherwise run on (NaN latents, an empty window, a shape error deep in the UNet) is

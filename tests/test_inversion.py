@@ -270,6 +270,8 @@ def test_save_load_roundtrip_and_family(pipe, tmp_path):
     before = sorted(tmp_path.parent.iterdir())
     with pytest.raises(IsADirectoryError, match="is a folder: give the path of a file"):
         inv.save(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a folder: give the inversion's .safetensors file"):
+        Inversion.load(tmp_path)
     assert sorted(tmp_path.parent.iterdir()) == before and sorted(tmp_path.iterdir()) == [path]
 
 

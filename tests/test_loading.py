@@ -125,6 +125,10 @@ def test_argument_validation(folders):
         p2p.load(folders["tiny"], device=missing)
     with pytest.raises(ValueError, match="preset"):
         p2p.save_random_checkpoint(folders["tiny"].parent / "x", "sd3")
+    for seed in ("0", -1, True):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            p2p.save_random_checkpoint(folders["tiny"].parent / "x", "tiny", seed=seed)
+    assert not (folders["tiny"].parent / "x").exists()
 
 
 def test_deterministic_and_atomic(folders, tmp_path):
