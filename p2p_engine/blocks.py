@@ -13,13 +13,13 @@ from .attention import load_kernels
 
 def check_input(model: str, name: str, x: torch.Tensor, weight: torch.Tensor, shape: str, axis: int,
                 size: int) -> None:
-    """Raise a ValueError that names what to fix when `x` cannot enter `model`: `x` must have len(`shape`)
+    """Raise an error that names what to fix when `x` cannot enter `model`: `x` must have len(`shape`)
     dimensions (`shape` spells them, e.g. "(B, 4, h, w)"), `size` entries on `axis`, and `weight`'s device and
     (outside autocast, which casts inputs itself) dtype. Metadata only: no device sync, so captured loops
     may call it."""
     dims = len(shape.strip("()").split(","))
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{model}: {name} must be a tensor {shape}, got {type(x).__name__}")
+        raise TypeError(f"{model}: {name} must be a tensor {shape}, got {type(x).__name__}")
     if x.dim() != dims or x.shape[axis] != size:
         raise ValueError(f"{model}: {name} must be {shape} with {size} on dimension {axis}, got {tuple(x.shape)}")
     if x.device != weight.device:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import struct
 import zlib
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import BinaryIO, Callable
 import torch
 
 from . import keymap
+from .checks import is_int
 from .config import PRESETS, ModelConfig, TextConfig
 from .files import atomic_folder, atomic_write, write_json
 from .loading import DIFFUSERS_FILES, build_meta, expected_shapes
@@ -177,7 +177,7 @@ def save_random_checkpoint(path, preset: str, seed: int = 0, layout: str = "diff
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     cfg = PRESETS[preset]
     shapes = expected_shapes(build_meta(cfg))

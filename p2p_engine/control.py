@@ -14,11 +14,11 @@ Windows follow the reference exactly: cross windows are rounded with
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from .checks import is_int, is_number
 from .controllers import LocalBlend, Replace, Reweight, Store, _Edit
 from .maps import AttentionMaps, level_hw
 from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
@@ -28,7 +28,7 @@ from .words import MAX_TOKENS, refine_mappers, replace_mappers, require_word, wo
 # -- windows ---------------------------------------------------------------------------------------
 
 def _bounds(value, what: str) -> tuple[float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         start, end = 0.0, float(value)
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         start, end = float(value[0]), float(value[1])
@@ -150,7 +150,7 @@ def _mapping(ctrl, prompts, tokenizer):
                              "Reweight({\"fluffy\": 2.0})")
         eq = torch.ones(n, MAX_TOKENS)
         for word, scale in ctrl.equalizer.items():
-            if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+            if not (is_number(scale) and math.isfinite(scale)):
                 raise ValueError(f"Reweight equalizer: the scale of {word!r} must be a finite number, got {scale!r}")
             for j, p in enumerate(prompts[1:]):
                 eq[j, require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
@@ -165,7 +165,7 @@ def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int, self_ma
     gate = cross_gate(prompts, steps, ctrl.cross_steps, tokenizer)[:calls]
     mapper, mix, eq = _mapping(ctrl, prompts, tokenizer)
     limit = self_max_queries if ctrl.self_max_queries is None else ctrl.self_max_queries
-    if not isinstance(limit, numbers.Integral) or isinstance(limit, bool) or limit < 0:
+    if not is_int(limit) or limit < 0:
         raise ValueError(f"self_max_queries must be a count of queries (an integer >= 0), got {limit!r}")
     return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), limit)
 
@@ -185,7 +185,7 @@ def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
 
 def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> BlendTables:
     for name in ("start", "threshold", "subtract_threshold"):
-        if not isinstance(getattr(blend, name), numbers.Real) or isinstance(getattr(blend, name), bool):
+        if not is_number(getattr(blend, name)):
             raise TypeError(f"LocalBlend {name} must be a number, got {getattr(blend, name)!r}")
     if not 0.0 <= float(blend.start) <= 1.0:
         raise ValueError(f"LocalBlend start = {blend.start!r}: a fraction of the steps in [0, 1]")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .checks import is_number
+
 
 @dataclass
 class Store:
@@ -96,7 +98,7 @@ def from_spec(spec: dict | None):
         raise ValueError(f"controller mode must be one of {MODES}, got {mode!r}")
     equalizer = spec.pop("equalizer", None) or {}
     if not isinstance(equalizer, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in equalizer.values()):
+            is_number(v) for v in equalizer.values()):
         raise ValueError(f"the equalizer must map words to numbers, e.g. {{\"fluffy\": 2.0}}; got {equalizer!r}")
     if mode == "reweight":
         if not equalizer:

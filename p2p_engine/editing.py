@@ -25,14 +25,13 @@ the guidance and the scheduler's arithmetic stay in the master dtype
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import captured, graphs, recording
+from .checks import check_flags, check_guidance, is_int, is_number
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
@@ -74,20 +73,6 @@ class Source:
     seed: int | None
 
 
-def check_flags(**flags) -> None:
-    """Refuse on/off options that are not True or False (None where a flag is optional is for the caller to
-    leave out): any other value would be taken by its truth, and "no" is true."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def check_guidance(guidance) -> None:
-    """Refuse a guidance scale that is not a finite number (None: the default)."""
-    if guidance is not None and not (isinstance(guidance, numbers.Real) and math.isfinite(guidance)):
-        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-
-
 def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, steps_offset=None, height=None,
                    width=None, latents=None, inversion=None, proximal=None, quantile=None) -> Source:
     """The edit's arguments (see `edit`) checked and resolved into a `Source`; None takes the default."""
@@ -97,15 +82,14 @@ def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, 
     quantile = 0.75 if quantile is None else quantile
     if proximal not in PROXIMAL:
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
-    if not isinstance(quantile, numbers.Real) or isinstance(quantile, bool) or not 0.0 < quantile <= 1.0:
+    if not is_number(quantile) or not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be a number in (0, 1], got {quantile!r}")
     for name, size in (("height", height), ("width", width)):
-        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0):
+        if size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"{name} must be a positive number of pixels, got {size!r}")
     if latents is not None and not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor (1, 4, h, w), got {type(latents).__name__}")
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
-                             or not 0 <= seed < 2 ** 63):
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2 ** 63):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     check_guidance(guidance)
     null = timesteps = pivots = None
@@ -294,7 +278,7 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
                         f"{type(prompt).__name__}")
     check_flags(self_maps=self_maps, progress=progress, **({} if capture is None else {"capture": capture}))
     for name, count in (("max_bytes", max_bytes), ("self_max_queries", self_max_queries)):
-        if count is not None and (not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0):
+        if count is not None and (not is_int(count) or count < 0):
             raise ValueError(f"{name} must be an integer >= 0 or None, got {count!r}")
     [prompt] = check_prompts([prompt], pipe.tokenizer)
     src = resolve_source(pipe, **source_args)

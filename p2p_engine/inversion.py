@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import graphs
-from .editing import check_flags, check_guidance, edit
+from .checks import check_flags, check_guidance, is_int, is_number
+from .editing import edit
 from .files import atomic_write
 from .images import prepare
 from .nulltext import EPSILON, EPSILON_SLOPE, null_optimize, warn_bf16
@@ -182,18 +182,14 @@ def ddim_invert(pipe, z0: torch.Tensor, cond, timesteps: list[int], time_ids=Non
     return traj
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_options(*, inner_steps, epsilon, epsilon_slope, crop, flags: dict) -> None:
     """invert_batch's numeric and on/off options, refused by name before any work."""
-    if not _is_int(inner_steps) or inner_steps < 0:
+    if not is_int(inner_steps) or inner_steps < 0:
         raise ValueError(f"inner_steps must be an integer >= 0 (optimiser iterations per step), got {inner_steps!r}")
     for name, value in (("epsilon", epsilon), ("epsilon_slope", epsilon_slope)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not isinstance(crop, (tuple, list)) or len(crop) != 4 or not all(_is_int(c) and c >= 0 for c in crop):
+    if not isinstance(crop, (tuple, list)) or len(crop) != 4 or not all(is_int(c) and c >= 0 for c in crop):
         raise ValueError(f"crop must be 4 pixel offsets >= 0, (left, right, top, bottom), got {crop!r}")
     check_flags(**flags)
 

@@ -20,10 +20,9 @@ the plan contract states. LocalBlend alone rebuilds the post-injection sums
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from .checks import is_int
 from .words import require_word
 
 
@@ -55,7 +54,7 @@ class AttentionMaps:
         return sorted({self._hw(self.layers[k][0].level)[0] for k in self._cross}, reverse=True)
 
     def _pick(self, store, res: int, places):
-        if not isinstance(res, numbers.Integral) or isinstance(res, bool):
+        if not is_int(res):
             raise TypeError(f"res is a map height in latent pixels (an int such as 16), got {res!r}")
         if isinstance(places, str):
             places = (places,)
@@ -86,8 +85,7 @@ class AttentionMaps:
         if self.tokenizer is None:
             raise ValueError("word_maps needs the tokenizer; these maps were built without one")
         n = len(self.prompts)
-        if not isinstance(prompt_index, numbers.Integral) or isinstance(prompt_index, bool) \
-                or not -n <= prompt_index < n:
+        if not is_int(prompt_index) or not -n <= prompt_index < n:
             raise IndexError(f"prompt_index must be an int in [0, {n}) (0 is the source), got {prompt_index!r}")
         inds = require_word(self.prompts[prompt_index], word, self.tokenizer, "word_maps")
         return self.cross(res)[prompt_index][..., inds].mean(-1)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import is_int
 from .files import atomic_write
 
 MAPPING_FILE = "mapping_file.json"
@@ -104,7 +105,7 @@ def _check_entry(path: Path, key, item) -> None:
             raise ValueError(f"{path}: entry {key!r} has {name} {item[name]!r}; expected a string")
     mask = item["mask"]
     if not (isinstance(mask, list) and len(mask) % 2 == 0
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in mask)):
+            and all(is_int(v) and v >= 0 for v in mask)):
         raise ValueError(f"{path}: entry {key!r} has mask {str(mask)[:60]!r}; expected run-length pairs "
                          f"[start, length, ...] of integers >= 0")
 

@@ -21,11 +21,10 @@ master dtype, float32).
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
+from .checks import is_int
 from .scheduler import DDIM, ddim_step
 
 SAMPLERS = ("ddim", "pndm", "dpmsolver++")
@@ -106,7 +105,7 @@ class DPMSolverPPSampler:
             ratio = n // (steps + 1)
             ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
             offset = cfg.steps_offset if steps_offset is None else steps_offset
-            if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or not 0 <= offset <= n - 1 - ts[0]:
+            if not is_int(offset) or not 0 <= offset <= n - 1 - ts[0]:
                 raise ValueError(f"steps_offset must be an integer in [0, {n - 1 - ts[0]}] for {steps} DPM-Solver++ "
                                  f"steps, got {offset!r} (the first timestep would pass {n - 1}); use fewer steps "
                                  f"or another steps_offset")
@@ -157,7 +156,7 @@ def make_sampler(name: str, schedule: DDIM, steps: int, device, *, steps_offset:
         raise ValueError(f"fixed timesteps are DDIM's (an inversion's); the {name} sampler makes its own")
     if name == "pndm":
         return PNDMSampler(schedule, steps, steps_offset)
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps < schedule.num_train_steps:
+    if not is_int(steps) or not 1 <= steps < schedule.num_train_steps:
         raise ValueError(f"steps must be an integer in [1, {schedule.num_train_steps - 1}] for {name}, "
                          f"got {steps!r}")
     return DPMSolverPPSampler(schedule, steps, steps_offset)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .checks import is_int
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -112,7 +113,7 @@ class DDIM:
         """The DDIM timesteps, descending, as diffusers' DDIMScheduler.set_timesteps gives them (981 .. 1 at
         50 steps for SD). `steps_offset` overrides the config's (it applies to "leading" spacing)."""
         n = self.num_train_steps
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps <= n:
+        if not is_int(steps) or not 1 <= steps <= n:
             raise ValueError(f"steps must be an integer in [1, {n}], got {steps!r}")
         spacing = self.config.timestep_spacing or "leading"
         if steps_offset is not None and spacing != "leading":
@@ -121,7 +122,7 @@ class DDIM:
         if spacing == "leading":
             offset = self.config.steps_offset if steps_offset is None else steps_offset
             most = n - 1 - (steps - 1) * (n // steps)  # the first timestep stays below num_train_timesteps
-            if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or not 0 <= offset <= most:
+            if not is_int(offset) or not 0 <= offset <= most:
                 whose = "the checkpoint's scheduler config has" if steps_offset is None else "got"
                 raise ValueError(f"steps_offset must be an integer in [0, {most}] for {steps} steps ({whose} "
                                  f"{offset!r}: the first timestep would pass {n - 1}); use fewer steps or "
