@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from benchmarks.bench_pipeline import photo_like
+from benchmarks.bench_inversion import photo_like
 from benchmarks.common import CorrectnessError, Row, matmul_flops_per_s, measure, measure_grad, save_checkpoint, \
     script_main, seconds_left
 

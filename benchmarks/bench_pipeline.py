@@ -1,5 +1,6 @@
-"""Whole pipelines: generation, a P2P edit, and null-text inversion, ours against the reference way; a
-re-edit from an edit cache against our uncached edit; the captured edit loop against the eager one.
+"""Whole sampling loops: generation and a P2P edit, ours against the reference way; a re-edit from an edit
+cache against our uncached edit; the captured edit loop against the eager one. (Null-text inversion against the
+reference loop: benchmarks/bench_inversion.py, on this module's RefModel.)
 
 The baselines are re-statements of the reference implementation (google/prompt-to-prompt) on diffusers parts
 loaded from the same random checkpoint: diffusers' UNet and VAE, transformers' CLIP text encoder, diffusers'
@@ -7,10 +8,7 @@ DDIMScheduler from the checkpoint's scheduler config (steps offset 1: t = 981 ..
 pipelines run), and for P2P an attention processor that materialises every probability map and edits it in
 Python per layer, as the reference's controllers do.
 
-GPU (full run): SD 1.5 architecture, random weights, 512 x 512, 50 steps, fp16 for generation and edits
-(2 prompts); inversion in fp32 (the reference's precision), 10 inner iterations per step fixed, timed over
-10 DDIM steps (a GPU lease is 15 minutes): every step does the same work, so 50 steps take 5 times as long.
-With P2P_BENCH_DEADLINE set, inversion variants that would not finish in time are left out and said so.
+GPU (full run): SD 1.5 architecture, random weights, 512 x 512, 50 steps, fp16, 2 prompts.
 CPU smoke: the tiny preset, fp32, 3 steps.
 
 Correctness gates before any timing (few steps, against the baseline in higher precision):
@@ -21,12 +19,7 @@ Correctness gates before any timing (few steps, against the baseline in higher p
 - the captured edit (`capture=True`: a replayed CUDA graph on a GPU, the same static step run call by call on
   the CPU): the same gate, then timed against the reference way, our eager edit and our captured generation,
   warmed up (later edits of the same shapes replay the recorded loop) and as the first of its shapes;
-  the captured re-edit from a cache: the same gate, timed against the captured uncached edit;
-- inversion: our null embeddings and z_T vs the reference loop's.
-
-On a GPU each inversion row also states the peak memory per image a process holding that one model would reach:
-this process holds several models (ours in two precisions and the baselines), so the peak allocated during the
-run over what was allocated before it (working memory) plus the one model's weights.
+  the captured re-edit from a cache: the same gate, timed against the captured uncached edit.
 
     python -m benchmarks.bench_pipeline [--smoke]     or     p2p-engine bench --only pipeline
 """
@@ -38,10 +31,10 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure, measure_grad, rel_err, \
-    save_checkpoint, script_main, seconds_left
+from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, rel_err, save_checkpoint, \
+    script_main
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -197,68 +190,6 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     return [i for i, t in enumerate(ids) if t in target]
 
 
-def ref_null_text(model: RefModel, image: np.ndarray, prompt: str, steps: int, inner: int, early_stop: bool = True,
-                  processor=AttnProcessor2_0):
-    """The reference's NullInversion: DDIM inversion, then per step up to `inner` Adam steps, loss.item() each."""
-    dev, dt = model.device, model.dtype
-    model.unet.set_attn_processor(processor())
-    model.scheduler.set_timesteps(steps)
-    ts = [int(t) for t in model.scheduler.timesteps]
-    stride = model.scheduler.config.num_train_timesteps // steps
-    with torch.no_grad():
-        x = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None] / 127.5 - 1
-        latent = model.vae.encode(x).latent_dist.mean * model.scaling
-        uncond, cond = model.encode([""]), model.encode([prompt])
-        pivots = [latent]
-        for i in range(steps):
-            t = ts[len(ts) - i - 1]
-            eps = model.unet(latent, t, encoder_hidden_states=cond).sample
-            cur, nxt = min(t - stride, 999), t
-            a, a_next = model.alphas(cur), model.alphas(nxt)
-            x0 = (latent - (1 - a) ** 0.5 * eps) / a ** 0.5  # the notebook's next_step, in its order
-            latent = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
-            pivots.append(latent)
-
-    def prev_step(eps, t, sample):  # the notebook's prev_step, in its order
-        a, a_prev = model.alphas(t), model.alphas(t - stride)
-        x0 = (sample - (1 - a) ** 0.5 * eps) / a ** 0.5
-        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-
-    nulls, cur = [], pivots[-1]
-    for i, t in enumerate(ts):
-        uncond = uncond.clone().detach().requires_grad_(True)
-        opt = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
-        target = pivots[len(pivots) - i - 2]
-        with torch.no_grad():
-            eps_cond = model.unet(cur, t, encoder_hidden_states=cond).sample
-        for _ in range(inner):
-            eps_u = model.unet(cur, t, encoder_hidden_states=uncond).sample
-            loss = F.mse_loss(prev_step(eps_u + GUIDANCE * (eps_cond - eps_u), t, cur), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if early_stop and loss.item() < 1e-5 + i * 2e-5:
-                break
-        nulls.append(uncond[:1].detach())
-        with torch.no_grad():
-            noise = model.unet(torch.cat([cur] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            eps_u, eps_c = noise.chunk(2)
-            cur = prev_step(eps_u + GUIDANCE * (eps_c - eps_u), t, cur)
-    return pivots[-1], torch.cat(nulls)  # (1, 4, h, w), (steps, 77, D)
-
-
-def photo_like(size: int, seed: int = 0) -> np.ndarray:
-    """(size, size, 3) uint8: smooth gradients, a few discs and mild noise, a stand-in for a photograph."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    img = np.stack([0.6 * xx + 0.2, 0.5 * yy + 0.3, 0.4 * (1 - xx) + 0.3], -1)
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    img += rng.normal(0, 0.02, img.shape)
-    return (img.clip(0, 1) * 255).round().astype(np.uint8)
-
-
 # -- the benchmark
 
 def _accepts(fn, name: str) -> bool:
@@ -274,9 +205,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     dtype = torch.float16 if on_gpu and not smoke else torch.float32
     hi = torch.float32 if dtype == torch.float16 else torch.float64
     steps, check_steps = (3, 3) if smoke else (50, 5)
-    inv_steps, inner = (3, 3) if smoke else (10, 10)
     warmup, repeats = (0, 1) if smoke else (1, 3)
-    inv_repeats = 1 if smoke else 2  # each variant is warmed by a 2-step run first
     prompts = [SOURCE, TARGET]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,10 +213,6 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         ours = p2p.load(path, device=device, dtype=dtype, backend="auto")
         ref = RefModel(path, device, dtype)
         ref_hi = RefModel(path, device, hi)
-        ours32 = ours if dtype == torch.float32 else p2p.load(path, device=device, dtype=torch.float32)
-        ref32 = ref if dtype == torch.float32 else RefModel(path, device, torch.float32)
-        # inversion runs in fp32 on both sides, so its drift reference is fp64 even on a GPU
-        ref64 = ref_hi if hi == torch.float64 else RefModel(path, device, torch.float64)
     cfg = ours.config
     s = cfg.latent_size
     latent = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0))  # shared start noise
@@ -349,34 +274,6 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             cap_cache_check = check_close("captured recording", ours_cache(check_steps, capture=True).latents[-1],
                                           ref_hi_lat[:1], ref_lo_lat[:1], dtype)
 
-    image = photo_like(cfg.image_size)
-    from p2p_engine.inversion import invert_batch as invert_fn  # where Pipeline.invert's keywords land
-    invert_kw = dict(steps=3, inner_steps=3, method="null_text")
-    fixed_iters = _accepts(invert_fn, "early_stop")  # both sides do the same work only if we can say so
-    if fixed_iters:
-        invert_kw["early_stop"] = False
-    if _accepts(invert_fn, "progress"):
-        invert_kw["progress"] = False
-    inv = ours32.invert(image, SOURCE, **invert_kw)
-    # the fp32 drift from several equally valid baseline runs: SDPA and materialised attention, and on CPU
-    # also one thread (the optimised embeddings' rounding noise varies ~2x between these)
-    lo_runs = []
-    threads = torch.get_num_threads()
-    for processor, n_threads in [(AttnProcessor2_0, threads), (AttnProcessor, threads)] + (
-            [(AttnProcessor2_0, 1)] if device.type == "cpu" and threads > 1 else []):
-        torch.set_num_threads(n_threads)
-        try:
-            lo_runs.append(ref_null_text(ref32, image, SOURCE, invert_kw["steps"], invert_kw["inner_steps"],
-                                         early_stop=not fixed_iters, processor=processor))
-        finally:
-            torch.set_num_threads(threads)
-    zt_lo, null_lo = [z for z, _ in lo_runs], [n for _, n in lo_runs]
-    zt_hi, null_hi = ref_null_text(ref64, image, SOURCE, invert_kw["steps"], invert_kw["inner_steps"],
-                                   early_stop=not fixed_iters)
-    del ref64
-    inv_check = check_close("z_T", inv.latent_T, zt_hi, zt_lo, torch.float32) + "; " + check_close(
-        "null embeddings", inv.null_embeddings, null_hi, null_lo, torch.float32)
-
     # -- floors: UNet forwards (batch-1 equivalents) x FLOPs of one forward / the measured matmul rate
     from benchmarks.bench_unet import unet_flops
     ref.unet.set_attn_processor(AttnProcessor2_0())  # count the plain forward, not the reference controller
@@ -384,10 +281,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         x1 = torch.randn(1, 4, s, s, device=device, dtype=dtype)
         fwd = unet_flops(ref.unet, x1, torch.tensor([500], device=device), ref.encode([SOURCE]))
     rate = matmul_flops_per_s(device, dtype)
-    rate32 = rate if dtype == torch.float32 else matmul_flops_per_s(device, torch.float32)
     sample_floor = steps * 2 * len(prompts) * fwd / rate * 1e3  # [uncond, cond] x P per step
-    # per image: DDIM inversion + cond + guided (2) forwards per step, and `inner` forward+backward (~3 forwards)
-    inv_floor = inv_steps * (1 + 1 + 2 + 3 * inner) * fwd / rate32 * 1e3
 
     # -- timing
     gen_ours = measure(lambda: ours_generate(steps), device, warmup=warmup, repeats=repeats)
@@ -411,12 +305,6 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     build = measure(lambda: ours_cache(steps), device, warmup=0, repeats=1)
     if captured_cache:  # each build records its own graph (a recording loop is not kept): warm-up compiles only
         build_cap = measure(lambda: ours_cache(steps, capture=True), device, warmup=1, repeats=1)
-    timing_kw = dict(invert_kw, steps=inv_steps, inner_steps=inner)
-    warm_kw = dict(invert_kw, steps=2, inner_steps=2)  # compiles, autotunes and captures before the clock runs
-    ref_null_text(ref32, image, SOURCE, 2, 2, early_stop=not fixed_iters)
-    inv_ref = measure_grad(lambda: ref_null_text(ref32, image, SOURCE, inv_steps, inner, early_stop=not fixed_iters),
-                           device, warmup=0, repeats=inv_repeats)
-    iters = f"{inner} iterations per step" + ("" if fixed_iters else " at most (early stop on both sides)")
     rows = [
         Row(f"generation, 2 prompts, {steps} steps", "ours", gen_ours, "diffusers loop", gen_ref, sample_floor,
             check=gen_check),
@@ -449,100 +337,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     if captured_cache:
         rows.append(Row(f"edit cache of the source alone (recording run), {steps} steps", captured_name, build_cap,
                         "ours eager", build, sample_floor / len(prompts), check=cap_cache_check))
-    inv_case = f"null-text inversion per image, {inv_steps} steps, {iters}"
-    # (name, keywords, images, model, repeats); on a GPU the eager loop's time equals the graph's within 0.5%
-    # (H200, 2026-11-26), so the lease goes to the batched runs and to fp16 instead
-    variants = [("ours", {}, 1, ours32, inv_repeats)]
-    if on_gpu and _accepts(invert_fn, "use_graph"):
-        variants = [("ours graph-captured", {"use_graph": True}, 1, ours32, inv_repeats)]
-    # in the order the goals need them, as a GPU lease's deadline leaves out the last ones
-    if on_gpu and not smoke:
-        # not the default (results differ from fp32 by more than float drift): what fp16 buys, alone (whose
-        # time also sizes the next variant's need) and at batch 8, issue 16's goal: <= 4 s per image and
-        # >= 15x the reference loop
-        variants.append(("ours graph-captured, fp16 UNet, fp32 embedding", {"use_graph": True}, 1, ours, 1))
-        variants.append(("ours graph-captured batched x8, fp16 UNet, fp32 embedding", {"use_graph": True}, 8,
-                         ours, 1))
-    if not smoke:
-        variants += [(f"ours batched x{n}", {}, n, ours32, 1) for n in (8, 4)]  # the exact fp32 mode at batch 8
-    per_image_s = inv_ref.median / 1e3  # the first guess at what one image costs; then the last variant's
-    final_loss32 = None
-    for name, extra, n, model, reps in variants:
-        need = per_image_s * n * (reps + 0.5)
-        if seconds_left() < need:
-            print(f"[pipeline] {inv_case}: {name} left out, about {need:.0f} s needed and "
-                  f"{max(seconds_left(), 0):.0f} s left before P2P_BENCH_DEADLINE", flush=True)
-            continue
-        kw = dict(timing_kw, **extra)
-        results = []
-        held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
-        if n == 1:
-            model.invert(image, SOURCE, **dict(warm_kw, **extra))
-            t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
-                             repeats=reps)
-        else:
-            model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
-            t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
-                             repeats=reps)
-            t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
-                       t.mem_kind)  # per image
-        per_image_s = t.median / 1e3
-        check = inv_check if model is ours32 else "not gated (fp16 UNet)"
-        if held is not None:  # what a process holding this one model would peak at, per image
-            weights = sum(t_.numel() * t_.element_size() for m in (model.unet, model.vae, model.text_encoder)
-                          for t_ in m.parameters())
-            work = torch.cuda.max_memory_allocated(device) - held
-            check += (f"; peak in a one-model process: {(weights + work) / n / 2**20:.0f} MB per image "
-                      f"({work / n / 2**20:.0f} MB working memory + {weights / n / 2**20:.0f} MB of weights)")
-        if results:
-            final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
-            if model is ours32:
-                final_loss32 = final_loss
-            elif final_loss32 is not None:
-                check = (f"not gated (fp16): mean final loss per step {final_loss:.3g} vs fp32's "
-                         f"{final_loss32:.3g} ({final_loss / final_loss32 - 1:+.1%})")
-        rows.append(Row(inv_case, name, t, "reference loop on diffusers (fp32)", inv_ref, inv_floor, check=check))
-    if on_gpu and not smoke and _accepts(invert_fn, "use_graph"):
-        rows += _stopped_images(ours, inv_steps, inner, warm_kw)
     return rows
-
-
-def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
-    """Batched captured inversion (fp16 UNet, batch 8) where images stop early at different iterations: the
-    stopped ones masked in the full batch's graph ("mask", the default) against gathered into graphs of half,
-    a quarter, ... of the rows ("buckets", nulltext._Buckets). The threshold is the median of the images'
-    first losses, so about half stop at once and the rest later."""
-    from p2p_engine import nulltext
-    n = 8
-    images = [photo_like(model.config.image_size, seed=k) for k in range(n)]
-    prompts = [SOURCE] * n
-    probe = model.invert_batch(images, prompts, **dict(warm_kw, steps=steps, inner_steps=1, early_stop=False))
-    eps = float(np.median([inv.losses[0, 0].item() for inv in probe]))
-    kw = dict(steps=steps, inner_steps=inner, epsilon=eps, epsilon_slope=0.0, use_graph=True, progress=False)
-    timings, used = {}, {}
-    for mode in ("mask", "buckets"):
-        need = 2 * (timings["mask"].median / 1e3 if timings else 30.0)
-        if seconds_left() < need:
-            print(f"[pipeline] stopped images, {mode}: left out, {max(seconds_left(), 0):.0f} s left", flush=True)
-            return []
-        before = dict(nulltext.COMPACTION)
-        nulltext.COMPACTION["graph"] = mode
-        try:
-            model.invert_batch(images, prompts, **dict(kw, steps=2, inner_steps=2))  # records its graphs
-            out = []
-            t = measure_grad(lambda: out.append(model.invert_batch(images, prompts, **kw)), model.device, warmup=0,
-                             repeats=1)
-        finally:
-            nulltext.COMPACTION.clear()
-            nulltext.COMPACTION.update(before)
-        timings[mode] = Timing([ms / n for ms in t.samples_ms], None, t.mem_kind)
-        used[mode] = sum(int((~inv.losses.isnan()).sum()) for inv in out[-1])
-    case = (f"null-text inversion per image, batch {n}, fp16 UNet, {steps} steps, <= {inner} iterations, "
-            f"images stopping early")
-    check = (f"iterations used: {used['buckets']} of {n * steps * inner} (mask: {used['mask']}); the goal: "
-             f"gather where that pays")
-    return [Row(case, "ours captured, stopped images gathered (buckets)", timings["buckets"],
-                "ours captured, stopped images masked", timings["mask"], None, check=check)]
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from benchmarks.bench_pipeline import photo_like
+from benchmarks.bench_inversion import photo_like
 from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, measure_grad, script_main, seconds_left
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"

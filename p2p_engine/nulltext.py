@@ -146,7 +146,7 @@ def _graph_iteration(it: _Iteration):
 
 # How stopped images leave the batch's work: "rows" (eager only: the UNet runs on the exact rows still
 # optimising), "mask" (the batch's shape; stopped rows are masked) or "buckets" (`_Buckets`). A captured
-# iteration keeps "mask" until a GPU run times "buckets" against it (benchmarks/bench_pipeline.py).
+# iteration keeps "mask" until a GPU run times "buckets" against it (benchmarks/bench_inversion.py).
 COMPACTION = {"eager": "rows", "graph": "mask"}
 
 

@@ -98,10 +98,19 @@ def test_bench_pipeline_smoke(benchmark):
     rows = benchmark.pedantic(bench_pipeline.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
     _assert_rows(rows)
     gated = [r for r in rows if "generation" not in r.baseline_name]
-    assert len(gated) == 9 and all("<=" in r.check for r in gated)
+    assert len(gated) == 8 and all("<=" in r.check for r in gated)
     assert sum("static-state loop" in r.ours_name for r in rows) == 6  # the captured loop's rows, ungraphed here
     assert any(r.check.startswith("captured re-edit: err") for r in rows)
     assert any(r.check.startswith("captured recording: err") for r in rows)
+
+
+def test_bench_inversion_smoke(benchmark):
+    from benchmarks import bench_inversion
+    rows = benchmark.pedantic(bench_inversion.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
+    _assert_rows(rows)
+    assert [r.ours_name for r in rows] == ["ours"] and rows[0].baseline_name.startswith("reference loop")
+    assert rows[0].check.startswith("z_T: err") and "null embeddings: err" in rows[0].check  # both gates passed
+    assert rows[0].floor_ms > 0
 
 
 def test_cli_bench_cpu_says_smoke(capsys):
