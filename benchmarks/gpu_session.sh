@@ -67,7 +67,7 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
 
 # 2. Benchmarks, one at a time so that one running long does not take the others with it.
 # pipeline and inversion (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md.
-# pipeline's rows are all needed and it has no deadline of its own; inversion drops its last variants to meet its.
+# Each is told its deadline and leaves out its last timings (the least needed) rather than overrun it.
 # profile: where the UNet step's time goes (kernel time by category against wall time), not a benchmark row.
 for spec in attention:40 unet:70 pipeline:130 inversion:100 profile:40 methods:60 sdxl:100; do
     name=${spec%%:*}
