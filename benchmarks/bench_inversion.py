@@ -3,12 +3,13 @@ parts loaded from the same random checkpoint (benchmarks.bench_pipeline.RefModel
 graph-captured, with an fp16 UNet, and with images that stop early.
 
 GPU (full run): SD 1.5 architecture, random weights, 512 x 512, fp32 (the reference's precision) on both
-sides, 10 inner iterations per step fixed, timed over 10 DDIM steps (a GPU lease is 15 minutes): every step does
-the same work, so 50 steps take 5 times as long. Then, in the order issue 16's goals need them: the captured loop
-with an fp16 UNet and fp32 embedding alone and at batch 8 (the goal: <= 4 s per image, >= 15x the reference), the
-exact fp32 mode at batch 8 and 4, and batch 8 with images stopping early, the stopped ones masked in the full
-graph against gathered into graphs of fewer rows (`nulltext.COMPACTION`). With P2P_BENCH_DEADLINE set, variants
-that would not finish in time are left out and said so. CPU smoke: the tiny preset, 3 steps of 3 iterations.
+sides, 10 inner iterations per step fixed, timed over 5 DDIM steps (a GPU lease is 15 minutes): every step does
+the same work, so 50 steps take 10 times as long (each row says what that makes per image). Ours captured in
+fp32, then in the order issue 16's goals need them: the captured loop with an fp16 UNet and fp32 embedding alone
+and at batch 8 (the goal: <= 4 s per image at 50 steps, >= 15x the reference), the exact fp32 mode at batch 8
+and 4, and batch 8 with images stopping early, the stopped ones masked in the full graph against gathered into
+graphs of fewer rows (`nulltext.COMPACTION`). With P2P_BENCH_DEADLINE set, variants that would not finish in
+time are left out and said so. CPU smoke: the tiny preset, 3 steps of 3 iterations.
 
 Correctness gate before any timing: our null embeddings and z_T against the reference loop's in float64, within
 twice what the reference itself drifts in float32 between equally valid runs.
@@ -110,8 +111,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     on_gpu = device.type == "cuda"
     preset = "tiny" if smoke else "sd15"
-    inv_steps, inner = (3, 3) if smoke else (10, 10)
-    inv_repeats = 1 if smoke else 2  # each variant is warmed by a 2-step run first
+    # timed over 5 DDIM steps of 10 iterations: every step does the same work, so 50 steps take 10 times as long
+    inv_steps, inner = (3, 3) if smoke else (5, 10)
+    ref_repeats = 1 if smoke else 2
 
     with tempfile.TemporaryDirectory() as tmp:
         path = save_checkpoint(tmp, preset)
@@ -163,29 +165,28 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     warm_kw = dict(invert_kw, steps=2, inner_steps=2)  # compiles, autotunes and captures before the clock runs
     ref_null_text(ref32, image, SOURCE, 2, 2, early_stop=not fixed_iters)
     inv_ref = measure_grad(lambda: ref_null_text(ref32, image, SOURCE, inv_steps, inner, early_stop=not fixed_iters),
-                           device, warmup=0, repeats=inv_repeats)
+                           device, warmup=0, repeats=ref_repeats)
     iters = f"{inner} iterations per step" + ("" if fixed_iters else " at most (early stop on both sides)")
     inv_case = f"null-text inversion per image, {inv_steps} steps, {iters}"
-    # (name, keywords, images, model, repeats); on a GPU the eager loop's time equals the graph's within 0.5%
-    # (H200, 2026-11-26), so the lease goes to the batched runs and to fp16 instead
-    variants = [("ours", {}, 1, ours32, inv_repeats)]
-    if on_gpu and _accepts(invert_fn, "use_graph"):
-        variants = [("ours graph-captured", {"use_graph": True}, 1, ours32, inv_repeats)]
-    # in the order the goals need them, as a GPU lease's deadline leaves out the last ones
+    # (name, keywords, images, model), in the order issue 16's goals need them, as a deadline leaves out the last
+    # ones; each timed once after a warm-up run. On a GPU the eager loop's time equals the graph's within 0.5%
+    # (H200, 2026-11-26), so the lease goes to the graph, fp16 and the batched runs
+    graph = {"use_graph": True} if on_gpu and _accepts(invert_fn, "use_graph") else {}
+    variants = [("ours graph-captured" if graph else "ours", graph, 1, ours32)]
     if ours16 is not None:
-        # not the default (results differ from fp32 by more than float drift): what fp16 buys, alone (whose
-        # time also sizes the next variant's need) and at batch 8, issue 16's goal: <= 4 s per image and
-        # >= 15x the reference loop
-        variants.append(("ours graph-captured, fp16 UNet, fp32 embedding", {"use_graph": True}, 1, ours16, 1))
-        variants.append(("ours graph-captured batched x8, fp16 UNet, fp32 embedding", {"use_graph": True}, 8,
-                         ours16, 1))
+        # not the default (results differ from fp32 by more than float drift): what fp16 buys, alone and at
+        # batch 8, issue 16's goal: <= 4 s per image and >= 15x the reference loop
+        variants.append(("ours graph-captured, fp16 UNet, fp32 embedding", graph, 1, ours16))
+        variants.append(("ours graph-captured batched x8, fp16 UNet, fp32 embedding", graph, 8, ours16))
     if not smoke:
-        variants += [(f"ours batched x{n}", {}, n, ours32, 1) for n in (8, 4)]  # the exact fp32 mode at batch 8
-    per_image_s = inv_ref.median / 1e3  # the first guess at what one image costs; then the last variant's
+        variants += [(f"ours batched x{n}", {}, n, ours32) for n in (8, 4)]  # the exact fp32 mode at batch 8
+    single_s = {}  # a model's measured seconds for one image alone
+    batch_gain = None  # per-image time batched / alone, as last measured (fp16's stands in for fp32's)
     final_loss32 = None
     rows = []
-    for name, extra, n, model, reps in variants:
-        need = per_image_s * n * (reps + 0.5)
+    for name, extra, n, model in variants:
+        per_image = single_s.get(model, inv_ref.median / 1e3)  # the reference loop's time before any of ours
+        need = per_image * n * (1 if n == 1 or batch_gain is None else batch_gain) * 1.5
         if seconds_left() < need:
             print(f"[inversion] {inv_case}: {name} left out, about {need:.0f} s needed and "
                   f"{max(seconds_left(), 0):.0f} s left before P2P_BENCH_DEADLINE", flush=True)
@@ -195,15 +196,16 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
         if n == 1:
             model.invert(image, SOURCE, **dict(warm_kw, **extra))
-            t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
-                             repeats=reps)
+            t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0, repeats=1)
+            single_s[model] = t.median / 1e3
         else:
             model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
             t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
-                             repeats=reps)
+                             repeats=1)
             t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
                        t.mem_kind)  # per image
-        per_image_s = t.median / 1e3
+            if model in single_s:
+                batch_gain = t.median / 1e3 / single_s[model]
         check = inv_check if model is ours32 else "not gated (fp16 UNet)"
         if held is not None:  # what a process holding this one model would peak at, per image
             weights = sum(t_.numel() * t_.element_size() for m in (model.unet, model.vae, model.text_encoder)
@@ -216,8 +218,11 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             if model is ours32:
                 final_loss32 = final_loss
             elif final_loss32 is not None:
-                check = (f"not gated (fp16): mean final loss per step {final_loss:.3g} vs fp32's "
-                         f"{final_loss32:.3g} ({final_loss / final_loss32 - 1:+.1%})")
+                check = check.replace("not gated (fp16 UNet)", f"not gated (fp16): mean final loss per step "
+                                      f"{final_loss:.3g} vs fp32's {final_loss32:.3g} "
+                                      f"({final_loss / final_loss32 - 1:+.1%})")
+        if not smoke:
+            check += f"; 50 steps: {t.median / 1e3 * 50 / inv_steps:.1f} s per image"
         rows.append(Row(inv_case, name, t, "reference loop on diffusers (fp32)", inv_ref, inv_floor, check=check))
     if ours16 is not None and _accepts(invert_fn, "use_graph"):
         rows += _stopped_images(ours16, inv_steps, inner, warm_kw)

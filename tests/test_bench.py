@@ -122,6 +122,23 @@ def test_bench_pipeline_meets_its_deadline(monkeypatch, capsys):
     assert "[pipeline] edit_ours left out" in out and "[pipeline] build_cap left out" in out
 
 
+def test_bench_inversion_full_run_meets_its_deadline(monkeypatch, capsys):
+    """The full run's shape on the tiny model (5 steps of 10 iterations): the fp32 single-image row says what 50
+    steps make per image, and once P2P_BENCH_DEADLINE leaves no room the batched variants are left out, said so."""
+    from benchmarks import bench_inversion
+    real_save, real_measure = bench_inversion.save_checkpoint, bench_inversion.measure_grad
+    timed = []
+    monkeypatch.setattr(bench_inversion, "save_checkpoint", lambda tmp, preset: real_save(tmp, "tiny"))
+    monkeypatch.setattr(bench_inversion, "measure_grad", lambda *a, **kw: timed.append(1) or real_measure(*a, **kw))
+    monkeypatch.setattr(bench_inversion, "seconds_left", lambda: float("inf") if len(timed) < 2 else 0.0)
+    rows = bench_inversion.run(CPU, smoke=False)
+    assert len(timed) == 2  # the reference loop, then ours
+    assert [r.ours_name for r in rows] == ["ours"] and rows[0].case.startswith("null-text inversion per image, 5 steps")
+    assert "50 steps: " in rows[0].check and "null embeddings: err" in rows[0].check
+    out = capsys.readouterr().out
+    assert "ours batched x8 left out" in out and "ours batched x4 left out" in out
+
+
 def test_bench_inversion_smoke(benchmark):
     from benchmarks import bench_inversion
     rows = benchmark.pedantic(bench_inversion.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
