@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from benchmarks.bench_pipeline import GUIDANCE, SOURCE, RefModel
-from benchmarks.common import Row, Timing, check_close, matmul_flops_per_s, measure_grad, save_checkpoint, \
-    script_main, seconds_left
+from benchmarks.common import Row, Timing, capture_failures, check_close, fallback_note, matmul_flops_per_s, \
+    measure_grad, save_checkpoint, script_main, seconds_left
 
 
 # -- the reference loop, on diffusers parts
@@ -194,14 +194,18 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         kw = dict(timing_kw, **extra)
         results = []
         held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
+        with capture_failures() as failed:  # a graph that cannot be recorded runs eagerly: the row says so
+            if n == 1:
+                model.invert(image, SOURCE, **dict(warm_kw, **extra))
+                t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
+                                 repeats=1)
+            else:
+                model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
+                t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
+                                 repeats=1)
         if n == 1:
-            model.invert(image, SOURCE, **dict(warm_kw, **extra))
-            t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0, repeats=1)
             single_s[model] = t.median / 1e3
         else:
-            model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
-            t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
-                             repeats=1)
             t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
                        t.mem_kind)  # per image
             if model in single_s:
@@ -223,7 +227,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                                       f"({final_loss / final_loss32 - 1:+.1%})")
         if not smoke:
             check += f"; 50 steps: {t.median / 1e3 * 50 / inv_steps:.1f} s per image"
-        rows.append(Row(inv_case, name, t, "reference loop on diffusers (fp32)", inv_ref, inv_floor, check=check))
+        rows.append(Row(inv_case, name + (" [eager: capture failed]" if failed else ""), t,
+                        "reference loop on diffusers (fp32)", inv_ref, inv_floor, check=fallback_note(failed) + check))
     if ours16 is not None and _accepts(invert_fn, "use_graph"):
         rows += _stopped_images(ours16, inv_steps, inner, warm_kw)
     return rows
@@ -241,7 +246,7 @@ def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
     probe = model.invert_batch(images, prompts, **dict(warm_kw, steps=steps, inner_steps=1, early_stop=False))
     eps = float(np.median([inv.losses[0, 0].item() for inv in probe]))
     kw = dict(steps=steps, inner_steps=inner, epsilon=eps, epsilon_slope=0.0, use_graph=True, progress=False)
-    timings, used = {}, {}
+    timings, used, failed = {}, {}, {}
     for mode in ("mask", "buckets"):
         need = 2 * (timings["mask"].median / 1e3 if timings else 30.0)
         if seconds_left() < need:
@@ -250,10 +255,11 @@ def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
         before = dict(nulltext.COMPACTION)
         nulltext.COMPACTION["graph"] = mode
         try:
-            model.invert_batch(images, prompts, **dict(kw, steps=2, inner_steps=2))  # records its graphs
-            out = []
-            t = measure_grad(lambda: out.append(model.invert_batch(images, prompts, **kw)), model.device, warmup=0,
-                             repeats=1)
+            with capture_failures() as failed[mode]:  # graphs of fewer rows may be recorded in the timed run too
+                model.invert_batch(images, prompts, **dict(kw, steps=2, inner_steps=2))  # records its graphs
+                out = []
+                t = measure_grad(lambda: out.append(model.invert_batch(images, prompts, **kw)), model.device,
+                                 warmup=0, repeats=1)
         finally:
             nulltext.COMPACTION.clear()
             nulltext.COMPACTION.update(before)
@@ -263,8 +269,10 @@ def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
             f"images stopping early")
     check = (f"iterations used: {used['buckets']} of {n * steps * inner} (mask: {used['mask']}); the goal: "
              f"gather where that pays")
-    return [Row(case, "ours captured, stopped images gathered (buckets)", timings["buckets"],
-                "ours captured, stopped images masked", timings["mask"], None, check=check)]
+    tag = " [eager: capture failed]"
+    return [Row(case, "ours captured, stopped images gathered (buckets)" + (tag if failed["buckets"] else ""),
+                timings["buckets"], "ours captured, stopped images masked" + (tag if failed["mask"] else ""),
+                timings["mask"], None, check=fallback_note(failed["buckets"] or failed["mask"]) + check)]
 
 
 def main(argv=None) -> int:

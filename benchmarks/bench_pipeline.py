@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks.common import Row, check_close, matmul_flops_per_s, measure, rel_err, save_checkpoint, \
-    script_main, seconds_left
+from benchmarks.common import Row, capture_failures, check_close, fallback_note, matmul_flops_per_s, measure, \
+    rel_err, save_checkpoint, script_main, seconds_left
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -266,15 +266,26 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         edit_check += f"; with LocalBlend err {blend_err:.2e} (not gated)"
         reedit_check = check_close("re-edit from a cache", ours_reedit(ours_cache(check_steps), blend=False).latents,
                                    ref_hi_lat, ref_lo_lat, dtype)
+        # a loop whose recording fails runs eagerly (the engine warns once): each captured kind is run here
+        # first, so that its rows can say so
+        fell_back = {}
         if captured:
-            cap_check = check_close("captured edit", ours_edit(check_steps, blend=False, capture=True).latents,
-                                    ref_hi_lat, ref_lo_lat, dtype)
-            cap_reedit_check = check_close(
-                "captured re-edit", ours_reedit(ours_cache(check_steps), blend=False, capture=True).latents,
-                ref_hi_lat, ref_lo_lat, dtype)
+            with capture_failures() as fell_back["edit_cap"]:
+                cap_check = check_close("captured edit", ours_edit(check_steps, blend=False, capture=True).latents,
+                                        ref_hi_lat, ref_lo_lat, dtype)
+            fell_back["edit_cap_first"] = fell_back["edit_cap"]
+            check_cache = ours_cache(check_steps)
+            with capture_failures() as fell_back["reedit_cap"]:
+                cap_reedit_check = check_close("captured re-edit",
+                                               ours_reedit(check_cache, blend=False, capture=True).latents,
+                                               ref_hi_lat, ref_lo_lat, dtype)
+            with capture_failures() as fell_back["gen_cap"]:
+                ours_generate(check_steps, capture=True)
         if captured_cache:  # the cache's final latent is the source row's
-            cap_cache_check = check_close("captured recording", ours_cache(check_steps, capture=True).latents[-1],
-                                          ref_hi_lat[:1], ref_lo_lat[:1], dtype)
+            with capture_failures() as fell_back["build_cap"]:
+                cap_cache_check = check_close("captured recording",
+                                              ours_cache(check_steps, capture=True).latents[-1], ref_hi_lat[:1],
+                                              ref_lo_lat[:1], dtype)
 
     # -- floors: UNet forwards (batch-1 equivalents) x FLOPs of one forward / the measured matmul rate
     from benchmarks.bench_unet import unet_flops
@@ -320,7 +331,11 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     def row(case, ours_name, ours_key, base_name, base_key, floor, check):
         if ours_key in t and base_key in t:
-            rows.append(Row(case, ours_name, t[ours_key], base_name, t[base_key], floor, check=check))
+            ours_failed, base_failed = fell_back.get(ours_key), fell_back.get(base_key)
+            tag = " [eager: capture failed]"
+            rows.append(Row(case, ours_name + (tag if ours_failed else ""), t[ours_key],
+                            base_name + (tag if base_failed else ""), t[base_key], floor,
+                            check=fallback_note(ours_failed or base_failed) + check))
 
     target_floor = sample_floor / len(prompts) * (len(prompts) - 1)
     made = f", made in {t['build'].median:.0f} ms" if "build" in t else ""

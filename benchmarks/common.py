@@ -14,16 +14,19 @@ benchmarks work, not how fast anything is on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import importlib
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -133,6 +136,34 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
 
 
 # -- correctness
+
+_CAPTURE_FAILED = re.compile(r"CUDA[- ]graph.*failed")
+
+
+@contextlib.contextmanager
+def capture_failures():
+    """Yields a list that, when the block ends, holds the CUDA-graph capture failures the engine warned of inside
+    it (the engine then runs the eager loop instead, so a row timed that way must say so rather than carry the
+    graph's name). Other warnings pass through. The edit loops report a failure once per process
+    (`editing._capture_failures`): that record is cleared first, so that each block sees its own."""
+    from p2p_engine import editing
+
+    editing._capture_failures.clear()
+    found = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield found
+    for w in caught:
+        if _CAPTURE_FAILED.search(str(w.message)):
+            found.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def fallback_note(failures: list[str]) -> str:
+    """The check column's note for a row whose captured side ran eagerly ('' when capture worked)."""
+    return f"CAPTURE FAILED, timed the eager fallback: {failures[0]}; " if failures else ""
+
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|, in float64."""

@@ -122,6 +122,48 @@ def test_bench_pipeline_meets_its_deadline(monkeypatch, capsys):
     assert "[pipeline] edit_ours left out" in out and "[pipeline] build_cap left out" in out
 
 
+def test_capture_failures_are_caught_per_block():
+    """A captured loop whose recording fails runs eagerly and warns once per process; `capture_failures` sees
+    each block's own failure (the once-only record cleared) and lets other warnings through."""
+    import warnings
+    from p2p_engine import editing
+    editing._capture_failures.add("seen before")
+    with pytest.warns(UserWarning, match="unrelated"):
+        with common.capture_failures() as failed:
+            warnings.warn("recording the edit step as a CUDA graph failed (seen before); running the eager loop",
+                          RuntimeWarning)
+            warnings.warn("CUDA-graph capture of the null-text iteration failed (x); using the eager loop")
+            warnings.warn("unrelated")
+    assert len(failed) == 2 and not editing._capture_failures
+    with common.capture_failures() as none:
+        pass
+    assert none == [] and common.fallback_note(none) == ""
+    assert common.fallback_note(failed).startswith("CAPTURE FAILED, timed the eager fallback: recording the edit")
+
+
+def test_bench_pipeline_names_a_capture_that_fell_back(monkeypatch):
+    """Where recording the loop fails, the engine runs it eagerly: the rows of captured loops say so, in the name
+    of the side that fell back and in the check, rather than pass eager times off as the graph's."""
+    from benchmarks import bench_pipeline
+    from p2p_engine import captured
+
+    def fail(*args, **kwargs):
+        raise captured.CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(captured, "static_sample", fail)
+    timed = []
+    monkeypatch.setattr(bench_pipeline, "seconds_left", lambda: float("inf") if len(timed) < 4 else 0.0)
+    real_measure = bench_pipeline.measure
+    monkeypatch.setattr(bench_pipeline, "measure", lambda *a, **kw: timed.append(1) or real_measure(*a, **kw))
+    rows = bench_pipeline.run(CPU, smoke=True)
+    tag = " [eager: capture failed]"
+    assert [(r.ours_name, r.baseline_name) for r in rows] == [
+        ("ours, static-state loop" + tag, "reference way on diffusers"),
+        ("ours, static-state loop edit" + tag, "ours, static-state loop generation" + tag),
+        ("ours, static-state loop cached re-edit" + tag, "ours, static-state loop edit" + tag)]
+    assert all(r.check.startswith("CAPTURE FAILED, timed the eager fallback: recording the edit step") for r in rows)
+
+
 def test_bench_inversion_full_run_meets_its_deadline(monkeypatch, capsys):
     """The full run's shape on the tiny model (5 steps of 10 iterations): the fp32 single-image row says what 50
     steps make per image, and once P2P_BENCH_DEADLINE leaves no room the batched variants are left out, said so."""
