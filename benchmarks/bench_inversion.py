@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from benchmarks.bench_pipeline import GUIDANCE, SOURCE, RefModel
-from benchmarks.common import Row, Timing, capture_failures, check_close, fallback_note, matmul_flops_per_s, \
-    measure_grad, save_checkpoint, script_main, seconds_left
+from benchmarks.common import Row, Timing, capture_failures, check_close, experiment, fallback_note, \
+    matmul_flops_per_s, measure_grad, save_checkpoint, script_main, seconds_left
 
 
 # -- the reference loop, on diffusers parts
@@ -191,46 +191,49 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             print(f"[inversion] {inv_case}: {name} left out, about {need:.0f} s needed and "
                   f"{max(seconds_left(), 0):.0f} s left before P2P_BENCH_DEADLINE", flush=True)
             continue
-        kw = dict(timing_kw, **extra)
-        results = []
-        held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
-        with capture_failures() as failed:  # a graph that cannot be recorded runs eagerly: the row says so
+        with experiment("inversion", name):  # a variant that fails is reported; the others still count
+            kw = dict(timing_kw, **extra)
+            results = []
+            held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
+            with capture_failures() as failed:  # a graph that cannot be recorded runs eagerly: the row says so
+                if n == 1:
+                    model.invert(image, SOURCE, **dict(warm_kw, **extra))
+                    t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
+                                     repeats=1)
+                else:
+                    model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
+                    t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
+                                     repeats=1)
             if n == 1:
-                model.invert(image, SOURCE, **dict(warm_kw, **extra))
-                t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
-                                 repeats=1)
+                single_s[model] = t.median / 1e3
             else:
-                model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
-                t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
-                                 repeats=1)
-        if n == 1:
-            single_s[model] = t.median / 1e3
-        else:
-            t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
-                       t.mem_kind)  # per image
-            if model in single_s:
-                batch_gain = t.median / 1e3 / single_s[model]
-        check = inv_check if model is ours32 else "not gated (fp16 UNet)"
-        if held is not None:  # what a process holding this one model would peak at, per image
-            weights = sum(t_.numel() * t_.element_size() for m in (model.unet, model.vae, model.text_encoder)
-                          for t_ in m.parameters())
-            work = torch.cuda.max_memory_allocated(device) - held
-            check += (f"; peak in a one-model process: {(weights + work) / n / 2**20:.0f} MB per image "
-                      f"({work / n / 2**20:.0f} MB working memory + {weights / n / 2**20:.0f} MB of weights)")
-        if results:
-            final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
-            if model is ours32:
-                final_loss32 = final_loss
-            elif final_loss32 is not None:
-                check = check.replace("not gated (fp16 UNet)", f"not gated (fp16): mean final loss per step "
-                                      f"{final_loss:.3g} vs fp32's {final_loss32:.3g} "
-                                      f"({final_loss / final_loss32 - 1:+.1%})")
-        if not smoke:
-            check += f"; 50 steps: {t.median / 1e3 * 50 / inv_steps:.1f} s per image"
-        rows.append(Row(inv_case, name + (" [eager: capture failed]" if failed else ""), t,
-                        "reference loop on diffusers (fp32)", inv_ref, inv_floor, check=fallback_note(failed) + check))
+                t = Timing([ms / n for ms in t.samples_ms], None if t.peak_mem_bytes is None else t.peak_mem_bytes // n,
+                           t.mem_kind)  # per image
+                if model in single_s:
+                    batch_gain = t.median / 1e3 / single_s[model]
+            check = inv_check if model is ours32 else "not gated (fp16 UNet)"
+            if held is not None:  # what a process holding this one model would peak at, per image
+                weights = sum(t_.numel() * t_.element_size() for m in (model.unet, model.vae, model.text_encoder)
+                              for t_ in m.parameters())
+                work = torch.cuda.max_memory_allocated(device) - held
+                check += (f"; peak in a one-model process: {(weights + work) / n / 2**20:.0f} MB per image "
+                          f"({work / n / 2**20:.0f} MB working memory + {weights / n / 2**20:.0f} MB of weights)")
+            if results:
+                final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
+                if model is ours32:
+                    final_loss32 = final_loss
+                elif final_loss32 is not None:
+                    check = check.replace("not gated (fp16 UNet)", f"not gated (fp16): mean final loss per step "
+                                          f"{final_loss:.3g} vs fp32's {final_loss32:.3g} "
+                                          f"({final_loss / final_loss32 - 1:+.1%})")
+            if not smoke:
+                check += f"; 50 steps: {t.median / 1e3 * 50 / inv_steps:.1f} s per image"
+            rows.append(Row(inv_case, name + (" [eager: capture failed]" if failed else ""), t,
+                            "reference loop on diffusers (fp32)", inv_ref, inv_floor,
+                            check=fallback_note(failed) + check))
     if ours16 is not None and _accepts(invert_fn, "use_graph"):
-        rows += _stopped_images(ours16, inv_steps, inner, warm_kw)
+        with experiment("inversion", "stopped images, masked and gathered"):
+            rows += _stopped_images(ours16, inv_steps, inner, warm_kw)
     return rows
 
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks.common import Row, capture_failures, check_close, fallback_note, matmul_flops_per_s, measure, \
-    rel_err, save_checkpoint, script_main, seconds_left
+from benchmarks.common import Row, capture_failures, check_close, experiment, fallback_note, matmul_flops_per_s, \
+    measure, rel_err, save_checkpoint, script_main, seconds_left
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -264,28 +264,39 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         # LocalBlend's agreement is reported, not gated: a threshold at 0.3 may flip a pixel on float drift
         blend_err = rel_err(ours_edit(check_steps).latents, ref_edit(ref_hi, check_steps)[0])
         edit_check += f"; with LocalBlend err {blend_err:.2e} (not gated)"
-        reedit_check = check_close("re-edit from a cache", ours_reedit(ours_cache(check_steps), blend=False).latents,
-                                   ref_hi_lat, ref_lo_lat, dtype)
-        # a loop whose recording fails runs eagerly (the engine warns once): each captured kind is run here
-        # first, so that its rows can say so
-        fell_back = {}
-        if captured:
-            with capture_failures() as fell_back["edit_cap"]:
-                cap_check = check_close("captured edit", ours_edit(check_steps, blend=False, capture=True).latents,
-                                        ref_hi_lat, ref_lo_lat, dtype)
-            fell_back["edit_cap_first"] = fell_back["edit_cap"]
+        # Not yet run on a GPU: the edit cache and the captured loops, experiments whose failure leaves the other
+        # rows standing. A loop whose recording fails runs eagerly (the engine warns once): each captured kind is
+        # run here first, so that its rows can say so.
+        fell_back, gated = {}, set()  # gated: the timings whose gates passed
+        with experiment("pipeline", "re-edit from an edit cache"):
             check_cache = ours_cache(check_steps)
-            with capture_failures() as fell_back["reedit_cap"]:
-                cap_reedit_check = check_close("captured re-edit",
-                                               ours_reedit(check_cache, blend=False, capture=True).latents,
-                                               ref_hi_lat, ref_lo_lat, dtype)
-            with capture_failures() as fell_back["gen_cap"]:
-                ours_generate(check_steps, capture=True)
-        if captured_cache:  # the cache's final latent is the source row's
-            with capture_failures() as fell_back["build_cap"]:
-                cap_cache_check = check_close("captured recording",
-                                              ours_cache(check_steps, capture=True).latents[-1], ref_hi_lat[:1],
-                                              ref_lo_lat[:1], dtype)
+            reedit_check = check_close("re-edit from a cache", ours_reedit(check_cache, blend=False).latents,
+                                       ref_hi_lat, ref_lo_lat, dtype)
+            gated.add("reedit")
+        with experiment("pipeline", "captured edit and generation"):
+            if captured:
+                with capture_failures() as fell_back["edit_cap"]:
+                    cap_check = check_close("captured edit",
+                                            ours_edit(check_steps, blend=False, capture=True).latents,
+                                            ref_hi_lat, ref_lo_lat, dtype)
+                fell_back["edit_cap_first"] = fell_back["edit_cap"]
+                with capture_failures() as fell_back["gen_cap"]:
+                    ours_generate(check_steps, capture=True)
+                gated |= {"edit_cap", "edit_cap_first", "gen_cap"}
+        with experiment("pipeline", "captured re-edit from an edit cache"):
+            if captured and "reedit" in gated:
+                with capture_failures() as fell_back["reedit_cap"]:
+                    cap_reedit_check = check_close("captured re-edit",
+                                                   ours_reedit(check_cache, blend=False, capture=True).latents,
+                                                   ref_hi_lat, ref_lo_lat, dtype)
+                gated.add("reedit_cap")
+        with experiment("pipeline", "captured recording of an edit cache"):
+            if captured_cache:  # the cache's final latent is the source row's
+                with capture_failures() as fell_back["build_cap"]:
+                    cap_cache_check = check_close("captured recording",
+                                                  ours_cache(check_steps, capture=True).latents[-1],
+                                                  ref_hi_lat[:1], ref_lo_lat[:1], dtype)
+                gated.add("build_cap")
 
     # -- floors: UNet forwards (batch-1 equivalents) x FLOPs of one forward / the measured matmul rate
     from benchmarks.bench_unet import unet_flops
@@ -298,8 +309,11 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     # -- timing, in the order issue 16's goals need it: with P2P_BENCH_DEADLINE set, what would not finish in
     # time is left out and said so, as a benchmark killed at its time limit records nothing
-    with torch.inference_mode():
+    cache = None
+    with experiment("pipeline", "the edit cache of the timed source"), torch.inference_mode():
         cache = ours_cache(steps)  # a re-edit runs the targets' rows only (the goal: <= 0.6x the edit)
+    if cache is None:
+        gated -= {"reedit", "reedit_cap"}
     plan = [("edit_ref", lambda: ref_edit(ref, steps), warmup, repeats)]
     if captured:
         # warmed up, a captured edit replays the loop its shapes already have (recorded by the warm-up run)
@@ -317,6 +331,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                      repeats))
     if captured_cache:  # each build records its own graph (a recording loop is not kept): warm-up compiles only
         plan.append(("build_cap", lambda: ours_cache(steps, capture=True), 1, 1))
+    need_gates = {"reedit", "edit_cap", "edit_cap_first", "gen_cap", "reedit_cap", "build_cap"}
+    plan = [item for item in plan if item[0] in gated or item[0] not in need_gates]
     t, slowest_s = {}, 0.0
     for key, fn, warm, reps in plan:
         need = (warm + reps) * slowest_s * 1.5  # the slowest run so far stands in for this one's
@@ -324,8 +340,9 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             print(f"[pipeline] {key} left out: about {need:.0f} s needed, {max(seconds_left(), 0):.0f} s left "
                   f"before P2P_BENCH_DEADLINE", flush=True)
             continue
-        t[key] = measure(fn, device, warmup=warm, repeats=reps)
-        slowest_s = max(slowest_s, max(t[key].samples_ms) / 1e3)
+        with experiment("pipeline", f"timing {key}"):
+            t[key] = measure(fn, device, warmup=warm, repeats=reps)
+            slowest_s = max(slowest_s, max(t[key].samples_ms) / 1e3)
 
     rows = []
 
@@ -345,11 +362,12 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         "edit_ref", sample_floor, edit_check)
     row(f"P2P edit vs uncontrolled, {steps} steps", "ours edit", "edit_ours", "ours generation", "gen_ours",
         sample_floor, "goal: edit <= 1.3x generation (speed-up >= 0.77x)")
-    row(f"re-edit from a cache (targets' rows only), {steps} steps", "ours cached re-edit", "reedit",
-        "ours uncached edit", "edit_ours", target_floor,
-        f"{reedit_check}; goal: re-edit <= 0.6x the edit (speed-up >= 1.67x); cache "
-        f"{cache.nbytes / 2**20:.0f} MB{made}")
-    if captured:
+    if "reedit" in gated:
+        row(f"re-edit from a cache (targets' rows only), {steps} steps", "ours cached re-edit", "reedit",
+            "ours uncached edit", "edit_ours", target_floor,
+            f"{reedit_check}; goal: re-edit <= 0.6x the edit (speed-up >= 1.67x); cache "
+            f"{cache.nbytes / 2**20:.0f} MB{made}")
+    if "edit_cap" in gated:
         row(f"P2P edit (Replace+Store+LocalBlend), {steps} steps", captured_name, "edit_cap",
             "reference way on diffusers", "edit_ref", sample_floor, f"{cap_check}; goal: >= 3x")
         row(f"P2P edit, captured vs eager, {steps} steps", captured_name, "edit_cap", "ours eager", "edit_ours",
@@ -360,10 +378,11 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         row(f"P2P edit vs uncontrolled, both captured, {steps} steps", f"{captured_name} edit", "edit_cap",
             f"{captured_name} generation", "gen_cap", sample_floor,
             "goal: edit within 1.1x of generation (speed-up >= 0.91x)")
+    if "reedit_cap" in gated:
         row(f"re-edit from a cache vs uncached edit, both captured, {steps} steps", f"{captured_name} cached re-edit",
             "reedit_cap", f"{captured_name} edit", "edit_cap", target_floor,
             f"{cap_reedit_check}; goal: re-edit <= 0.6x the edit (speed-up >= 1.67x)")
-    if captured_cache:
+    if "build_cap" in gated:
         row(f"edit cache of the source alone (recording run), {steps} steps", captured_name, "build_cap",
             "ours eager", "build", sample_floor / len(prompts), cap_cache_check)
     return rows

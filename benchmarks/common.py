@@ -6,6 +6,9 @@ A benchmark module `benchmarks/bench_NAME.py` exposes
 
 which first checks its outputs against the baseline (raising `CorrectnessError`
 on a mismatch: nothing is timed then), then times both sides with `measure`.
+Code that has not yet run on a GPU runs inside `experiment(...)`: if it fails
+its gate or crashes, it is reported and its rows are left out, the others are
+still recorded, and the run's exit status says so.
 `run_suite` (behind `p2p-engine bench`) prints a device banner and one markdown
 table per benchmark; GPU runs (not smoke runs) append rows to
 `benchmarks/results.csv` and rewrite the benchmark's marked section of
@@ -158,6 +161,24 @@ def capture_failures():
             found.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+# experiments that failed during the current benchmark's run (see `experiment`); run_suite reads and clears it
+EXPERIMENT_FAILURES: list[str] = []
+
+
+@contextlib.contextmanager
+def experiment(bench: str, what: str):
+    """Runs a block that adds an experiment's rows beside a benchmark's established ones (code that has not yet
+    run on a GPU). If it fails its gate or crashes, the failure is printed in full and the block is left; the
+    benchmark's other rows are still recorded, and `run_suite` reports the benchmark as failed."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- reported in full, and the run's exit status says so
+        kind = "FAILED its correctness check" if isinstance(e, CorrectnessError) else "CRASHED"
+        detail = str(e) if isinstance(e, CorrectnessError) else traceback.format_exc()
+        print(f"\n[{bench}] {what} {kind}, its rows left out: {detail}", file=sys.stderr, flush=True)
+        EXPERIMENT_FAILURES.append(f"{what}: {type(e).__name__}: {e}")
 
 
 def fallback_note(failures: list[str]) -> str:
@@ -355,6 +376,7 @@ def run_suite(only: list[str] | None = None, smoke: bool = False, device=None, r
                 print(f"[{name}] FAILED (exit status non-zero)", file=sys.stderr)
                 failed += 1
             continue
+        EXPERIMENT_FAILURES.clear()
         try:
             rows = module.run(dev, smoke=smoke)
         except CorrectnessError as e:
@@ -366,6 +388,10 @@ def run_suite(only: list[str] | None = None, smoke: bool = False, device=None, r
             failed += 1
             continue
         print("\n" + markdown_table(name, rows), flush=True)
+        if EXPERIMENT_FAILURES:
+            print(f"[{name}] FAILED in part (the rows above still count): {'; '.join(EXPERIMENT_FAILURES)}",
+                  file=sys.stderr)
+            failed += 1
         if record and not smoke and record_results(name, rows, dev, command=f"p2p-engine bench --only {name}"):
             print(f"[{name}] recorded in {RESULTS_CSV.name} and {RESULTS_MD.name}")
     return 1 if failed else 0

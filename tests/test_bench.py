@@ -72,6 +72,35 @@ def test_marked_section_is_replaced_not_duplicated():
     assert "B" in both and "C" in both
 
 
+def test_a_failed_experiment_leaves_the_other_rows(monkeypatch, capsys):
+    """Code not yet run on a GPU runs as an `experiment` inside a benchmark: when it fails its gate or crashes, it
+    is reported in full and its rows are left out, the benchmark's other rows still come out (and would be
+    recorded), and the run's exit status says it failed."""
+    import types
+    fake = types.ModuleType("benchmarks.bench_fake")
+
+    def run(device, smoke=False):
+        rows = [Row("established", "ours", Timing([1.0]), "baseline", Timing([2.0]), 0.5, check="err 1e-3 <= 2e-3")]
+        with common.experiment("fake", "the new kernel"):
+            raise CorrectnessError("new kernel: relative error 1.0e-01 exceeds 2.0e-03")
+        with common.experiment("fake", "the new loop"):
+            raise IndexError("grid too large")
+        with common.experiment("fake", "the other variant"):
+            rows.append(Row("other variant", "ours", Timing([1.5]), "baseline", Timing([2.0]), 0.5, check="ok"))
+        return rows
+
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fake", fake)
+    monkeypatch.setattr(common, "SUITE", common.SUITE + ("fake",))
+    assert common.run_suite(only=["fake"], device="cpu", record=False) == 1
+    out, err = capsys.readouterr()
+    assert "| established |" in out and "| other variant |" in out
+    assert "[fake] the new kernel FAILED its correctness check, its rows left out: new kernel: relative" in err
+    assert "[fake] the new loop CRASHED" in err and "IndexError: grid too large" in err
+    assert "[fake] FAILED in part" in err and len(common.EXPERIMENT_FAILURES) == 2
+    common.EXPERIMENT_FAILURES.clear()
+
+
 def test_cpu_banner_says_no_gpu():
     assert "NO GPU PRESENT" in common.banner(CPU, smoke=True)
 
@@ -162,6 +191,28 @@ def test_bench_pipeline_names_a_capture_that_fell_back(monkeypatch):
         ("ours, static-state loop edit" + tag, "ours, static-state loop generation" + tag),
         ("ours, static-state loop cached re-edit" + tag, "ours, static-state loop edit" + tag)]
     assert all(r.check.startswith("CAPTURE FAILED, timed the eager fallback: recording the edit step") for r in rows)
+
+
+def test_bench_pipeline_keeps_its_eager_rows_when_a_captured_loop_crashes(monkeypatch, capsys):
+    """The captured loops have not yet run on a GPU: if one raises (other than a recording failure, which falls
+    back), its gate reports the crash and the captured rows are left out; the eager rows and the recording run's
+    row still come out."""
+    from benchmarks import bench_pipeline
+    from p2p_engine import captured
+
+    def crash(*args, **kwargs):
+        raise ValueError("static buffers of the wrong shape")
+
+    monkeypatch.setattr(captured, "static_sample", crash)
+    common.EXPERIMENT_FAILURES.clear()
+    rows = bench_pipeline.run(CPU, smoke=True)
+    assert [r.ours_name for r in rows] == ["ours", "ours", "ours edit", "ours cached re-edit",
+                                           "ours, static-state loop"]  # the last: the edit cache's recording run
+    assert common.EXPERIMENT_FAILURES == [f"{what}: ValueError: static buffers of the wrong shape"
+                                          for what in ("captured edit and generation",
+                                                       "captured re-edit from an edit cache")]
+    assert "[pipeline] captured edit and generation CRASHED" in capsys.readouterr().err
+    common.EXPERIMENT_FAILURES.clear()
 
 
 def test_bench_inversion_full_run_meets_its_deadline(monkeypatch, capsys):
