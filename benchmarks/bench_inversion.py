@@ -22,7 +22,6 @@ over what was allocated before it (working memory) plus the one model's weights.
 """
 from __future__ import annotations
 
-import inspect
 import tempfile
 
 import numpy as np
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from benchmarks.bench_pipeline import GUIDANCE, SOURCE, RefModel
-from benchmarks.common import Row, Timing, capture_failures, check_close, experiment, fallback_note, \
-    matmul_flops_per_s, measure_grad, save_checkpoint, script_main, seconds_left
+from benchmarks.common import Row, Timing, accepts, capture_failures, check_close, experiment, fallback_name, \
+    fallback_note, matmul_flops_per_s, measure_grad, save_checkpoint, script_main, seconds_left
 
 
 # -- the reference loop, on diffusers parts
@@ -101,10 +100,6 @@ def photo_like(size: int, seed: int = 0) -> np.ndarray:
 
 # -- the benchmark
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def run(device: torch.device, smoke: bool = False) -> list[Row]:
     import p2p_engine as p2p
     from p2p_engine.inversion import invert_batch as invert_fn  # where Pipeline.invert's keywords land
@@ -125,10 +120,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     # -- correctness gate
     invert_kw = dict(steps=3, inner_steps=3, method="null_text")
-    fixed_iters = _accepts(invert_fn, "early_stop")  # both sides do the same work only if we can say so
+    fixed_iters = accepts(invert_fn, "early_stop")  # both sides do the same work only if we can say so
     if fixed_iters:
         invert_kw["early_stop"] = False
-    if _accepts(invert_fn, "progress"):
+    if accepts(invert_fn, "progress"):
         invert_kw["progress"] = False
     inv = ours32.invert(image, SOURCE, **invert_kw)
     # the fp32 drift from several equally valid baseline runs: SDPA and materialised attention, and on CPU
@@ -171,7 +166,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     # (name, keywords, images, model), in the order issue 16's goals need them, as a deadline leaves out the last
     # ones; each timed once after a warm-up run. On a GPU the eager loop's time equals the graph's within 0.5%
     # (H200, 2026-11-26), so the lease goes to the graph, fp16 and the batched runs
-    graph = {"use_graph": True} if on_gpu and _accepts(invert_fn, "use_graph") else {}
+    graph = {"use_graph": True} if on_gpu and accepts(invert_fn, "use_graph") else {}
     variants = [("ours graph-captured" if graph else "ours", graph, 1, ours32)]
     if ours16 is not None:
         # not the default (results differ from fp32 by more than float drift): what fp16 buys, alone and at
@@ -228,10 +223,10 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                                           f"({final_loss / final_loss32 - 1:+.1%})")
             if not smoke:
                 check += f"; 50 steps: {t.median / 1e3 * 50 / inv_steps:.1f} s per image"
-            rows.append(Row(inv_case, name + (" [eager: capture failed]" if failed else ""), t,
+            rows.append(Row(inv_case, fallback_name(name, failed), t,
                             "reference loop on diffusers (fp32)", inv_ref, inv_floor,
                             check=fallback_note(failed) + check))
-    if ours16 is not None and _accepts(invert_fn, "use_graph"):
+    if ours16 is not None and accepts(invert_fn, "use_graph"):
         with experiment("inversion", "stopped images, masked and gathered"):
             rows += _stopped_images(ours16, inv_steps, inner, warm_kw)
     return rows
@@ -272,9 +267,8 @@ def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
             f"images stopping early")
     check = (f"iterations used: {used['buckets']} of {n * steps * inner} (mask: {used['mask']}); the goal: "
              f"gather where that pays")
-    tag = " [eager: capture failed]"
-    return [Row(case, "ours captured, stopped images gathered (buckets)" + (tag if failed["buckets"] else ""),
-                timings["buckets"], "ours captured, stopped images masked" + (tag if failed["mask"] else ""),
+    return [Row(case, fallback_name("ours captured, stopped images gathered (buckets)", failed["buckets"]),
+                timings["buckets"], fallback_name("ours captured, stopped images masked", failed["mask"]),
                 timings["mask"], None, check=fallback_note(failed["buckets"] or failed["mask"]) + check)]
 
 

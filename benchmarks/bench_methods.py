@@ -73,7 +73,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         rows.append(Row(f"{method}: inversion + 2-prompt edit, {steps} steps", "ours", t,
                         "ours: generation, 2 prompts", gen, floor, check=check if method == "direct" else ""))
     # null-text: the inversion over nti_steps steps of `inner` iterations, scaled to `steps`, plus the edit. Its
-    # warm-up run is timed and sizes how many repeats fit before the deadline (one run is ~10 generations' work)
+    # warm-up run is timed and sizes how many repeats fit before the deadline
     def invert_nti():
         return pipe.invert(image, SOURCE, steps=nti_steps, inner_steps=inner, early_stop=False, progress=False)
 

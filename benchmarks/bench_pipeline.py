@@ -27,7 +27,6 @@ Correctness gates before any timing (few steps, against the baseline in higher p
 """
 from __future__ import annotations
 
-import inspect
 import tempfile
 
 import numpy as np
@@ -35,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks.common import Row, capture_failures, check_close, experiment, fallback_note, matmul_flops_per_s, \
-    measure, rel_err, save_checkpoint, script_main, seconds_left
+from benchmarks.common import Row, accepts, capture_failures, check_close, experiment, fallback_name, fallback_note, \
+    matmul_flops_per_s, measure, rel_err, save_checkpoint, script_main, seconds_left
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
 BLEND_WORDS = ["cat", "dog"]
@@ -194,11 +193,6 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 # -- the benchmark
 
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params
-
-
 def run(device: torch.device, smoke: bool = False) -> list[Row]:
     import p2p_engine as p2p
 
@@ -222,8 +216,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
 
     # the captured loop (CUDA graph on a GPU; on the CPU the same static step run call by call)
     from p2p_engine.editing import edit as edit_fn, edit_cache as edit_cache_fn
-    captured = _accepts(edit_fn, "capture")
-    captured_cache = _accepts(edit_cache_fn, "capture")  # the source's recording run on static state
+    captured = accepts(edit_fn, "capture")
+    captured_cache = accepts(edit_cache_fn, "capture")  # the source's recording run on static state
     captured_name = "ours, CUDA graph" if on_gpu else "ours, static-state loop"
 
     def ours_edit(n, blend=True, **kw):
@@ -267,7 +261,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         # Not yet run on a GPU: the edit cache and the captured loops, experiments whose failure leaves the other
         # rows standing. A loop whose recording fails runs eagerly (the engine warns once): each captured kind is
         # run here first, so that its rows can say so.
-        fell_back, gated = {}, set()  # gated: the timings whose gates passed
+        fell_back, gated = {}, set()  # gated: the timings whose gates passed (the captured ones where they exist)
         with experiment("pipeline", "re-edit from an edit cache"):
             check_cache = ours_cache(check_steps)
             reedit_check = check_close("re-edit from a cache", ours_reedit(check_cache, blend=False).latents,
@@ -314,25 +308,26 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
         cache = ours_cache(steps)  # a re-edit runs the targets' rows only (the goal: <= 0.6x the edit)
     if cache is None:
         gated -= {"reedit", "reedit_cap"}
-    plan = [("edit_ref", lambda: ref_edit(ref, steps), warmup, repeats)]
-    if captured:
-        # warmed up, a captured edit replays the loop its shapes already have (recorded by the warm-up run)
-        plan += [("edit_cap", lambda: ours_edit(steps, capture=True), warmup, repeats),
-                 ("gen_cap", lambda: ours_generate(steps, capture=True), warmup, repeats),
-                 ("reedit_cap", lambda: ours_reedit(cache, capture=True), warmup, repeats)]
-    plan += [("edit_ours", lambda: ours_edit(steps), warmup, repeats),
-             ("gen_ours", lambda: ours_generate(steps), warmup, repeats),
-             ("gen_ref", lambda: ref.sample(prompts, latent, steps), warmup, repeats),
-             ("reedit", lambda: ours_reedit(cache), warmup, repeats),
-             ("build", lambda: ours_cache(steps), 0, 1)]
-    if captured:  # the first edit of its shapes builds and records its loop: the kept loops dropped first
+    def first_captured_edit():  # the first edit of its shapes builds and records its loop
         from p2p_engine import captured as captured_mod
-        plan.append(("edit_cap_first", lambda: (captured_mod.forget(ours), ours_edit(steps, capture=True)), 0,
-                     repeats))
-    if captured_cache:  # each build records its own graph (a recording loop is not kept): warm-up compiles only
-        plan.append(("build_cap", lambda: ours_cache(steps, capture=True), 1, 1))
-    need_gates = {"reedit", "edit_cap", "edit_cap_first", "gen_cap", "reedit_cap", "build_cap"}
-    plan = [item for item in plan if item[0] in gated or item[0] not in need_gates]
+        captured_mod.forget(ours)  # the kept loops dropped first
+        return ours_edit(steps, capture=True)
+
+    # warmed up, a captured edit replays the loop its shapes already have (recorded by the warm-up run); a
+    # recording run records its own graph each time (its loop is not kept): its warm-up compiles only
+    plan = [("edit_ref", lambda: ref_edit(ref, steps), warmup, repeats),
+            ("edit_cap", lambda: ours_edit(steps, capture=True), warmup, repeats),
+            ("gen_cap", lambda: ours_generate(steps, capture=True), warmup, repeats),
+            ("reedit_cap", lambda: ours_reedit(cache, capture=True), warmup, repeats),
+            ("edit_ours", lambda: ours_edit(steps), warmup, repeats),
+            ("gen_ours", lambda: ours_generate(steps), warmup, repeats),
+            ("gen_ref", lambda: ref.sample(prompts, latent, steps), warmup, repeats),
+            ("reedit", lambda: ours_reedit(cache), warmup, repeats),
+            ("build", lambda: ours_cache(steps), 0, 1),
+            ("edit_cap_first", first_captured_edit, 0, repeats),
+            ("build_cap", lambda: ours_cache(steps, capture=True), 1, 1)]
+    gated |= {"edit_ref", "edit_ours", "gen_ours", "gen_ref", "build"}  # their gates are the strict ones above
+    plan = [item for item in plan if item[0] in gated]
     t, slowest_s = {}, 0.0
     for key, fn, warm, reps in plan:
         need = (warm + reps) * slowest_s * 1.5  # the slowest run so far stands in for this one's
@@ -349,9 +344,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
     def row(case, ours_name, ours_key, base_name, base_key, floor, check):
         if ours_key in t and base_key in t:
             ours_failed, base_failed = fell_back.get(ours_key), fell_back.get(base_key)
-            tag = " [eager: capture failed]"
-            rows.append(Row(case, ours_name + (tag if ours_failed else ""), t[ours_key],
-                            base_name + (tag if base_failed else ""), t[base_key], floor,
+            rows.append(Row(case, fallback_name(ours_name, ours_failed), t[ours_key],
+                            fallback_name(base_name, base_failed), t[base_key], floor,
                             check=fallback_note(ours_failed or base_failed) + check))
 
     target_floor = sample_floor / len(prompts) * (len(prompts) - 1)

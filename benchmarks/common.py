@@ -21,6 +21,7 @@ import contextlib
 import csv
 import datetime as _dt
 import importlib
+import inspect
 import os
 import re
 import resource
@@ -184,6 +185,16 @@ def experiment(bench: str, what: str):
 def fallback_note(failures: list[str]) -> str:
     """The check column's note for a row whose captured side ran eagerly ('' when capture worked)."""
     return f"CAPTURE FAILED, timed the eager fallback: {failures[0]}; " if failures else ""
+
+
+def fallback_name(name: str, failures: list[str]) -> str:
+    """A row side's name, tagged where `capture_failures` saw its captured loop run eagerly."""
+    return name + (" [eager: capture failed]" if failures else "")
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether `fn` takes the keyword `name` (a benchmark also runs against checkouts older than the option)."""
+    return name in inspect.signature(fn).parameters
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

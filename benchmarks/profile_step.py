@@ -175,6 +175,8 @@ def random_unet(cfg, device: torch.device, dtype: torch.dtype):
 
 def run(device: torch.device, smoke: bool, batches=(2, 4), steps: int = 3, on_case=None) -> list[Case]:
     """Profile each configuration and batch; `on_case(cases)` is called after each (to save what is done)."""
+    from benchmarks.bench_unet import inputs
+
     on_gpu = device.type == "cuda"
     preset, dtype = ("tiny", torch.float32) if smoke else ("sd15", torch.float16)
     if smoke:
@@ -189,41 +191,29 @@ def run(device: torch.device, smoke: bool, batches=(2, 4), steps: int = 3, on_ca
     for config, channels_last, fused in configs if on_gpu else configs[::2]:
         unet.set_channels_last(channels_last)
         unet.set_fused_norms(fused)
-        in_time = True
         # the fused GroupNorm has not yet run on a GPU: a failure is printed in full and the next configuration runs
         with experiment("profile", config) if fused else contextlib.nullcontext():
-            in_time = _profile_config(unet, config, cfg, batches, device, dtype, steps, smoke, on_gpu, cases, on_case)
-        unet.set_fused_norms(False)
-        if not in_time:
-            break
+            for b in batches:
+                if seconds_left() < MIN_SECONDS_LEFT:
+                    print(f"[profile] {config} batch {b} and the rest left out: {max(seconds_left(), 0):.0f} s "
+                          "left before P2P_BENCH_DEADLINE", flush=True)
+                    return cases
+                sample, t, ctx = inputs(cfg, b, device, dtype)  # the UNet puts them in its own layout
+                with torch.inference_mode():
+                    if not torch.isfinite(unet(sample, t, ctx)).all():
+                        raise RuntimeError(f"{config}, batch {b}: the forward gave NaN or inf; nothing profiled")
+                wall = measure(lambda: unet(sample, t, ctx), device, warmup=2, repeats=3 if smoke else 10).median
+                graph = _graph_ms(unet, sample, t, ctx, device) if on_gpu else None
+                items = profile_items(lambda: unet(sample, t, ctx), device, steps)
+                if not items:
+                    print(f"[profile] {config} batch {b}: the profiler recorded no "
+                          f"{'CUDA kernels (is CUPTI available?)' if on_gpu else 'operators'}", flush=True)
+                result = breakdown(items, steps)
+                cases.append(Case(config, b, result, wall, graph))
+                print("\n" + report(cases[-1], on_gpu, steps), flush=True)
+                if on_case is not None:
+                    on_case(cases)
     return cases
-
-
-def _profile_config(unet, config, cfg, batches, device, dtype, steps, smoke, on_gpu, cases, on_case) -> bool:
-    """Profiles one configuration at each batch into `cases`; False where the deadline stopped it."""
-    from benchmarks.bench_unet import inputs
-
-    for b in batches:
-        if seconds_left() < MIN_SECONDS_LEFT:
-            print(f"[profile] {config} batch {b} and the rest left out: {max(seconds_left(), 0):.0f} s left "
-                  "before P2P_BENCH_DEADLINE", flush=True)
-            return False
-        sample, t, ctx = inputs(cfg, b, device, dtype)  # the UNet puts them in its own layout
-        with torch.inference_mode():
-            if not torch.isfinite(unet(sample, t, ctx)).all():
-                raise RuntimeError(f"{config}, batch {b}: the forward gave NaN or inf; nothing profiled")
-        wall = measure(lambda: unet(sample, t, ctx), device, warmup=2, repeats=3 if smoke else 10).median
-        graph = _graph_ms(unet, sample, t, ctx, device) if on_gpu else None
-        items = profile_items(lambda: unet(sample, t, ctx), device, steps)
-        if not items:
-            print(f"[profile] {config} batch {b}: the profiler recorded no "
-                  f"{'CUDA kernels (is CUPTI available?)' if on_gpu else 'operators'}", flush=True)
-        result = breakdown(items, steps)
-        cases.append(Case(config, b, result, wall, graph))
-        print("\n" + report(cases[-1], on_gpu, steps), flush=True)
-        if on_case is not None:
-            on_case(cases)
-    return True
 
 
 # -- reporting
