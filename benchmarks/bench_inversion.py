@@ -190,15 +190,15 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             kw = dict(timing_kw, **extra)
             results = []
             held = torch.cuda.memory_allocated(device) if on_gpu else None  # every model this process holds
-            with capture_failures() as failed:  # a graph that cannot be recorded runs eagerly: the row says so
-                if n == 1:
-                    model.invert(image, SOURCE, **dict(warm_kw, **extra))
-                    t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
-                                     repeats=1)
-                else:
-                    model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
-                    t = measure_grad(lambda: model.invert_batch([image] * n, [SOURCE] * n, **kw), device, warmup=0,
-                                     repeats=1)
+            if n == 1:
+                warm = model.invert(image, SOURCE, **dict(warm_kw, **extra))
+                t = measure_grad(lambda: results.append(model.invert(image, SOURCE, **kw)), device, warmup=0,
+                                 repeats=1)
+            else:
+                warm = model.invert_batch([image] * n, [SOURCE] * n, **dict(warm_kw, **extra))
+                t = measure_grad(lambda: results.append(model.invert_batch([image] * n, [SOURCE] * n, **kw)),
+                                 device, warmup=0, repeats=1)
+            failed = capture_failures(warm, *results)  # a graph that cannot be recorded runs eagerly: say so
             if n == 1:
                 single_s[model] = t.median / 1e3
             else:
@@ -213,7 +213,7 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
                 work = torch.cuda.max_memory_allocated(device) - held
                 check += (f"; peak in a one-model process: {(weights + work) / n / 2**20:.0f} MB per image "
                           f"({work / n / 2**20:.0f} MB working memory + {weights / n / 2**20:.0f} MB of weights)")
-            if results:
+            if n == 1:
                 final_loss = results[-1].losses[:, -1].float().mean().item()  # each step's last iteration
                 if model is ours32:
                     final_loss32 = final_loss
@@ -253,11 +253,11 @@ def _stopped_images(model, steps: int, inner: int, warm_kw: dict) -> list[Row]:
         before = dict(nulltext.COMPACTION)
         nulltext.COMPACTION["graph"] = mode
         try:
-            with capture_failures() as failed[mode]:  # graphs of fewer rows may be recorded in the timed run too
-                model.invert_batch(images, prompts, **dict(kw, steps=2, inner_steps=2))  # records its graphs
-                out = []
-                t = measure_grad(lambda: out.append(model.invert_batch(images, prompts, **kw)), model.device,
-                                 warmup=0, repeats=1)
+            warm = model.invert_batch(images, prompts, **dict(kw, steps=2, inner_steps=2))  # records its graphs
+            out = []
+            t = measure_grad(lambda: out.append(model.invert_batch(images, prompts, **kw)), model.device,
+                             warmup=0, repeats=1)
+            failed[mode] = capture_failures(warm, *out)  # graphs of fewer rows may be recorded in the timed run
         finally:
             nulltext.COMPACTION.clear()
             nulltext.COMPACTION.update(before)

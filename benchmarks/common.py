@@ -23,14 +23,12 @@ import datetime as _dt
 import importlib
 import inspect
 import os
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -141,27 +139,17 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
 
 # -- correctness
 
-_CAPTURE_FAILED = re.compile(r"CUDA[- ]graph.*failed")
-
-
-@contextlib.contextmanager
-def capture_failures():
-    """Yields a list that, when the block ends, holds the CUDA-graph capture failures the engine warned of inside
-    it (the engine then runs the eager loop instead, so a row timed that way must say so rather than carry the
-    graph's name). Other warnings pass through. The edit loops report a failure once per process
-    (`editing._capture_failures`): that record is cleared first, so that each block sees its own."""
-    from p2p_engine import editing
-
-    editing._capture_failures.clear()
+def capture_failures(*outputs) -> list[str]:
+    """The CUDA-graph capture failures that engine outputs state (edits', edit caches', inversions' or lists of
+    them: their `capture_failure`). A captured loop whose recording failed ran eagerly, so a row timed that way
+    must say so rather than carry the graph's name."""
     found = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield found
-    for w in caught:
-        if _CAPTURE_FAILED.search(str(w.message)):
-            found.append(str(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for out in outputs:
+        for o in out if isinstance(out, list) else [out]:
+            failure = getattr(o, "capture_failure", None)  # None too from a checkout older than the field
+            if failure and failure not in found:
+                found.append(failure)
+    return found
 
 
 # experiments that failed during the current benchmark's run (see `experiment`); run_suite reads and clears it

@@ -77,6 +77,8 @@ class EditCache:
     self_sum: dict = field(default_factory=dict)  # layer -> (N, N) fp32
     owner: object = None  # weakref to the Pipeline that made it
     kept_loops: list = field(default_factory=list, repr=False)  # captured re-edits' loops (captured._kept)
+    loop: str = "eager"  # how the source's run was made: one of editing.LOOPS
+    capture_failure: str | None = None  # why recording its step failed, where it was captured and ran eagerly
 
     @property
     def nbytes(self) -> int:

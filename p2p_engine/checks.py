@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 
 
 def is_int(value) -> bool:
@@ -29,3 +31,13 @@ def check_guidance(guidance) -> None:
     """Refuse a guidance scale that is not a finite number (None: the default)."""
     if guidance is not None and not (is_number(guidance) and math.isfinite(guidance)):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """`warnings.warn` pointed at the first line outside this package (and outside torch's decorators, which wrap
+    its entry points): the user's call, whichever entry point it went through."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("p2p_engine",
+                                                                                                   "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

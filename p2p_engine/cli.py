@@ -147,7 +147,8 @@ def cmd_edit(args) -> int:
         kwargs["capture"] = True
     out = pipe.edit(prompts, progress=True, **kwargs)
     _save_png(side_by_side(out.images), out_path)
-    print(f"wrote {len(out.images)} images side by side to {out_path}")
+    how = f" (loop: {out.loop})" if args.capture else ""  # "eager" where recording failed (and warned)
+    print(f"wrote {len(out.images)} images side by side to {out_path}{how}")
     return EXIT_OK
 
 

@@ -25,13 +25,12 @@ the guidance and the scheduler's arithmetic stay in the master dtype
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import captured, graphs, recording
-from .checks import check_flags, check_guidance, is_int, is_number
+from .checks import check_flags, check_guidance, is_int, is_number, warn
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
@@ -46,7 +45,11 @@ PROXIMAL = (None, "l0")
 # capture=None runs the captured loop on CUDA only once this is True: it turns on when the CUDA tests of the
 # captured loop (tests/test_captured.py, run by benchmarks/gpu_session.sh) have passed on a GPU.
 CAPTURE_BY_DEFAULT = False
-_capture_failures: set[str] = set()
+# How an edit's, a cache's or a null-text inversion's loop ran (their `loop`): step by step; on static state run
+# call by call (capture=True where CUDA graphs are not available); one step recorded as a CUDA graph and replayed.
+# Where recording failed, the loop ran "eager" and `capture_failure` says why.
+LOOPS = ("eager", "static", "graph")
+_capture_failures: set[str] = set()  # each warned of once per process; every output still states its own
 
 
 @dataclass
@@ -54,6 +57,8 @@ class EditOutput:
     images: list  # PIL images, source first
     latents: torch.Tensor  # (P, 4, h, w) final latents, master dtype
     attention: object  # maps.AttentionMaps or None
+    loop: str = "eager"  # how the loop ran: LOOPS
+    capture_failure: str | None = None  # why recording failed, where a captured loop was asked for and ran eagerly
 
 
 @dataclass
@@ -175,20 +180,28 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
 
 
 def _run(pipe, prompts, src: Source, smp, control, capture: bool | None, *, pin: bool, progress: bool, desc: str):
-    """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (latents, control)."""
+    """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (latents, control, loop,
+    capture_failure) with loop one of LOOPS."""
     graph = graphs.can_capture(pipe.device)
     if capture is None:
         capture = CAPTURE_BY_DEFAULT and graph and captured.unsupported(smp, control) is None
+    failure = None
     if capture:
         try:
-            return captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc,
-                                          graph=graph)
+            latents, control = captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress,
+                                                      desc=desc, graph=graph)
+            return latents, control, "graph" if graph else "static", None
         except captured.CaptureFailed as e:
-            if str(e) not in _capture_failures:
-                _capture_failures.add(str(e))
-                warnings.warn(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop",
-                              RuntimeWarning, stacklevel=4)
-    return _sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control
+            failure = str(e)
+            _warn_once(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop")
+    return _sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control, "eager", failure
+
+
+def _warn_once(message: str) -> None:
+    """A capture failure, warned of once per process (the outputs of later runs state it: their capture_failure)."""
+    if message not in _capture_failures:
+        _capture_failures.add(message)
+        warn(message, RuntimeWarning)
 
 
 @torch.no_grad()
@@ -217,10 +230,11 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         cache: an `EditCache` of prompt 0 (`Pipeline.edit_cache`): only the targets' rows run, and the source's
             settings (seed .. quantile above) are the cache's: giving any of them is an error.
         capture: run the loop on static state (`p2p_engine.captured`): on CUDA one step recorded as a CUDA graph
-            and replayed (if recording fails, the eager loop runs and the failure is reported once), elsewhere
-            the same step run call by call. DDIM only; with a cache, one on the pipeline's device. A later edit
-            of the same shapes and settings replays the recorded loop with its own inputs (`captured.forget`
-            drops it). None: on CUDA when CAPTURE_BY_DEFAULT and the edit allows it, else eager.
+            and replayed (if recording fails, the eager loop runs, warned of once; `out.loop` and
+            `out.capture_failure` say how each edit ran), elsewhere the same step run call by call. DDIM only;
+            with a cache, one on the pipeline's device. A later edit of the same shapes and settings replays the
+            recorded loop with its own inputs (`captured.forget` drops it). None: on CUDA when CAPTURE_BY_DEFAULT
+            and the edit allows it, else eager.
     """
     check_flags(store=store, progress=progress, decode_images=decode_images,
                 **({} if capture is None else {"capture": capture}))
@@ -240,18 +254,19 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
                             capture=capture, progress=progress, decode_images=decode_images)
     src = resolve_source(pipe, **source_args)
     if inversion is not None and prompts[0] != inversion.prompt:
-        warnings.warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
-                      f"({inversion.prompt!r}): the source row will not reproduce the image", stacklevel=2)
+        warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
+             f"({inversion.prompt!r}): the source row will not reproduce the image")
     h, w = src.latents.shape[-2:]
     smp = _sampler(pipe, src)
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
                               layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
                               calls=len(smp.timesteps), self_max_queries=pipe.self_max_queries(h, w))
     desc = "edit" if controller is not None else "sample"
-    latents, control = _run(pipe, prompts, src, smp, control, capture, pin=True, progress=progress, desc=desc)
+    latents, control, loop, failure = _run(pipe, prompts, src, smp, control, capture, pin=True, progress=progress,
+                                           desc=desc)
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
-    return EditOutput(images=images, latents=latents, attention=attention)
+    return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure)
 
 
 @torch.no_grad()
@@ -290,26 +305,31 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
     smp = _sampler(pipe, src)
     recorder = Recorder(pipe.device, storage, len(smp.timesteps), src.steps, cross_steps, self_steps, limit,
                         self_maps, max_bytes)
-    latents, recorder = _record_source(pipe, prompt, src, smp, recorder, capture, progress)
+    latents, recorder, loop, failure = _record_source(pipe, prompt, src, smp, recorder, capture, progress)
     image = to_pil(pipe.decode_latents(latents))[0]
-    return recorder.finish(pipe, prompt, src, latents, image)
+    cache = recorder.finish(pipe, prompt, src, latents, image)
+    cache.loop, cache.capture_failure = loop, failure
+    return cache
 
 
 def _record_source(pipe, prompt, src, smp, recorder: Recorder, capture: bool | None, progress: bool):
-    """edit_cache's run of the source alone, eager or on static state (as `_run` runs edits): (latents, recorder)."""
+    """edit_cache's run of the source alone, eager or on static state (as `_run` runs edits): (latents, recorder,
+    loop, capture_failure)."""
     graph = graphs.can_capture(pipe.device)
     if capture is None:
         capture = (CAPTURE_BY_DEFAULT and graph and recorder.storage == recorder.device
                    and captured.unsupported(smp, None) is None)
+    failure = None
     if capture:
         try:
-            return recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=graph)
+            latents, recorder = recording.static_record(pipe, prompt, src, smp, recorder, progress=progress,
+                                                        graph=graph)
+            return latents, recorder, "graph" if graph else "static", None
         except captured.CaptureFailed as e:
-            if str(e) not in _capture_failures:
-                _capture_failures.add(str(e))
-                warnings.warn(f"recording the source's step as a CUDA graph failed ({e}); running the eager loop",
-                              RuntimeWarning, stacklevel=4)
-    return _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source"), recorder
+            failure = str(e)
+            _warn_once(f"recording the source's step as a CUDA graph failed ({e}); running the eager loop")
+    latents = _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source")
+    return latents, recorder, "eager", failure
 
 
 def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, capture, progress,
@@ -323,9 +343,9 @@ def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, st
     if control is None:
         raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
     control = CachedControl(control, cache)
-    targets, control = _run(pipe, prompts[1:], src, _sampler(pipe, src), control, capture, pin=False,
-                            progress=progress, desc="re-edit")
+    targets, control, loop, failure = _run(pipe, prompts[1:], src, _sampler(pipe, src), control, capture, pin=False,
+                                           progress=progress, desc="re-edit")
     latents = torch.cat([cache.latents[-1].to(pipe.device, pipe.master_dtype), targets])
     attention = control.attention((h, w), pipe.tokenizer) if store else None
     images = [cache.image] + to_pil(pipe.decode_latents(targets)) if decode_images else []
-    return EditOutput(images=images, latents=latents, attention=attention)
+    return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure)

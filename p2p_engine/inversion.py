@@ -61,6 +61,11 @@ class Inversion:
     # `Pipeline.weights_probe()` of the model it was made with (None in files from before it was recorded): an
     # edit on a model whose weights differ is refused.
     weights_probe: torch.Tensor | None = None
+    # How null-text's inner iteration ran ("eager" or "graph", editing.LOOPS; "eager" for the methods that
+    # optimise nothing) and why recording its graph failed, where it ran eagerly instead. Not saved: None in an
+    # inversion loaded from a file.
+    loop: str | None = None
+    capture_failure: str | None = None
 
     def __post_init__(self):
         if self.timesteps is None:
@@ -247,14 +252,16 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         warn_bf16(pipe)
         if use_graph is None:
             use_graph = graphs.can_capture(pipe.device)
-        nulls, pooled, losses = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, epsilon,
-                                              epsilon_slope, use_graph, progress, time_ids, optimize_pooled)
+        nulls, pooled, losses, (loop, failure) = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance,
+                                                               epsilon, epsilon_slope, use_graph, progress, time_ids,
+                                                               optimize_pooled)
     else:
         src = cond if method == "negative_prompt" else uncond
         nulls = src.context[None].expand(steps, -1, -1, -1)
         pooled = None if src.pooled is None else src.pooled[None].expand(steps, -1, -1)
         losses = torch.full((steps, 0, n), float("nan"))
         inner_steps = 0
+        loop, failure = "eager", None
     nulls, losses, zT = nulls.float().cpu(), losses.float().cpu(), traj[-1].float().cpu()
     pooled = None if pooled is None else pooled.float().cpu()  # (steps, N, P)
     # direct: after sampling step i the source row sits on z*_{t_i - stride} = traj[steps - 1 - i]
@@ -267,7 +274,7 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
                       pivots=None if pivots is None else pivots[:, k].clone(),
                       null_pooled=None if pooled is None else pooled[:, k].clone(),
                       pooled_optimized=method == "null_text" and optimize_pooled and pooled is not None,
-                      weights_probe=pipe.weights_probe().clone())
+                      weights_probe=pipe.weights_probe().clone(), loop=loop, capture_failure=failure)
             for k in range(n)]
 
 

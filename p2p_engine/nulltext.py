@@ -18,11 +18,10 @@ equal N single runs. `inversion.invert_batch` calls `null_optimize` after the DD
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import graphs
+from .checks import warn
 from .scheduler import ddim_step
 
 
@@ -170,6 +169,7 @@ class _Buckets:
         self.pipe, self.it, self.run_full, self.capture = pipe, it, run_full, capture
         self.sized: dict[int, _Iteration] = {}  # rows -> the iteration of that many rows
         self.runs: dict = {}  # rows -> how it runs (its graph's replay, or the iteration itself)
+        self.capture_failure = None  # why recording a size failed (the first such size), which then runs eagerly
 
     def _state(self, it: "_Iteration") -> list:
         """The per-image tensors one iteration reads and writes, in a fixed order (None where absent)."""
@@ -210,8 +210,9 @@ class _Buckets:
                 try:
                     self.runs[rows] = _graph_iteration(sub)
                 except Exception as e:  # noqa: BLE001 -- this size runs eagerly, said once
-                    warnings.warn(f"CUDA-graph capture of the {rows}-row null-text iteration failed ({e}); "
-                                  "running it eagerly")
+                    self.capture_failure = self.capture_failure or f"{rows} rows: {type(e).__name__}: {e}"
+                    warn(f"CUDA-graph capture of the {rows}-row null-text iteration failed ({e}); running it "
+                         "eagerly")
         self.runs[rows]()
         with torch.no_grad():
             for dst, src in zip(self._state(it), self._state(sub)):
@@ -224,8 +225,9 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
                   time_ids=None, optimize_pooled: bool = False):
     """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond `Text` of N rows (fp32 master copies); ts the sampling
     timesteps; SDXL's time_ids (N, 6). The unconditional pooled embedding stays at uncond's unless
-    `optimize_pooled`. Returns null embeddings (steps, N, 77, D), SDXL's pooled (steps, N, P) or None, and
-    losses (steps, inner_steps, N)."""
+    `optimize_pooled`. Returns null embeddings (steps, N, 77, D), SDXL's pooled (steps, N, P) or None, losses
+    (steps, inner_steps, N), and how the iteration ran: ("eager" or "graph", why recording failed or None; a
+    failure beside "graph" is a gathered size's, `_Buckets`)."""
     sched = pipe.scheduler
     dev = pipe.device
     n, steps = cond.context.shape[0], len(ts)
@@ -239,7 +241,7 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
     def eager():  # "rows": the UNet runs on the images still optimising only
         it(compact=mode == "rows")
 
-    run = buckets = None
+    run = buckets = failure = None
     nulls = torch.empty((steps, n) + tuple(param.shape[1:]), dtype=param.dtype, device=dev)
     pooled_nulls = None if pooled is None else torch.empty((steps,) + tuple(pooled.shape), dtype=param.dtype,
                                                            device=dev)
@@ -270,8 +272,8 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
                 try:
                     run = _graph_iteration(it)
                 except Exception as e:  # a model part that is not capturable: go on eagerly, but say so
-                    warnings.warn(f"CUDA-graph capture of the null-text iteration failed ({e}); "
-                                  "using the eager loop")
+                    failure = f"{type(e).__name__}: {e}"
+                    warn(f"CUDA-graph capture of the null-text iteration failed ({e}); using the eager loop")
             mode = COMPACTION["eager" if run is eager else "graph"]
             if mode == "buckets":
                 buckets = _Buckets(pipe, it, run, capture=run is not eager)
@@ -300,7 +302,8 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
             bar.update()
     if bar is not None:
         bar.close()
-    return nulls, pooled_nulls, losses
+    failure = failure or (buckets.capture_failure if buckets is not None else None)
+    return nulls, pooled_nulls, losses, ("graph" if run not in (None, eager) else "eager", failure)
 
 
 # The reference's early stop: step i stops once its loss < EPSILON + i * EPSILON_SLOPE.
@@ -315,5 +318,5 @@ def warn_bf16(pipe) -> None:
     dev = pipe.device.type
     autocast_bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
     if pipe.dtype == torch.bfloat16 or autocast_bf16:
-        warnings.warn("null-text inversion in bfloat16 ends with higher losses than float32 (11-25% on the "
-                      "toy models); load the model in float16 or float32 for inversion", stacklevel=3)
+        warn("null-text inversion in bfloat16 ends with higher losses than float32 (11-25% on the toy models); "
+             "load the model in float16 or float32 for inversion")

@@ -8,11 +8,10 @@ window have no tokens, and asking for one is an error.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import _native
+from .checks import warn
 
 MAX_TOKENS = 77  # the text encoder's window, BOS and EOS included
 
@@ -112,6 +111,5 @@ def check_prompts(prompts, tokenizer) -> list[str]:
             raise TypeError(f"every prompt must be a str, got {type(p).__name__}")
         n = len(tokenizer(p).input_ids)
         if n > MAX_TOKENS:
-            warnings.warn(f"prompt {p!r} has {n} tokens; it is truncated to {MAX_TOKENS} like the reference does",
-                          stacklevel=3)
+            warn(f"prompt {p!r} has {n} tokens; it is truncated to {MAX_TOKENS} like the reference does")
     return prompts

@@ -151,46 +151,65 @@ def test_bench_pipeline_meets_its_deadline(monkeypatch, capsys):
     assert "[pipeline] edit_ours left out" in out and "[pipeline] build_cap left out" in out
 
 
-def test_capture_failures_are_caught_per_block():
-    """A captured loop whose recording fails runs eagerly and warns once per process; `capture_failures` sees
-    each block's own failure (the once-only record cleared) and lets other warnings through."""
-    import warnings
-    from p2p_engine import editing
-    editing._capture_failures.add("seen before")
-    with pytest.warns(UserWarning, match="unrelated"):
-        with common.capture_failures() as failed:
-            warnings.warn("recording the edit step as a CUDA graph failed (seen before); running the eager loop",
-                          RuntimeWarning)
-            warnings.warn("CUDA-graph capture of the null-text iteration failed (x); using the eager loop")
-            warnings.warn("unrelated")
-    assert len(failed) == 2 and not editing._capture_failures
-    with common.capture_failures() as none:
-        pass
-    assert none == [] and common.fallback_note(none) == ""
-    assert common.fallback_note(failed).startswith("CAPTURE FAILED, timed the eager fallback: recording the edit")
+def test_capture_failures_are_read_from_outputs():
+    """`capture_failures` collects the failures engine outputs state (single outputs and lists of inversions, in
+    order, each once); an output without the field (a checkout older than it) states none."""
+    from types import SimpleNamespace
+    ok, a, b = (SimpleNamespace(capture_failure=f) for f in (None, "a", "b"))
+    assert common.capture_failures(ok, [ok, a], a, object(), [b]) == ["a", "b"]
+    assert common.capture_failures() == [] and common.capture_failures(ok, [ok]) == []
+    assert common.fallback_note([]) == "" and common.fallback_name("ours", []) == "ours"
+    assert common.fallback_note(["a", "b"]) == "CAPTURE FAILED, timed the eager fallback: a; "
+    assert common.fallback_name("ours", ["a"]) == "ours [eager: capture failed]"
 
 
-def test_bench_pipeline_names_a_capture_that_fell_back(monkeypatch):
+def test_bench_inversion_names_a_capture_that_fell_back(monkeypatch):
+    """An inversion whose iteration could not be recorded says so (`capture_failure`), and its row is named for
+    the eager fallback it timed."""
+    from benchmarks import bench_inversion
+    from p2p_engine import inversion
+    real = inversion.null_optimize
+
+    def fell_back(*args, **kwargs):
+        *out, _ = real(*args, **kwargs)
+        return (*out, ("eager", "RuntimeError: operation not permitted when stream is capturing"))
+
+    monkeypatch.setattr(inversion, "null_optimize", fell_back)
+    [row] = bench_inversion.run(CPU, smoke=True)
+    assert row.ours_name == "ours [eager: capture failed]"
+    assert row.check.startswith("CAPTURE FAILED, timed the eager fallback: RuntimeError: operation not permitted")
+
+
+@pytest.mark.parametrize("failing", ["every recording", "the timed runs' only"])
+def test_bench_pipeline_names_a_capture_that_fell_back(monkeypatch, failing):
     """Where recording the loop fails, the engine runs it eagerly: the rows of captured loops say so, in the name
-    of the side that fell back and in the check, rather than pass eager times off as the graph's."""
+    of the side that fell back and in the check, rather than pass eager times off as the graph's. The timed runs'
+    shapes record graphs of their own, so a failure there alone, after the gates recorded theirs, counts too."""
     from benchmarks import bench_pipeline
-    from p2p_engine import captured
+    from p2p_engine import captured, editing
+    real, calls = captured.static_sample, []
 
     def fail(*args, **kwargs):
+        calls.append(1)
+        if failing == "the timed runs' only" and len(calls) <= 3:  # the gates: edit, generation, re-edit
+            return real(*args, **kwargs)
         raise captured.CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(captured, "static_sample", fail)
+    monkeypatch.setattr(editing, "_capture_failures", set())
     timed = []
     monkeypatch.setattr(bench_pipeline, "seconds_left", lambda: float("inf") if len(timed) < 4 else 0.0)
     real_measure = bench_pipeline.measure
     monkeypatch.setattr(bench_pipeline, "measure", lambda *a, **kw: timed.append(1) or real_measure(*a, **kw))
-    rows = bench_pipeline.run(CPU, smoke=True)
+    with pytest.warns(RuntimeWarning, match="recording the edit step as a CUDA graph failed"):
+        rows = bench_pipeline.run(CPU, smoke=True)
     tag = " [eager: capture failed]"
     assert [(r.ours_name, r.baseline_name) for r in rows] == [
         ("ours, static-state loop" + tag, "reference way on diffusers"),
         ("ours, static-state loop edit" + tag, "ours, static-state loop generation" + tag),
         ("ours, static-state loop cached re-edit" + tag, "ours, static-state loop edit" + tag)]
-    assert all(r.check.startswith("CAPTURE FAILED, timed the eager fallback: recording the edit step") for r in rows)
+    assert all(r.check.startswith("CAPTURE FAILED, timed the eager fallback: RuntimeError: operation not permitted")
+               for r in rows)
 
 
 def test_bench_pipeline_keeps_its_eager_rows_when_a_captured_loop_crashes(monkeypatch, capsys):

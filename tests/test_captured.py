@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
-from p2p_engine import captured, editing
+from p2p_engine import captured, editing, graphs, recording
 from numerics import rel_max_error
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
@@ -28,6 +28,8 @@ def pipe64(tiny_ckpt, load_float64):
 def _pair(pipe, prompts, controller, **kw):
     eager = pipe.edit(prompts, controller, capture=False, progress=False, **kw)
     static = pipe.edit(prompts, controller, capture=True, progress=False, **kw)
+    assert eager.loop == "eager" and static.capture_failure is None  # on CUDA: the graph was recorded
+    assert static.loop == ("graph" if graphs.can_capture(pipe.device) else "static")
     return eager, static
 
 
@@ -234,6 +236,60 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA pipeline"):
         captured.static_sample(tiny_pipe, [SOURCE], src, editing._sampler(tiny_pipe, src), None, pin=True,
                                progress=False, desc="sample", graph=True)
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["call by call", "replayed"])
+def test_outputs_say_how_their_loop_ran(tiny_pipe, request, recorded):
+    """Each edit, generation, edit cache and re-edit states how its loop ran (`editing.LOOPS`): eager unless
+    captured; captured, on static state call by call where CUDA graphs are not available, or recorded and
+    replayed (emulated here as on a GPU)."""
+    if recorded:
+        request.getfixturevalue("emulated_graphs")
+    way = "graph" if recorded else "static"
+    kw = dict(seed=1, steps=3, progress=False, decode_images=False)
+    for capture, loop in [(False, "eager"), (True, way)]:
+        for out in [tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), capture=capture, **kw),
+                    tiny_pipe.generate([SOURCE], capture=capture, **kw)]:
+            assert (out.loop, out.capture_failure) == (loop, None)
+        cache = tiny_pipe.edit_cache(SOURCE, seed=1, steps=3, progress=False, capture=capture)
+        assert (cache.loop, cache.capture_failure) == (loop, None)
+        for reedit in (False, True):
+            out = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=reedit, progress=False,
+                                 decode_images=False)
+            assert (out.loop, out.capture_failure) == (way if reedit else "eager", None)
+    assert tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), **kw).loop == "eager"  # capture=None: not by default
+
+
+def test_a_failed_recording_runs_eagerly_and_each_output_says_so(tiny_pipe, monkeypatch):
+    """Where recording the step fails, the eager loop runs: the failure is warned of once per process (at the
+    caller's line), and every output (edit, re-edit, edit cache) states it, with the eager loop's result."""
+    def fail(*args, **kwargs):
+        raise captured.CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(captured, "static_sample", fail)
+    monkeypatch.setattr(recording, "static_record", fail)
+    monkeypatch.setattr(editing, "_capture_failures", set())
+    kw = dict(seed=1, steps=3, progress=False, decode_images=False)
+    with pytest.warns(RuntimeWarning, match="recording the edit step as a CUDA graph failed") as said:
+        first = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), capture=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every edit
+        second = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), capture=True, **kw)
+    eager = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), capture=False, **kw)
+    for out in (first, second):
+        assert out.loop == "eager" and "operation not permitted" in out.capture_failure
+        assert torch.equal(out.latents, eager.latents)
+    assert eager.capture_failure is None
+    with pytest.warns(RuntimeWarning, match="recording the source's step as a CUDA graph failed") as said_too:
+        cache = tiny_pipe.edit_cache(SOURCE, seed=1, steps=3, progress=False, capture=True)
+    assert {w.filename for w in [*said, *said_too]} == {__file__}  # the warnings point at the caller's line
+    assert cache.loop == "eager" and "operation not permitted" in cache.capture_failure
+    out = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, progress=False,
+                         decode_images=False)
+    assert out.loop == "eager" and "operation not permitted" in out.capture_failure
+    uncaptured = tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=False, progress=False,
+                                decode_images=False)
+    assert torch.equal(out.latents, uncaptured.latents)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -286,14 +286,15 @@ def test_edit_samplers_and_offset(ckpt, photo, tmp_path, capsys):
 
 
 def test_edit_capture(ckpt, tmp_path, capsys):
-    """--capture runs the captured loop (on the CPU its static step, call by call): the picture of the eager loop
-    to float rounding; a sampler it cannot capture is refused with the one it can."""
+    """--capture runs the captured loop (on the CPU its static step, call by call, and says so): the picture of
+    the eager loop to float rounding; a sampler it cannot capture is refused with the one it can."""
     base = ["edit", "--model", str(ckpt), "--prompt", "a cat riding a bicycle", "--target", "a dog riding a bicycle",
             "--blend", "cat", "dog", *STEPS]
     pictures = []
     for extra in ([], ["--capture"]):
         out = tmp_path / f"capture{len(extra)}.png"
         assert main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.strip().endswith(f"{out} (loop: static)" if extra else str(out))
         with Image.open(out) as im:
             pictures.append(np.asarray(im.convert("RGB")).astype(int))
     assert np.abs(pictures[0] - pictures[1]).max() <= 1

@@ -419,6 +419,35 @@ def test_replayed_iteration_equals_eager(pipe64, monkeypatch, emulated_graphs, s
     assert (len(emulated_graphs) == 1) if compaction == "mask" else (len(emulated_graphs) > 1)
     assert all(not t.syncs for t in emulated_graphs), [t.describe_syncs() for t in emulated_graphs]
     _assert_same_iterations(eager, replayed)
+    assert {(inv.loop, inv.capture_failure) for inv in replayed} == {("graph", None)}
+    assert {(inv.loop, inv.capture_failure) for inv in eager} == {("eager", None)}
+
+
+@pytest.mark.parametrize("compaction", ["mask", "buckets"])
+def test_a_failed_recording_of_the_iteration_is_stated(pipe64, monkeypatch, emulated_graphs, staggered, compaction,
+                                                       tmp_path):
+    """Where recording the inner iteration fails (masked: the batch's; gathered: a smaller size's), that
+    iteration runs eagerly with the eager loop's result, and every inversion of the batch says why. An inversion
+    loaded from a file does not claim a loop."""
+    from p2p_engine import graphs
+    images, prompts, kw, eager = staggered
+    monkeypatch.setitem(nulltext.COMPACTION, "graph", compaction)
+    record = graphs.capture
+
+    def capture(run, **kwargs):  # run: the nulltext._Iteration to record
+        if compaction == "mask" or run.done.shape[0] < len(images):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return record(run, **kwargs)
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    with pytest.warns(UserWarning, match="CUDA-graph capture of the .*null-text iteration failed"):
+        invs = invert_batch(pipe64, images, prompts, use_graph=True, **kw)
+    _assert_same_iterations(eager, invs)
+    expected = ("eager", "RuntimeError") if compaction == "mask" else ("graph", "rows: RuntimeError")
+    for inv in invs:
+        assert inv.loop == expected[0] and expected[1] in inv.capture_failure, (inv.loop, inv.capture_failure)
+        assert "operation not permitted" in inv.capture_failure
+    assert Inversion.load(_saved(invs[0], tmp_path / "inv.safetensors")).loop is None
 
 
 def test_bucket_sizes():
@@ -448,6 +477,8 @@ def test_cuda_graph_equals_eager(tmp_path):
     eager = invert_batch(gpu, images, prompts, use_graph=False, **kw)
     with _no_warning():
         graph = invert_batch(gpu, images, prompts, use_graph=True, **kw)
+    assert {(g.loop, g.capture_failure) for g in graph} == {("graph", None)}
+    assert {e.loop for e in eager} == {"eager"}
     for e, g, c in zip(eager, graph, truth):
         err_eager = _rel(e.null_embeddings.cpu(), c.null_embeddings)
         err_graph = _rel(g.null_embeddings.cpu(), c.null_embeddings)
@@ -475,6 +506,7 @@ def test_cuda_graph_buckets_equal_the_masked_graph(tmp_path, monkeypatch):
         masked = invert_batch(gpu, images, prompts, **kw)
         monkeypatch.setitem(nulltext.COMPACTION, "graph", "buckets")
         gathered = invert_batch(gpu, images, prompts, **kw)
+    assert {(inv.loop, inv.capture_failure) for inv in masked + gathered} == {("graph", None)}
     for m, g, c in zip(masked, gathered, truth):
         assert torch.equal(g.losses.isnan().cpu(), m.losses.isnan().cpu())
         err_m = _rel(m.null_embeddings.cpu(), c.null_embeddings)
