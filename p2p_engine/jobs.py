@@ -21,7 +21,9 @@ Per finished job, written atomically (temporary file + rename):
     DIR/<out>                            instead, when "out" is given: the last
                                          edited image only (format from the name)
 then one line appended to the index (DIR/index.jsonl, or DIR/index.rank<r>.jsonl
-per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end).
+per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end). An ok
+line also says how the job's loops ran ("loops": the inversion's and the edit's,
+editing.LOOPS) and, where recording a CUDA graph failed, why ("capture_failures").
 
 A job counts as done when an index line says "ok" for its id with the same model and
 settings (`manifest.SETTINGS`, defaults resolved: the model's fingerprint and dtype, steps,
@@ -311,6 +313,8 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
     """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
     t0 = time.perf_counter()
     outputs = {"inversion": None, "edits": []}
+    loops = {"inversion": inv.loop, "edit": None}  # how each loop ran (editing.LOOPS), and why a capture failed
+    failures = [inv.capture_failure] if inv.capture_failure else []
     try:
         if save_inversion:
             outputs["inversion"] = f"{job.id}/inversion.safetensors"
@@ -322,6 +326,8 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
             out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")),
                             local_blend=blend_from_spec(job.spec.get("blend")), inversion=inv,
                             seed=job.spec.get("seed", 0), progress=False, **edit_options)
+            loops["edit"] = out.loop
+            failures += [out.capture_failure] if out.capture_failure else []
             named = [(f"{job.id}/edit_{k}.png", im) for k, im in enumerate(out.images)]
             if job.spec.get("out"):
                 named = [(job.spec["out"], out.images[-1])]
@@ -340,4 +346,5 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
     summary.ok += 1
     record(job, {"status": "ok", "outputs": outputs, "final_losses": losses,
                  "final_loss": next((v for v in reversed(losses) if v is not None), None),
-                 "seconds": round(seconds + time.perf_counter() - t0, 4), "unet_evaluations": cost})
+                 "seconds": round(seconds + time.perf_counter() - t0, 4), "unet_evaluations": cost, "loops": loops,
+                 **({"capture_failures": failures} if failures else {})})

@@ -94,6 +94,8 @@ def test_six_results_one_recorded_error(setup, single_run):
 
     pipe = p2p.load(str(model), device="cpu")
     assert all(len(e["final_losses"]) == STEPS and e["seconds"] > 0 for e in ok)
+    # how the loops ran (on the CPU, eagerly; these jobs ask for no edit)
+    assert all(e["loops"] == {"inversion": "eager", "edit": None} and "capture_failures" not in e for e in ok)
     for e in ok[::2]:  # three of them (the cost is one inversion each) against a one-image run
         inv = p2p.Inversion.load(out / e["outputs"]["inversion"])
         ref = pipe.invert(str(root / e["image"]), e["prompt"], steps=STEPS, inner_steps=INNER, progress=False)
@@ -124,17 +126,19 @@ def test_pipeline_reused_across_runs(setup, single_run, tmp_path):
 
 
 def test_edit_requests_reach_pipe_edit(setup, tmp_path):
-    """The job's edit prompts, controller, seed and inversion go to pipe.edit; every image it returns is saved."""
-    from types import SimpleNamespace
-
+    """The job's edit prompts, controller, seed and inversion go to pipe.edit; every image it returns is saved,
+    and the index line says how its loop ran (here a capture that failed)."""
     from PIL import Image
+
+    from p2p_engine.editing import EditOutput
     root, model = setup
     pipe = p2p.load(str(model), device="cpu")
     calls = []
 
     def fake_edit(prompts, **kw):  # stands in for the UNet-driven edit loop; records what it was asked
         calls.append((prompts, kw))
-        return SimpleNamespace(images=[Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(len(prompts))])
+        return EditOutput([Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(len(prompts))], None, None,
+                          loop="eager", capture_failure="RuntimeError: not capturable")  # a graph that failed
 
     pipe.edit = fake_edit
     job = {"image": str(root / "img/2.png"), "prompt": "a dog on grass", "edits": ["a cat on grass", "a cow on grass"],
@@ -151,7 +155,8 @@ def test_edit_requests_reach_pipe_edit(setup, tmp_path):
     assert isinstance(ctrl.prev, p2p.Replace) and list(ctrl.prev.self_steps) == [0.1, 0.5]
     assert kw["inversion"].prompt == "a dog on grass"
     (e,) = _index(tmp_path / "out").values()
-    assert len(e["outputs"]["edits"]) == 3
+    assert len(e["outputs"]["edits"]) == 3 and e["loops"] == {"inversion": "eager", "edit": "eager"}
+    assert e["capture_failures"] == ["RuntimeError: not capturable"]
     for k, name in enumerate(e["outputs"]["edits"]):
         assert Image.open(tmp_path / "out" / name).getpixel((0, 0)) == (40 * k, 0, 0)
 
@@ -167,6 +172,7 @@ def test_edits_written(setup, tmp_path):
     (e,) = _index(tmp_path).values()
     assert s.ok == 1, e.get("error")
     assert len(e["outputs"]["edits"]) == 2  # reconstruction + one edit
+    assert e["loops"] == {"inversion": "eager", "edit": "eager"} and "capture_failures" not in e
     pipe = p2p.load(str(model), device="cpu")
     inv = p2p.Inversion.load(tmp_path / e["outputs"]["inversion"])
     ref = pipe.edit(["a red car", "a red car"], controller=p2p.Reweight(equalizer={"red": 2.0}), inversion=inv,
