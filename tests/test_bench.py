@@ -310,6 +310,22 @@ def test_bench_methods_sizes_null_text_by_its_warm_up(monkeypatch, capsys):
     assert "[methods] null_text left out" in capsys.readouterr().out
 
 
+def test_bench_methods_names_a_null_text_capture_that_fell_back(monkeypatch):
+    """Null-text's row is named for the eager loop it timed where its iteration's graph could not be recorded."""
+    from benchmarks import bench_methods
+    from p2p_engine import inversion
+    real = inversion.null_optimize
+
+    def fell_back(*args, **kwargs):
+        *out, _ = real(*args, **kwargs)
+        return (*out, ("eager", "RuntimeError: operation not permitted when stream is capturing"))
+
+    monkeypatch.setattr(inversion, "null_optimize", fell_back)
+    rows = bench_methods.run(CPU, smoke=True)
+    assert [r.ours_name for r in rows] == ["ours"] * 3 + ["ours [eager: capture failed]"]
+    assert rows[-1].check.startswith("CAPTURE FAILED, timed the eager fallback: RuntimeError: operation not")
+
+
 def test_bench_sdxl_smoke(benchmark):
     from benchmarks import bench_sdxl
     rows = benchmark.pedantic(bench_sdxl.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
