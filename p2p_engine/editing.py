@@ -185,23 +185,28 @@ def _run(pipe, prompts, src: Source, smp, control, capture: bool | None, *, pin:
     graph = graphs.can_capture(pipe.device)
     if capture is None:
         capture = CAPTURE_BY_DEFAULT and graph and captured.unsupported(smp, control) is None
+    (latents, control), loop, failure = _captured_or_eager(
+        capture, graph, "the edit step",
+        lambda: captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc,
+                                       graph=graph),
+        lambda: (_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control))
+    return latents, control, loop, failure
+
+
+def _captured_or_eager(capture: bool, graph: bool, what: str, static, eager):
+    """(result, loop, capture_failure): static() where capture (LOOPS' "graph" or "static"), else eager(); eager()
+    too where recording `what` as a CUDA graph fails, which is warned of once per process and returned."""
     failure = None
     if capture:
         try:
-            latents, control = captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress,
-                                                      desc=desc, graph=graph)
-            return latents, control, "graph" if graph else "static", None
+            return static(), "graph" if graph else "static", None
         except captured.CaptureFailed as e:
             failure = str(e)
-            _warn_once(f"recording the edit step as a CUDA graph failed ({e}); running the eager loop")
-    return _sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control, "eager", failure
-
-
-def _warn_once(message: str) -> None:
-    """A capture failure, warned of once per process (the outputs of later runs state it: their capture_failure)."""
-    if message not in _capture_failures:
-        _capture_failures.add(message)
-        warn(message, RuntimeWarning)
+            message = f"recording {what} as a CUDA graph failed ({e}); running the eager loop"
+            if message not in _capture_failures:
+                _capture_failures.add(message)
+                warn(message, RuntimeWarning)
+    return eager(), "eager", failure
 
 
 @torch.no_grad()
@@ -319,17 +324,11 @@ def _record_source(pipe, prompt, src, smp, recorder: Recorder, capture: bool | N
     if capture is None:
         capture = (CAPTURE_BY_DEFAULT and graph and recorder.storage == recorder.device
                    and captured.unsupported(smp, None) is None)
-    failure = None
-    if capture:
-        try:
-            latents, recorder = recording.static_record(pipe, prompt, src, smp, recorder, progress=progress,
-                                                        graph=graph)
-            return latents, recorder, "graph" if graph else "static", None
-        except captured.CaptureFailed as e:
-            failure = str(e)
-            _warn_once(f"recording the source's step as a CUDA graph failed ({e}); running the eager loop")
-    latents = _sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source")
-    return latents, recorder, "eager", failure
+    (latents, recorder), loop, failure = _captured_or_eager(
+        capture, graph, "the source's step",
+        lambda: recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=graph),
+        lambda: (_sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source"), recorder))
+    return latents, recorder, loop, failure
 
 
 def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, capture, progress,
