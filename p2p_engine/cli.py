@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, blend_words,
-                      cross_steps, fraction, names, positive_int, reweight, self_steps)
+                      cross_steps, fraction, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proximal", choices=("l0",), default=None,
                    help="proximal guidance (ProxEdit), for negative_prompt inversions: e_c - e_u soft-thresholded "
                         "at --quantile of its magnitudes")
-    p.add_argument("--quantile", type=fraction, default=0.75, help="proximal guidance's quantile (default 0.75)")
+    p.add_argument("--quantile", type=quantile, default=0.75, help="proximal guidance's quantile (default 0.75)")
     p.add_argument("--inversion", metavar="FILE", help="edit a real image inverted by `p2p-engine invert`")
     p.add_argument("--capture", action="store_true",
                    help="run the captured loop: on CUDA one step recorded as a CUDA graph and replayed (DDIM)")

@@ -23,6 +23,14 @@ def fraction(text: str) -> float:
     return v
 
 
+def quantile(text: str) -> float:
+    """Proximal guidance's quantile, in (0, 1] as `edit` takes it."""
+    v = fraction(text)
+    if v == 0.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
 def cross_steps(text: str):
     """`0.8`, or per-word fractions `default_=0.8,cat=0.4` (the reference's dict form)."""
     if "=" not in text:

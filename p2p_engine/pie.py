@@ -6,13 +6,13 @@ The files (REFERENCE.md, "PIE-Bench protocol"): PIE_DIR/mapping_file.json maps e
 ("source_word target_word" or "") and `mask`, run-length pairs [start, length, ...] over the image's
 flattened pixel grid, decoded with the border rows and columns set to 1 (the mask marks the edited region).
 
-The protocol, per entry (PnPInversion's run_editing_p2p.py): invert the image with the source prompt,
-then edit [source, target] from the inversion with 50 DDIM steps at guidance 7.5, cross window 0.4, self
-window 0.6 on layers of up to 32 x 32 queries; Refine when the prompts' word counts differ, else Replace;
-when blended words are given, LocalBlend(source word, target word; threshold 0.3, start 0.2) and a Reweight
-of the target word by 2 stacked on the edit. A blended word missing from its prompt contributes nothing, as
-in the reference (its mask row is empty, its reweight a no-op). Timesteps are the checkpoint's (981 .. 1 for
-SD, as the reference's pipeline runs); `steps_offset` changes them.
+The protocol, per entry (PnPInversion's run_editing_p2p.py): invert the image with the source prompt, then edit
+[source, target] from the inversion with 50 DDIM steps at guidance 7.5 (SDXL too), cross window 0.4, self window
+0.6 on layers of up to 32 x 32 queries ((L/2)^2 for SDXL, at latent side L); Refine when the prompts' word counts
+differ, else Replace; when blended words are given, LocalBlend(source word, target word; threshold 0.3, start 0.2)
+and a Reweight of the target word by 2 stacked on the edit. A blended word missing from its prompt contributes
+nothing, as in the reference (its mask row is empty, its reweight a no-op). Timesteps are the checkpoint's
+(981 .. 1 for SD, as the reference's pipeline runs); `steps_offset` changes them.
 
 Each method is one run of `jobs.run_jobs` (resumable, sharded under torchrun) into OUT/<method>/:
     jobs.jsonl                                the protocol's jobs
@@ -40,7 +40,7 @@ METHODS = {"ddim": ("ddim", {}), "null_text": ("null_text", {}), "negative_promp
 EDIT_TYPES = {"0": "random editing", "1": "change object", "2": "add object", "3": "delete object",
               "4": "change attribute content", "5": "change attribute pose", "6": "change attribute color",
               "7": "change attribute material", "8": "change background", "9": "change style"}
-CROSS_STEPS, SELF_STEPS, SELF_MAX_QUERIES = 0.4, 0.6, 32 * 32
+GUIDANCE, CROSS_STEPS, SELF_STEPS, SELF_MAX_QUERIES = 7.5, 0.4, 0.6, 32 * 32
 BLEND_START, BLEND_THRESHOLD, REWEIGHT = 0.2, 0.3, 2.0
 ENTRY_KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "blended_word", "mask")
 
@@ -134,11 +134,11 @@ def mask_encode(mask: np.ndarray) -> list[int]:
 
 # -- the protocol as jobs ---------------------------------------------------------------------------
 
-def protocol_job(entry: Entry, pie_dir) -> dict:
-    """The job (`jobs.py` format) that edits one entry by the protocol."""
+def protocol_job(entry: Entry, pie_dir, self_limit: int = SELF_MAX_QUERIES) -> dict:
+    """The job (`jobs.py` format) that edits one entry by the protocol (self replacement up to `self_limit`)."""
     mode = "replace" if len(entry.source.split(" ")) == len(entry.target.split(" ")) else "refine"
     controller = {"mode": mode, "cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS,
-                  "self_max_queries": SELF_MAX_QUERIES}
+                  "self_max_queries": self_limit}
     job = {"image": str((Path(pie_dir) / IMAGE_FOLDER / entry.image_path).resolve()), "prompt": entry.source,
            "edits": [entry.target], "controller": controller, "out": entry.out}
     if entry.blended is not None:
@@ -170,11 +170,13 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
     for folder in (Path(out), *(Path(out) / m for m in methods)):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is a file; the output of `pie` is a folder (OUT/<method>/)")
-    lines = "".join(json.dumps(protocol_job(e, pie_dir), sort_keys=True) + "\n" for e in entries)
     summaries = {}
     with process_group(device) as (_, _, device):  # one group for every method's run, not one each
         pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend)
         try:
+            side = pipe.config.latent_size  # SDXL scales the limit with its native latent side
+            limit = (side // 2) ** 2 if pipe.family == "sdxl" else SELF_MAX_QUERIES
+            lines = "".join(json.dumps(protocol_job(e, pie_dir, limit), sort_keys=True) + "\n" for e in entries)
             for name in methods:
                 folder = Path(out) / name
                 job_file = folder / "jobs.jsonl"
@@ -182,9 +184,9 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
                     f.write(lines)
                 method, options = METHODS[name]
                 summaries[name] = run_jobs(job_file, pipe, folder, steps=steps, inner_steps=inner_steps,
-                                           method=method, steps_offset=steps_offset, edit_options=options,
-                                           save_inversions=False, batch_size=batch_size, device=device,
-                                           progress=progress)
+                                           method=method, guidance=GUIDANCE, steps_offset=steps_offset,
+                                           edit_options=options, save_inversions=False, batch_size=batch_size,
+                                           device=device, progress=progress)
         except KeyboardInterrupt as e:
             finished = sum(s.ok for s in summaries.values()) + getattr(e, "finished", 0)
             raise Interrupted(finished, out) from None

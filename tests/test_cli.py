@@ -64,6 +64,7 @@ def test_module_entry_point_help():
     ["edit", "--model", "toy", "--reweight", "cat"],  # not WORD=SCALE
     ["edit", "--model", "toy", "--cross-steps", "1.5"],  # outside [0, 1]
     ["edit", "--model", "toy", "--mode", "swap"],
+    ["edit", "--model", "toy", "--proximal", "l0", "--quantile", "0"],  # outside (0, 1], as edit() takes it
     ["invert", "--model", "toy", "--image", "x.png", "--prompt", "p"],  # --out missing
     ["maps", "--model", "toy", "--prompt", "a cat", "--res", "x"],  # not a number
 ])

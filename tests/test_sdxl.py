@@ -353,3 +353,28 @@ def test_static_loop_equals_eager(pipe64, capture_way):
         assert ((out.latents - ref.latents).abs().max() / ref.latents.abs().max()).item() < 1e-12
         assert out.attention.layers == ref.attention.layers
     capture_way()
+
+
+def test_pie_protocol_scales_its_self_limit_and_keeps_its_guidance(pipe, tiny_pipe, tmp_path, monkeypatch):
+    """PIE-Bench's protocol on SDXL: self replacement on layers of up to (L/2)^2 queries (the null-text notebook's
+    32 x 32 at L = 64, scaled by REFERENCE.md's SDXL rule) and guidance 7.5, not the family's 5.0."""
+    from p2p_engine import jobs, pie
+
+    entry = {"image_path": "1_x/a.png", "original_prompt": SRC, "editing_prompt": "a [dog] riding a bicycle",
+             "editing_instruction": "", "editing_type_id": "1", "blended_word": "cat dog", "mask": []}
+    (tmp_path / pie.MAPPING_FILE).write_text(json.dumps({"000": entry}))
+    seen = []
+
+    def fake_run_jobs(job_file, pipe_, folder, **kw):
+        seen.append((json.loads(job_file.read_text()), kw))
+        return jobs.Summary(ok=1)
+
+    monkeypatch.setattr(jobs, "run_jobs", fake_run_jobs)
+    side = pipe.config.latent_size
+    assert pipe.default_guidance == 5.0 and (side // 2) ** 2 != 32 * 32
+    # SD 1.x/2.x keep the notebook's absolute 32 x 32
+    for model, limit in ((pipe, (side // 2) ** 2), (tiny_pipe, 32 * 32)):
+        seen.clear()
+        pie.run_pie(tmp_path, model, tmp_path / "out", ["direct"], progress=False)
+        (job, kw), = seen
+        assert job["controller"]["self_max_queries"] == limit and kw["guidance"] == pie.GUIDANCE == 7.5
