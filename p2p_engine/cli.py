@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, blend_words,
-                      cross_steps, fraction, names, positive_int, quantile, reweight, self_steps)
+                      cross_steps, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
