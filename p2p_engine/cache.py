@@ -310,6 +310,9 @@ class CachedControl(Control):
             raise ValueError("the controller keeps self maps (self_maps=True); make the cache with self_maps=True")
         if e is None:
             return
+        if e.injected_maps:
+            raise ValueError("a re-edit from a cache keeps each prompt's own maps; for the maps after injection "
+                             "(injected_maps=True) run the edit without cache=")
         a, b = cache.cross_window
         outside = [i for i in range(self.calls) if self.cross_on[i] and not a <= i < b]
         if outside:

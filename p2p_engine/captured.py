@@ -112,15 +112,19 @@ class StaticControl(Control):
             n = layer_queries(h, w, layer.level)
             self.layers[layer.index] = (layer, n)
             maps = torch.zeros(self.P, n, MAX_TOKENS if layer.is_cross else n, device=dev)
-            if layer.is_cross and self._is_blend_layer(layer):
+            injected = self._injected_maps(layer, n)  # summed at end_step from this call's buffer, as Control's
+            if layer.is_cross and (self._is_blend_layer(layer) or self.keep and injected):
                 self.step_buf[layer.index] = maps
                 if self.keep:
                     self.cross_sum[layer.index] = torch.zeros_like(maps)
-                self.blend_sum = torch.zeros_like(maps)
+                if self._is_blend_layer(layer):
+                    self.blend_sum = torch.zeros_like(maps)
             elif layer.is_cross and self.keep:
                 self.cross_sum[layer.index] = maps
             elif not layer.is_cross and self.self_maps and n <= 32 * 32:
                 self.self_sum[layer.index] = maps
+                if injected:
+                    self.self_step[layer.index] = torch.zeros_like(maps)
         self.cross_gate_now = self.self_gate_now = None
 
     def snapshot(self) -> "StaticControl":
@@ -132,7 +136,8 @@ class StaticControl(Control):
 
     def reset(self) -> None:
         """Every map buffer zeroed, back at call 0 (`StaticLoop.reset`)."""
-        for buf in [*self.cross_sum.values(), *self.self_sum.values(), *self.step_buf.values()]:
+        for buf in [*self.cross_sum.values(), *self.self_sum.values(), *self.step_buf.values(),
+                    *self.self_step.values()]:
             buf.zero_()
         if self.blend_sum is not None:
             self.blend_sum.zero_()
@@ -256,7 +261,8 @@ class StaticLoop:
         if c is None:
             return feeds, loop
         e, b = c.edit, c.blend
-        control = (type(c), c.gates_cross, c.keep, c.self_maps, None if e is None else e.self_max_queries,
+        control = (type(c), c.gates_cross, c.keep, c.self_maps,
+                   None if e is None else (e.self_max_queries, e.injected_maps),
                    None if b is None else (b.level, b.thresholds),
                    tuple(sorted((i, n) for i, (_, n) in c.layers.items())))
         return feeds, loop, control

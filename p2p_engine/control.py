@@ -13,16 +13,15 @@ Windows follow the reference exactly: cross windows are rounded with
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .checks import is_int, is_number
-from .controllers import LocalBlend, Replace, Reweight, Store, _Edit
+from .controllers import LocalBlend, Store, _Edit
 from .maps import AttentionMaps, level_hw
 from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
-from .words import MAX_TOKENS, refine_mappers, replace_mappers, require_word, word_inds
+from .words import MAX_TOKENS, edit_mapping, require_word, word_inds
 
 
 # -- windows ---------------------------------------------------------------------------------------
@@ -92,12 +91,13 @@ class EditTables:
     equalizer: torch.Tensor | None  # (P-1, T)
     self_window: tuple[int, int]  # UNet calls [start, end) whose self maps are the source's
     self_max_queries: int  # only layers with at most this many queries have their self maps replaced
+    injected_maps: bool = False  # the targets' stored maps are those after injection (the reference's store)
 
     def to(self, device) -> "EditTables":
         def f32(x):
             return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
         return EditTables(f32(self.gate), f32(self.mapper), f32(self.mix), f32(self.equalizer),
-                          self.self_window, self.self_max_queries)
+                          self.self_window, self.self_max_queries, self.injected_maps)
 
 
 @dataclass
@@ -109,17 +109,6 @@ class BlendTables:
     start: int  # blend after step callbacks number start + 1 on
     level: int  # UNet level whose down/up cross maps are read
     thresholds: tuple[float, float]  # (words, subtract)
-
-
-def _one_hot_mapper(mapper: torch.Tensor) -> torch.Tensor:
-    """(P-1, T) index map (-1 = unaligned) -> (P-1, T, T) with column t holding a 1 at row mapper[t]."""
-    n, t = mapper.shape
-    out = torch.zeros(n, t, t)
-    cols = torch.arange(t).expand(n, t)
-    ok = mapper >= 0
-    b = torch.arange(n)[:, None].expand(n, t)
-    out[b[ok], mapper[ok].long(), cols[ok]] = 1.0
-    return out
 
 
 def _word_table(words, prompts, tokenizer, what: str) -> torch.Tensor:
@@ -137,37 +126,15 @@ def _word_table(words, prompts, tokenizer, what: str) -> torch.Tensor:
     return table
 
 
-def _mapping(ctrl, prompts, tokenizer):
-    """(mapper (P-1,T,T), mix (P-1,T) or None, equalizer (P-1,T) or None)."""
-    n = len(prompts) - 1
-    if isinstance(ctrl, Reweight):
-        if ctrl.prev is not None:
-            mapper, mix, _ = _mapping(ctrl.prev, prompts, tokenizer)
-        else:
-            mapper, mix = torch.eye(MAX_TOKENS).expand(n, -1, -1).clone(), None
-        if not ctrl.equalizer and ctrl.prev is None:
-            raise ValueError("Reweight needs at least one word to scale: an equalizer {word: scale}, e.g. "
-                             "Reweight({\"fluffy\": 2.0})")
-        eq = torch.ones(n, MAX_TOKENS)
-        for word, scale in ctrl.equalizer.items():
-            if not (is_number(scale) and math.isfinite(scale)):
-                raise ValueError(f"Reweight equalizer: the scale of {word!r} must be a finite number, got {scale!r}")
-            for j, p in enumerate(prompts[1:]):
-                eq[j, require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
-        return mapper, mix, eq
-    if isinstance(ctrl, Replace):
-        return replace_mappers(prompts, tokenizer), None, None
-    mapper, alphas = refine_mappers(prompts, tokenizer)
-    return _one_hot_mapper(mapper), alphas.float(), None
-
-
 def edit_tables(ctrl: _Edit, prompts, tokenizer, steps: int, calls: int, self_max_queries: int) -> EditTables:
     gate = cross_gate(prompts, steps, ctrl.cross_steps, tokenizer)[:calls]
-    mapper, mix, eq = _mapping(ctrl, prompts, tokenizer)
+    mapper, mix, eq = edit_mapping(ctrl, prompts, tokenizer)
     limit = self_max_queries if ctrl.self_max_queries is None else ctrl.self_max_queries
     if not is_int(limit) or limit < 0:
         raise ValueError(f"self_max_queries must be a count of queries (an integer >= 0), got {limit!r}")
-    return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), limit)
+    if not isinstance(ctrl.injected_maps, bool):
+        raise TypeError(f"injected_maps must be True or False, got {ctrl.injected_maps!r}")
+    return EditTables(gate, mapper, mix, eq, self_window(steps, ctrl.self_steps), limit, ctrl.injected_maps)
 
 
 def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
@@ -232,7 +199,10 @@ class Control:
         self.cross_sum: dict[int, torch.Tensor] = {}  # layer index -> (P, N, T), summed over calls
         self.self_sum: dict[int, torch.Tensor] = {}   # layer index -> (P, N, N)
         self.layers: dict[int, tuple[AttnLayer, int]] = {}
-        self.step_buf: dict[int, torch.Tensor] = {}  # blend layers: this call's maps (pre-injection)
+        # this call's maps (pre-injection), summed at end_step: the cross maps of LocalBlend's layers and, with
+        # injected maps, of every layer kept, and the self maps of the layers whose self attention is replaced
+        self.step_buf: dict[int, torch.Tensor] = {}
+        self.self_step: dict[int, torch.Tensor] = {}
         self.blend_sum = None  # (P, N, T): sum over calls and blend layers of post-injection maps
 
     # -- called by every attention layer ---------------------------------------------------------
@@ -272,19 +242,25 @@ class Control:
     def _self_plan(self, layer: AttnLayer, inject: bool, store) -> SelfPlan:
         return SelfPlan(self.P, inject, store, self._call_self_gate() if inject else None)
 
+    def _injected_maps(self, layer: AttnLayer, n: int) -> bool:
+        """Whether this layer's maps are kept after injection, so go through a per-call buffer."""
+        e = self.edit
+        return e is not None and e.injected_maps and (layer.is_cross or n <= e.self_max_queries)
+
     def _self_buffer(self, layer, n):
         if not (self.self_maps and n <= 32 * 32):
             return None
-        store = self.self_sum.get(layer.index)
+        sums = self.self_step if self._injected_maps(layer, n) else self.self_sum
+        store = sums.get(layer.index)
         if store is None:
-            store = self.self_sum[layer.index] = torch.zeros(self.P, n, n, device=self.device)
+            store = sums[layer.index] = torch.zeros(self.P, n, n, device=self.device)
         return store
 
     def _is_blend_layer(self, layer: AttnLayer) -> bool:
         return self.blend is not None and layer.place != "mid" and layer.level == self.blend.level
 
     def _cross_buffer(self, layer, n):
-        if self._is_blend_layer(layer):
+        if self._is_blend_layer(layer) or self.keep and self._injected_maps(layer, n):
             buf = self.step_buf.get(layer.index)
             if buf is None:
                 buf = self.step_buf[layer.index] = torch.zeros(self.P, n, MAX_TOKENS, device=self.device)
@@ -299,27 +275,43 @@ class Control:
     # -- called by the sampling loop after each scheduler step -------------------------------------
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (P, 4, h, w) after the scheduler step -> the same, blended."""
-        if self.step_buf:
-            step_maps = self._step_maps()
-            if self.keep:
-                for k, buf in self.step_buf.items():
-                    self.cross_sum.setdefault(k, torch.zeros_like(buf)).add_(buf)
+        gate = self._call_gate()
+        if self.keep:
+            injected = self.edit is not None and self.edit.injected_maps
+            for k, buf in self.step_buf.items():
+                add = self._after_injection(buf, gate) if injected else buf
+                self.cross_sum.setdefault(k, torch.zeros_like(buf)).add_(add)
+            for k, buf in self.self_step.items():
+                self.self_sum.setdefault(k, torch.zeros_like(buf)).add_(self._self_after_injection(buf))
+        if self.blend is not None:
             # The reference's store holds the maps *after* injection (its edit writes into the stored
             # tensor), and LocalBlend reads that store: rebuild the injected maps for this step. The
             # injection is linear per column, so applying it to the layer sum is exact.
-            gate = self._call_gate()
-            if gate is not None:
-                e = self.edit
-                src, tgt = step_maps[:1], step_maps[1:]
-                step_maps = torch.cat([src, inject_cross(src, tgt, e.mapper, e.mix, e.equalizer, gate)])
+            step_maps = self._after_injection(self._step_maps(), gate)
             if self.blend_sum is None:
                 self.blend_sum = torch.zeros_like(step_maps)
             self.blend_sum.add_(step_maps)  # in place: a captured step keeps adding into the same buffer
-            for buf in self.step_buf.values():
-                buf.zero_()
+        for buf in [*self.step_buf.values(), *self.self_step.values()]:
+            buf.zero_()
+        if self.blend is not None:
             latents = self._blend_from_start(latents)
         self.step += 1
         return latents
+
+    def _after_injection(self, maps: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """This call's cross maps (P, N, T) with the targets' rows as the edit injected them (`inject_cross`)."""
+        if gate is None:
+            return maps
+        e = self.edit
+        return torch.cat([maps[:1], inject_cross(maps[:1], maps[1:], e.mapper, e.mix, e.equalizer, gate)])
+
+    def _self_after_injection(self, maps: torch.Tensor) -> torch.Tensor:
+        """This call's self maps (P, N, N) of a replaced layer, the targets' rows the source's where replaced."""
+        if not self._injects_self():
+            return maps
+        gate = self._call_self_gate()  # a captured loop's (1,) device switch; None: replaced on the host's word
+        src = maps[:1].expand_as(maps[1:])
+        return torch.cat([maps[:1], src if gate is None else src * gate + maps[1:] * (1 - gate)])
 
     def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
         """LocalBlend from the call after `blend.start` on; the latents as they are before."""
@@ -327,7 +319,7 @@ class Control:
 
     def _step_maps(self) -> torch.Tensor:
         """This call's pre-injection maps (P, N, T), summed over the blend layers."""
-        return sum(self.step_buf.values())
+        return sum(buf for k, buf in self.step_buf.items() if self._is_blend_layer(self.layers[k][0]))
 
     def _mask(self, maps, words, threshold, pool, hw, size):
         m = (maps * words[:, None]).sum(-1).reshape(self.P, 1, *hw)

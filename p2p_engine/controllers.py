@@ -28,6 +28,9 @@ class _Edit:
     # 32*32 at 1024 x 1024), as REFERENCE.md's SDXL section says; 16*16 for SD 1.x/2.x.
     self_max_queries: int | None = None
     self_maps: bool = False
+    # The targets' stored maps: False, each prompt's own (before injection); True, the maps the edit used (after
+    # injection), which is what the reference's AttentionStore holds, its edit writing through a view of them.
+    injected_maps: bool = False
 
 
 @dataclass
@@ -48,8 +51,8 @@ class Reweight(_Edit):
     prev: object = None
 
     def __init__(self, equalizer=None, prev=None, cross_steps=0.8, self_steps=0.4,
-                 self_max_queries=None, self_maps=False):
-        super().__init__(cross_steps, self_steps, self_max_queries, self_maps)
+                 self_max_queries=None, self_maps=False, injected_maps=False):
+        super().__init__(cross_steps, self_steps, self_max_queries, self_maps, injected_maps)
         if equalizer is not None and not isinstance(equalizer, dict):
             raise TypeError(f"Reweight's equalizer maps words to scales, e.g. {{\"fluffy\": 2.0}}; got "
                             f"{type(equalizer).__name__}")

@@ -16,7 +16,11 @@ keeps the edited rows *after* injection (its edit writes through a view of
 the stored tensor), so its maps of a target show the source's layout inside
 the cross window. These maps are each prompt's own (pre-injection) maps, as
 the plan contract states. LocalBlend alone rebuilds the post-injection sums
-(see control.Control.end_step) so that its masks match the reference.
+(see control.Control.end_step) so that its masks match the reference. The
+reference's maps are one option away: an edit controller with
+`injected_maps=True` keeps the targets' maps as the edit used them (cross maps
+injected inside their window, self maps of the replaced layers the source's),
+rebuilt per call from the same buffers (not for re-edits from a cache).
 """
 from __future__ import annotations
 

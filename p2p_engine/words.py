@@ -1,4 +1,5 @@
-"""Words of prompts: token positions, the token mappers of Replace and Refine, prompt checks.
+"""Words of prompts: token positions, the token mappers of Replace and Refine (and a word edit's mapping tables),
+prompt checks.
 
 The work is done in C++ (`csrc/aligner.cpp`, the module `p2p_engine._native`);
 this is its glue. `tokenizer` is the pipeline's CLIP tokenizer. Prompts longer
@@ -8,10 +9,13 @@ window have no tokens, and asking for one is an error.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _native
-from .checks import warn
+from .checks import is_number, warn
+from .controllers import Replace, Reweight
 
 MAX_TOKENS = 77  # the text encoder's window, BOS and EOS included
 
@@ -113,3 +117,38 @@ def check_prompts(prompts, tokenizer) -> list[str]:
         if n > MAX_TOKENS:
             warn(f"prompt {p!r} has {n} tokens; it is truncated to {MAX_TOKENS} like the reference does")
     return prompts
+
+
+def one_hot_mapper(mapper: torch.Tensor) -> torch.Tensor:
+    """(P-1, T) index map (-1 = unaligned) -> (P-1, T, T) with column t holding a 1 at row mapper[t]."""
+    n, t = mapper.shape
+    out = torch.zeros(n, t, t)
+    cols = torch.arange(t).expand(n, t)
+    ok = mapper >= 0
+    b = torch.arange(n)[:, None].expand(n, t)
+    out[b[ok], mapper[ok].long(), cols[ok]] = 1.0
+    return out
+
+
+def edit_mapping(ctrl, prompts, tokenizer):
+    """A word edit's (mapper (P-1,T,T), mix (P-1,T) or None, equalizer (P-1,T) or None): `plan.inject_cross`'s."""
+    n = len(prompts) - 1
+    if isinstance(ctrl, Reweight):
+        if ctrl.prev is not None:
+            mapper, mix, _ = edit_mapping(ctrl.prev, prompts, tokenizer)
+        else:
+            mapper, mix = torch.eye(MAX_TOKENS).expand(n, -1, -1).clone(), None
+        if not ctrl.equalizer and ctrl.prev is None:
+            raise ValueError("Reweight needs at least one word to scale: an equalizer {word: scale}, e.g. "
+                             "Reweight({\"fluffy\": 2.0})")
+        eq = torch.ones(n, MAX_TOKENS)
+        for word, scale in ctrl.equalizer.items():
+            if not (is_number(scale) and math.isfinite(scale)):
+                raise ValueError(f"Reweight equalizer: the scale of {word!r} must be a finite number, got {scale!r}")
+            for j, p in enumerate(prompts[1:]):
+                eq[j, require_word(p, word, tokenizer, "Reweight equalizer")] = float(scale)
+        return mapper, mix, eq
+    if isinstance(ctrl, Replace):
+        return replace_mappers(prompts, tokenizer), None, None
+    mapper, alphas = refine_mappers(prompts, tokenizer)
+    return one_hot_mapper(mapper), alphas.float(), None

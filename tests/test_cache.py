@@ -130,6 +130,8 @@ def test_cache_refuses_what_it_cannot_stand_in_for(tiny_pipe, tiny_ckpt):
         pipe.edit([SOURCE, TARGET], p2p.Replace(self_max_queries=256), cache=cache, progress=False)
     with pytest.raises(ValueError, match="self_maps=True"):
         pipe.edit([SOURCE, TARGET], p2p.Replace(self_maps=True, **SELF), cache=cache, progress=False)
+    with pytest.raises(ValueError, match=r"own maps; for the maps after injection \(injected_maps=True\) run"):
+        pipe.edit([SOURCE, TARGET], p2p.Replace(injected_maps=True, **SELF), cache=cache, progress=False)
     with pytest.raises(ValueError, match="target prompt"):
         pipe.edit([SOURCE], None, cache=cache, progress=False)
     with pytest.raises(TypeError, match="cache must be an EditCache .* got str"):

@@ -63,6 +63,14 @@ CASES = {
     "odd latent sizes, whose levels round up": dict(
         prompts=[SOURCE, TARGET], controller=p2p.Replace(self_maps=True, **SELF),
         kw=dict(height=80, width=112, local_blend=p2p.LocalBlend(["cat", "dog"]))),
+    "maps after injection: replace, blend, self maps": dict(
+        prompts=[SOURCE, TARGET], controller=p2p.Replace(cross_steps=0.5, self_steps=(0.25, 0.6), self_maps=True,
+                                                         injected_maps=True, **SELF),
+        kw=dict(local_blend=p2p.LocalBlend(["cat", "dog"], start=0.3))),
+    "maps after injection: reweight on refine, word windows, three prompts": dict(
+        prompts=[SOURCE, "a big cat riding a red bicycle", "a fox riding a bicycle"],
+        controller=p2p.Reweight({"riding": 2.0}, prev=p2p.Refine(), cross_steps={"default_": 0.8, "riding": 0.3},
+                                self_maps=True, injected_maps=True, **SELF)),
     "no self window, proximal guidance": dict(
         prompts=[SOURCE, TARGET], controller=p2p.Replace(self_steps=0.0), kw=dict(proximal="l0")),
 }

@@ -80,7 +80,7 @@ def test_long_prompt_warns_truncation():
 
 def test_refine_one_hot_mapper():
     m = torch.tensor([[0, 1, -1, 2]])
-    oh = C._one_hot_mapper(m)
+    oh = words.one_hot_mapper(m)
     p = torch.rand(3, 4)
     ref = p[:, m[0].clamp(min=0)] * (m[0] >= 0)
     assert torch.allclose(p @ oh[0], ref)

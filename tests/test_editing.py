@@ -9,6 +9,8 @@ offset 1: t = 981 .. 1 at 50 steps): DDIM, or PNDM with PLMS steps as the stable
 notebook samples (N steps are N + 1 UNet calls, so cur_step reaches N and the
 cross alpha table's N + 1 rows are all used).
 """
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,48 @@ def test_stored_cross_maps_are_distributions(tiny_pipe):
     torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
 
 
+def _ref_maps(store, P, steps, res, places, kind):
+    """The reference's aggregate_attention: the maps of `res` x `res` of the places' layers (the mid block's where
+    they have none, as `AttentionMaps` falls back), averaged over layers, heads and steps. (P, res * res, T)."""
+    maps = [m for p in places for m in store[f"{p}_{kind}"] if m.shape[1] == res * res]
+    maps = maps or [m for m in store[f"mid_{kind}"] if m.shape[1] == res * res]
+    return torch.cat([m.reshape(P, -1, *m.shape[1:]) for m in maps], 1).mean(1) / steps
+
+
+@pytest.mark.parametrize("case", ["replace", "reweight on refine"])
+def test_maps_after_injection_match_the_reference_store(tiny_pipe, ref_unet, sched_config, case):
+    """injected_maps=True keeps what the reference's AttentionStore holds (its edit writes the injected maps
+    through a view of the stored tensor): cross maps in the window and self maps replaced by the source's. The
+    default keeps each prompt's own maps, which differ from the reference's for the targets."""
+    if case == "replace":
+        prompts = [SRC, TGT]
+        M, _ = mappers(tiny_pipe, prompts)
+        ref_ctrl = RefReplace(M, prompts, STEPS, 0.5, 0.5, self_max=64)
+        controller = functools.partial(p2p.Replace, cross_steps=0.5, self_steps=0.5)
+    else:
+        prompts = [SRC, LONG]
+        _, (m, a) = mappers(tiny_pipe, prompts)
+        prev = RefRefine(torch.as_tensor(m).long(), torch.as_tensor(a).float(), prompts, STEPS, 0.8, 0.4)
+        ref_ctrl = RefReweight(equalizer(tiny_pipe, LONG, "red", 4.0), prev, prompts, STEPS, 0.75, (0.25, 0.75),
+                               self_max=64)
+        controller = functools.partial(p2p.Reweight, {"red": 4.0}, prev=p2p.Refine(), cross_steps=0.75,
+                                       self_steps=(0.25, 0.75))
+    ref_run(tiny_pipe, ref_unet, sched_config, prompts, ref_ctrl)
+    store = ref_ctrl.attention_store
+    for injected in (True, False):
+        att = tiny_pipe.edit(prompts, controller(self_max_queries=64, self_maps=True, injected_maps=injected),
+                             steps=STEPS, seed=0, progress=False, decode_images=False).attention
+        for res in att.resolutions:
+            for kind, ours in (("cross", att.cross(res)), ("self", att.self_maps(res))):
+                ref = _ref_maps(store, len(prompts), STEPS, res, ("down", "up"), kind)
+                ours = ours.reshape(ref.shape)
+                close(ours[0], ref[0])  # the source's own maps either way
+                if injected:
+                    close(ours, ref)
+                elif kind == "cross" or res * res <= 64:  # the layers whose maps the edit replaced
+                    assert (ours[1:] - ref[1:]).abs().max() > 1e-3, (res, kind)
+
+
 def test_deterministic_and_bad_inputs(tiny_pipe):
     assert torch.equal(ours(tiny_pipe, [SRC], None), ours(tiny_pipe, [SRC], None))
     with pytest.raises(ValueError, match="empty"):
@@ -220,6 +264,7 @@ def test_deterministic_and_bad_inputs(tiny_pipe):
     (dict(local_blend=p2p.LocalBlend(["cat", "dog"], threshold="0.3")), TypeError, "threshold must be a number"),
     (dict(local_blend=p2p.LocalBlend([["cat"], 3])), TypeError, "a word or a list of words, got 3"),
     (dict(capture="no"), TypeError, "capture must be True or False"),
+    (dict(controller=p2p.Refine(injected_maps="yes")), TypeError, "injected_maps must be True or False"),
     (dict(store="no"), TypeError, "store must be True or False"),
     (dict(decode_images=0), TypeError, "decode_images must be True or False"),
 ])
