@@ -139,13 +139,16 @@ def test_replace_matches_reference(tiny_pipe, ref_unet, ref_sched, image_and_z0,
     prompts = [SRC, TGT]
     M, _ = mappers(tiny_pipe, prompts)
     lb = RefBlend(_blend_alpha(tiny_pipe, prompts, ["cat", "dog"]), tiny_pipe.config.latent_size // 2,
-                  start=int(0.2 * STEPS)) if blend else None
+                  start=int(0.2 * STEPS), th=0.7) if blend else None  # 0.7: a partial mask on the tiny model
     ref = ref_direct_edit(tiny_pipe, ref_unet, ref_sched, z0, prompts,
                           RefReplace(M, prompts, STEPS, 0.4, 0.6, blend=lb, self_max=32 ** 2))
-    got = tiny_pipe.edit(prompts, p2p.Replace(cross_steps=0.4, self_steps=0.6, self_max_queries=32 ** 2),
-                         local_blend=p2p.LocalBlend(["cat", "dog"], start=0.2) if blend else None, inversion=direct,
-                         progress=False, decode_images=False).latents
+    ctrl = p2p.Replace(cross_steps=0.4, self_steps=0.6, self_max_queries=32 ** 2)
+    kw = dict(inversion=direct, progress=False, decode_images=False)
+    got = tiny_pipe.edit(prompts, ctrl, local_blend=p2p.LocalBlend(["cat", "dog"], start=0.2, threshold=0.7)
+                         if blend else None, **kw).latents
     close(got, ref)
+    if blend:
+        assert (got - tiny_pipe.edit(prompts, ctrl, **kw).latents).abs().max() > 1e-2, "the blend changed nothing"
     assert torch.equal(got[:1], z0)  # pinned: the source row ends on z0, bit for bit
     assert (got[1] - z0[0]).abs().max() > 1e-2  # the target was edited
 

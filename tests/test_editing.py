@@ -107,11 +107,13 @@ def test_local_blend_matches_reference(tiny_pipe, ref_unet, sched_config):
     for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
         alpha[i, :, :, :, :, word_inds(p, w, tiny_pipe.tokenizer)] = 1
     res = tiny_pipe.config.latent_size // 2  # tiny: no down/up cross layers at latent/4, so latent/2
-    blend = RefBlend(alpha, res, start=int(0.25 * STEPS))
+    # The tiny model's maps are spread out: at the default threshold 0.3 its mask is everywhere (a blend that
+    # changes nothing would pass), at 0.7 it is partial. start 0.4 of 4 steps: 1.6, rounded down as the reference.
+    blend = RefBlend(alpha, res, start=int(0.4 * STEPS), th=0.7)
     ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.4, blend=blend))
-    got = ours(tiny_pipe, prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25))
+    got = ours(tiny_pipe, prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.4, threshold=0.7))
     close(got, ref)
-    assert not torch.equal(got, ours(tiny_pipe, prompts, p2p.Replace())), "the blend changed nothing"
+    assert (got - ours(tiny_pipe, prompts, p2p.Replace())).abs().max() > 1e-2, "the blend changed nothing"
 
 
 @pytest.mark.parametrize("steps", [STEPS, 7])
@@ -123,13 +125,15 @@ def test_pndm_replace_with_blend_matches_stable_notebook(tiny_pipe, ref_unet, sc
     alpha = torch.zeros(2, 1, 1, 1, 1, 77)
     for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
         alpha[i, :, :, :, :, word_inds(p, w, tiny_pipe.tokenizer)] = 1
-    blend = RefBlend(alpha, tiny_pipe.config.latent_size // 2, start=0)
+    blend = RefBlend(alpha, tiny_pipe.config.latent_size // 2, start=0, th=0.7)  # 0.7: a partial mask
     ref = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, steps, 0.8, 0.4, blend=blend),
                   steps=steps, pndm=True)
+    kw = dict(sampler="pndm", steps=steps, seed=0, progress=False, decode_images=False)
     got = tiny_pipe.edit(prompts, controller=p2p.Replace(cross_steps=0.8, self_steps=0.4),
-                    local_blend=p2p.LocalBlend(["cat", "dog"]), sampler="pndm", steps=steps, seed=0, progress=False,
-                    decode_images=False).latents
+                         local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7), **kw).latents
     close(got, ref)
+    unblended = tiny_pipe.edit(prompts, controller=p2p.Replace(cross_steps=0.8, self_steps=0.4), **kw).latents
+    assert (got - unblended).abs().max() > 1e-2, "the blend changed nothing"
     ddim = tiny_pipe.edit(prompts, controller=p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"]), steps=steps,
                      seed=0, progress=False, decode_images=False).latents
     assert (got - ddim).abs().max() > 1e-2  # PNDM is not DDIM here

@@ -223,11 +223,13 @@ def test_replace_with_blend_matches_reference(pipe, ref_unet, folder):
     alpha = torch.zeros(2, 1, 1, 1, 1, 77)
     for i, (p, w) in enumerate(zip(prompts, ("cat", "dog"))):
         alpha[i, :, :, :, :, ref_word_inds(p, w, pipe.tokenizer)] = 1
-    blend = RefBlend(alpha, BLEND_RES, start=1)
+    blend = RefBlend(alpha, BLEND_RES, start=1, th=0.8)  # 0.8: a partial mask (at 0.3 it covers everything)
     ref = ref_run(pipe, ref_unet, folder, prompts, RefReplace(M, prompts, STEPS, 0.8, 0.5, blend=blend,
                                                               self_max=SELF_MAX))
-    close(ours(pipe, prompts, p2p.Replace(cross_steps=0.8, self_steps=0.5),
-               local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25)), ref)
+    ctrl = p2p.Replace(cross_steps=0.8, self_steps=0.5)
+    got = ours(pipe, prompts, ctrl, local_blend=p2p.LocalBlend(["cat", "dog"], start=0.25, threshold=0.8))
+    close(got, ref)
+    assert (got - ours(pipe, prompts, ctrl)).abs().max() > 1e-2, "the blend changed nothing"
 
 
 def test_refine_and_reweight_match_reference(pipe, ref_unet, folder):
