@@ -281,8 +281,8 @@ class Control:
             for k, buf in self.step_buf.items():
                 add = self._after_injection(buf, gate) if injected else buf
                 self.cross_sum.setdefault(k, torch.zeros_like(buf)).add_(add)
-            for k, buf in self.self_step.items():
-                self.self_sum.setdefault(k, torch.zeros_like(buf)).add_(self._self_after_injection(buf))
+        for k, buf in self.self_step.items():  # self maps are kept whenever asked for, as `_self_buffer` keeps them
+            self.self_sum.setdefault(k, torch.zeros_like(buf)).add_(self._self_after_injection(buf))
         if self.blend is not None:
             # The reference's store holds the maps *after* injection (its edit writes into the stored
             # tensor), and LocalBlend reads that store: rebuild the injected maps for this step. The
