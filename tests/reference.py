@@ -178,6 +178,45 @@ class RefBlend:
         return x_t[:1] + mask * (x_t - x_t[:1])
 
 
+class RefNullBlend:
+    """The null-text notebook's LocalBlend (null_text_w_ptp.ipynb): every prompt's mask united with the source's,
+    an optional second word set subtracted (its own threshold, no pooling), blending after `start` callbacks.
+    alpha_layers, substruct_layers: (P, 1, 1, 1, 1, 77) 0/1. The notebook reads down_cross[2:4] + up_cross[:3]
+    (SD's 16 x 16 layers); here every down/up cross layer of `res` x `res`, as RefBlend. `masks` keeps the last
+    blend's (P, 1, h, w) mask. union=False drops the union (each prompt its own mask), only for tests to show
+    that the union matters."""
+
+    def __init__(self, alpha_layers, res, start, th=(0.3, 0.3), substruct_layers=None, union=True):
+        self.alpha_layers, self.substruct_layers, self.res = alpha_layers, substruct_layers, res
+        self.start, self.th, self.counter, self.masks, self.union = start, th, 0, None, union
+
+    def get_mask(self, x_t, maps, alpha, use_pool):
+        maps = (maps * alpha).sum(-1).mean(1)
+        if use_pool:
+            maps = F.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        mask = F.interpolate(maps, size=x_t.shape[2:])
+        mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
+        mask = mask.gt(self.th[1 - int(use_pool)])
+        if self.union:
+            mask = mask[:1] + mask
+        return mask
+
+    def __call__(self, x_t, store):
+        self.counter += 1
+        if self.counter > self.start:
+            maps = [m for m in store["down_cross"] + store["up_cross"] if m.shape[1] == self.res ** 2]
+            maps = [m.reshape(self.alpha_layers.shape[0], -1, 1, self.res, self.res, 77) for m in maps]
+            maps = torch.cat(maps, dim=1)
+            mask = self.get_mask(x_t, maps, self.alpha_layers, True)
+            if self.substruct_layers is not None:
+                maps_sub = ~self.get_mask(x_t, maps, self.substruct_layers, False)
+                mask = mask * maps_sub
+            mask = mask.float()
+            self.masks = mask
+            x_t = x_t[:1] + mask * (x_t - x_t[:1])
+        return x_t
+
+
 def mappers(pipe, prompts):
     """(replace mapper or None, (refine mapper, alphas)) from the aligner, which has its own tests."""
     from p2p_engine import words

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import p2p_engine as p2p
 from p2p_engine import control as C
 from p2p_engine import controllers, words
 from p2p_engine.plan import AttnLayer, CrossPlan
@@ -40,9 +41,21 @@ def ref_alpha(prompts, num_steps, cross, tokenizer):
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 50])
-@pytest.mark.parametrize("cross", [0.8, 0.0, 1.0, (0.1, 0.55), {"default_": 0.3, "dog": 0.9}])
+@pytest.mark.parametrize("cross", [0.8, 0.0, 1.0, (0.1, 0.55), {"default_": 0.3, "dog": 0.9}, {"dog": 0.5}])
 def test_cross_gate_matches_reference(steps, cross):
+    """A dict without "default_" leaves the other tokens on for every step, (0, 1) as the reference's default."""
     assert torch.equal(C.cross_gate(PROMPTS, steps, cross, TOK), ref_alpha(PROMPTS, steps, cross, TOK))
+
+
+def test_defaults():
+    """The documented defaults (REFERENCE.md, API.md): edits replace cross maps for 0.8 and self maps for 0.4 of the
+    steps; LocalBlend thresholds both masks at 0.3 of their maximum, blends from the first step, picks its level."""
+    for cls in (p2p.Replace, p2p.Refine, p2p.Reweight):
+        c = cls()
+        assert (c.cross_steps, c.self_steps) == (0.8, 0.4), cls.__name__
+    blend = p2p.LocalBlend(["a", "b"])
+    assert (blend.threshold, blend.subtract_threshold) == (0.3, 0.3)
+    assert (blend.start, blend.level, blend.subtract) == (0.0, None, None)
 
 
 @pytest.mark.parametrize("steps,s,want", [(50, 0.4, (0, 20)), (7, 0.4, (0, 2)), (7, (0.2, 0.9), (1, 6)),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
-from reference import RefBlend, RefRefine, RefReplace, RefReweight, equalizer, mappers, register
+from reference import RefBlend, RefNullBlend, RefRefine, RefReplace, RefReweight, equalizer, mappers, register
 from reference import ref_word_inds as word_inds
 
 STEPS = 4
@@ -116,6 +116,39 @@ def test_local_blend_matches_reference(tiny_pipe, ref_unet, sched_config):
     assert (got - ours(tiny_pipe, prompts, p2p.Replace())).abs().max() > 1e-2, "the blend changed nothing"
 
 
+def test_null_text_blend_with_subtract_matches_reference(tiny_pipe, ref_unet, sched_config):
+    """The null-text notebook's LocalBlend, three prompts: each prompt's mask united with the source's, and a second
+    word set subtracted. Cross window 0.4 (the targets' own maps from step 2 on, so their masks differ from the
+    source's) and thresholds 0.8 / 0.6 give partial masks; the union and the subtraction each move the result."""
+    prompts = [SRC, TGT, "a fox riding a bicycle"]
+    M, _ = mappers(tiny_pipe, prompts)
+
+    def table(ws):
+        t = torch.zeros(len(prompts), 1, 1, 1, 1, 77)
+        for i, (p, w) in enumerate(zip(prompts, ws)):
+            t[i, ..., word_inds(p, w, tiny_pipe.tokenizer)] = 1
+        return t
+
+    def ref(subtract, union=True):
+        blend = RefNullBlend(table(["cat", "dog", "fox"]), tiny_pipe.config.latent_size // 2, start=int(0.25 * STEPS),
+                             th=(0.8, 0.6), substruct_layers=table(["bicycle"] * 3) if subtract else None, union=union)
+        lat = ref_run(tiny_pipe, ref_unet, sched_config, prompts, RefReplace(M, prompts, STEPS, 0.4, 0.4, blend=blend))
+        fraction = blend.masks.mean((1, 2, 3))
+        assert ((fraction > 0.1) & (fraction < 0.9)).all(), fraction  # partial masks
+        return lat
+
+    def engine(subtract):
+        blend = p2p.LocalBlend(["cat", "dog", "fox"], subtract=[["bicycle"]] * 3 if subtract else None, start=0.25,
+                               threshold=0.8, subtract_threshold=0.6)
+        return ours(tiny_pipe, prompts, p2p.Replace(cross_steps=0.4, self_steps=0.4), local_blend=blend)
+
+    got, unsubtracted = engine(True), engine(False)
+    close(got, ref(True))
+    close(unsubtracted, ref(False))
+    assert (got - unsubtracted).abs().max() > 1e-2, "the subtraction changed nothing"
+    assert (got - ref(True, union=False)).abs().max() > 1e-2, "the union changed nothing"
+
+
 @pytest.mark.parametrize("steps", [STEPS, 7])
 def test_pndm_replace_with_blend_matches_stable_notebook(tiny_pipe, ref_unet, sched_config, steps):
     """The stable notebook: PNDM (PLMS) sampling, the controller counting UNet calls (steps + 1 of them), its
@@ -181,6 +214,19 @@ def test_stored_cross_maps_are_distributions(tiny_pipe):
     assert att.word_maps(1, "dog", att.resolutions[0]).shape == (att.resolutions[0],) * 2
     s = att.self_maps(att.resolutions[0])
     torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
+
+
+def test_word_maps_average_a_word_s_tokens(tiny_pipe):
+    """word_maps of a word of several tokens: the mean of its tokens' columns of `cross(res)`, at the positions the
+    reference's get_word_inds gives."""
+    prompt = "a zorblax riding a bicycle"
+    inds = word_inds(prompt, "zorblax", tiny_pipe.tokenizer)
+    assert len(inds) > 1
+    att = tiny_pipe.edit([SRC, prompt], p2p.Store(), steps=STEPS, progress=False, decode_images=False).attention
+    for res in att.resolutions:
+        want = att.cross(res)[1][..., inds].mean(-1)
+        assert torch.equal(att.word_maps(1, "zorblax", res), want)
+        assert not torch.allclose(want, att.cross(res)[1][..., inds[0]])  # the tokens' maps differ
 
 
 def _ref_maps(store, P, steps, res, places, kind):

@@ -13,7 +13,8 @@ import torch
 
 import p2p_engine as p2p
 from p2p_engine.images import prepare
-from reference import RefBlend, RefRefine, RefReplace, RefReweight, equalizer, mappers, ref_word_inds, register
+from reference import (RefBlend, RefRefine, RefReplace, RefReweight, RefStore, equalizer, mappers, ref_word_inds,
+                       register)
 
 SRC, TGT, LONG = "a cat riding a bicycle", "a dog riding a bicycle", "a cat riding a red bicycle"
 STEPS = 4
@@ -251,6 +252,25 @@ def test_maps_at_every_resolution(pipe):
         m = out.attention.cross(res)
         torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:3]))
     assert out.attention.word_maps(1, "dog", 8).shape == (8, 8)
+
+
+def test_maps_with_a_mid_layer_average_down_and_up_only(pipe, ref_unet, folder):
+    """At 4 x 4 the down, up and mid blocks all have cross attention: `cross(4)` averages the down and up layers
+    only, as the reference's aggregate_attention(from_where=("up", "down")), over the reference store's maps."""
+    prompts = [SRC, TGT]
+    store = RefStore()
+    ref_run(pipe, ref_unet, folder, prompts, store)
+    store = store.attention_store
+
+    def mean(places):  # (P, 4, 4, 77): over layers, heads and steps
+        maps = [m for p in places for m in store[f"{p}_cross"] if m.shape[1] == 4 * 4]
+        assert maps, places
+        return torch.cat([m.reshape(2, -1, 4, 4, 77) for m in maps], 1).mean(1) / STEPS
+
+    att = pipe.edit(prompts, controller=p2p.Store(), steps=STEPS, seed=0, progress=False, decode_images=False).attention
+    close(att.cross(4), mean(("down", "up")))
+    assert (mean(("down", "mid", "up")) - mean(("down", "up"))).abs().max() > 1e-3  # the mid layers would count
+    close(att.cross(4, places="mid"), mean(("mid",)))
 
 
 # -- inversion ------------------------------------------------------------------------------------------

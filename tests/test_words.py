@@ -101,6 +101,16 @@ def test_word_inds_values(tok):
     assert words.word_inds("a zorblax sat", "zorblax", tok) == list(range(2, 2 + k))
 
 
+@pytest.mark.parametrize("n,word,want", [(74, "dog", [75]), (72, "zorblax", [73, 74, 75])])
+def test_word_inds_at_the_end_of_the_window(tok, n, word, want):
+    """A word whose last token is the last before EOS (position 75 of the 77-token window) is found where the
+    reference finds it."""
+    prompt = " ".join(["a"] * n) + " " + word
+    assert len(tok.encode(prompt)) == 77  # the prompt fills the window exactly: nothing is truncated
+    assert ref_word_inds(prompt, word, tok) == want
+    assert words.word_inds(prompt, word, tok) == want
+
+
 @pytest.mark.parametrize("src,tgt", [
     ("a cat", "a big cat"),                              # insertion
     ("a photo of a cat on a mat", "a photo of a cat"),   # deletion at the end
