@@ -173,6 +173,29 @@ def test_store_falls_back_to_reference(inject, device):
     check(2, H=2, N=25, D=16, dtype=torch.float32, device=device, inject=inject, store=True)
 
 
+@pytest.mark.parametrize("fn", [self_attention_reference, self_attention], ids=["reference", "triton"])
+@pytest.mark.parametrize("inject", [False, True])
+def test_store_is_the_head_mean_of_the_conditional_maps(fn, inject):
+    """The store receives, added to what it holds, softmax(q k^T * scale) averaged over the heads, of the
+    conditional rows and before injection (each target's own map), restated here in float64: not one head's
+    map, not the unconditional rows', not the source's map injected into the targets."""
+    device = DEVICES[0]
+    P, H, N, D = 3, 3, 21, 16
+    q, k, v = inputs(P, H, N, D, torch.float32, device, 13)
+    scale = D ** -0.5
+    before = torch.rand(P, N, N, generator=torch.Generator().manual_seed(14)).to(device)
+    store = before.clone()
+    fn(q, k, v, SelfPlan(num_prompts=P, inject=inject, store=store), scale)
+    qd, kd = q[P:].double(), k[P:].double()
+    heads = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1)  # (P, H, N, N) the conditional rows' maps
+    want = before.double() + heads.mean(dim=1)
+    torch.testing.assert_close(store.double(), want, rtol=0, atol=1e-6)
+    # What the mutants would store lies far from it: one head, the other half's rows, the source's map.
+    uncond = torch.softmax(q[:P].double() @ k[:P].double().transpose(-1, -2) * scale, dim=-1).mean(dim=1)
+    for wrong in (heads[:, 0], heads[:, -1], uncond, heads[:1].mean(dim=1).expand(P, N, N)):
+        assert (before.double() + wrong - want).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("inject", [False, True])
 def test_strided_views(inject):
     device = DEVICES[0]
