@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .control import Control, cross_window, self_window
+from .maps import SELF_MAPS_MAX_QUERIES
 from .plan import AttnLayer, CrossPlan, SelfPlan, probabilities
 
 
@@ -206,7 +207,7 @@ class Recorder:
             return _RecordCross(self, layer)
         keep_qk = n_queries <= self.self_max_queries
         store = None
-        if self.self_maps and n_queries <= 32 * 32:
+        if self.self_maps and n_queries <= SELF_MAPS_MAX_QUERIES:
             store = self.self_sum.get(layer.index)
             if store is None:
                 store = self.self_sum[layer.index] = torch.zeros(1, n_queries, n_queries, device=self.device)

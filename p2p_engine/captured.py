@@ -55,7 +55,7 @@ from . import graphs
 from .cache import CachedControl
 from .conditioning import StepTexts, Text
 from .control import Control
-from .maps import level_hw
+from .maps import SELF_MAPS_MAX_QUERIES, level_hw
 from .samplers import DDIMSampler
 from .scheduler import ddim_step, proximal_delta
 from .words import MAX_TOKENS
@@ -121,7 +121,7 @@ class StaticControl(Control):
                     self.blend_sum = torch.zeros_like(maps)
             elif layer.is_cross and self.keep:
                 self.cross_sum[layer.index] = maps
-            elif not layer.is_cross and self.self_maps and n <= 32 * 32:
+            elif not layer.is_cross and self.self_maps and n <= SELF_MAPS_MAX_QUERIES:
                 self.self_sum[layer.index] = maps
                 if injected:
                     self.self_step[layer.index] = torch.zeros_like(maps)

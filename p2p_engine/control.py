@@ -19,7 +19,7 @@ import torch
 
 from .checks import is_int, is_number
 from .controllers import LocalBlend, Store, _Edit
-from .maps import AttentionMaps, level_hw
+from .maps import SELF_MAPS_MAX_QUERIES, AttentionMaps, level_hw
 from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
 from .words import MAX_TOKENS, edit_mapping, require_word, word_inds
 
@@ -248,7 +248,7 @@ class Control:
         return e is not None and e.injected_maps and (layer.is_cross or n <= e.self_max_queries)
 
     def _self_buffer(self, layer, n):
-        if not (self.self_maps and n <= 32 * 32):
+        if not (self.self_maps and n <= SELF_MAPS_MAX_QUERIES):
             return None
         sums = self.self_step if self._injected_maps(layer, n) else self.self_sum
         store = sums.get(layer.index)

@@ -31,6 +31,7 @@ from .words import require_word
 
 
 PLACES = ("down", "mid", "up")  # the UNet blocks an attention layer lies in (plan.AttnLayer.place)
+SELF_MAPS_MAX_QUERIES = 32 * 32  # self maps are kept for layers of at most this many queries, as the reference
 
 
 def level_hw(h: int, w: int, level: int) -> tuple[int, int]:

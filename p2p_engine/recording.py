@@ -24,6 +24,7 @@ import torch
 
 from .cache import EditCache, Recorder
 from .captured import StaticLoop, layer_queries, record_graph, run_calls, unsupported
+from .maps import SELF_MAPS_MAX_QUERIES
 from .plan import compute_dtype
 from .unet import Attention
 from .words import MAX_TOKENS
@@ -70,7 +71,7 @@ class StaticRecorder(Recorder):
         for layer, n in self.layers.values():
             if layer.is_cross:
                 self.cross_sum[layer.index] = torch.zeros(n, MAX_TOKENS, device=dev)
-            elif self.self_maps and n <= 32 * 32:
+            elif self.self_maps and n <= SELF_MAPS_MAX_QUERIES:
                 self.self_sum[layer.index] = torch.zeros(1, n, n, device=dev)
         self.level_step = {lv: torch.zeros(n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
         self.level_maps = {lv: torch.empty(self.calls, n, MAX_TOKENS, device=dev) for lv, n in levels.items()}
@@ -95,7 +96,7 @@ class StaticRecorder(Recorder):
             else:
                 if n <= self.self_max_queries:
                     tables[layer.index] = ("self", (1, H, n, D), dtype)  # q and k as the UNet makes them
-                if self.self_maps and n <= 32 * 32:
+                if self.self_maps and n <= SELF_MAPS_MAX_QUERIES:
                     sums += n * n
         for kind, shape, dt in tables.values():
             self.call_bytes[kind] += (2 if kind == "self" else 1) * torch.Size(shape).numel() * dt.itemsize

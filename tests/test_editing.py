@@ -216,6 +216,23 @@ def test_stored_cross_maps_are_distributions(tiny_pipe):
     torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
 
 
+@pytest.mark.parametrize("size,kept", [(256, True), (264, False)])
+def test_self_maps_are_kept_up_to_32_by_32(tiny_pipe, size, kept):
+    """Self maps are stored for layers of at most 32 x 32 queries (the reference's AttentionStore bound): at 256
+    x 256 the tiny model's finest self layers have exactly 32 x 32 queries, at 264 x 264 33 x 33."""
+    att = tiny_pipe.edit([SRC, TGT], p2p.Store(self_maps=True), steps=1, height=size, width=size, progress=False,
+                         decode_images=False).attention
+    finest = att.resolutions[0]
+    assert finest == size // 8
+    if kept:
+        s = att.self_maps(finest)
+        assert s.shape == (2, finest ** 2, finest ** 2)
+        torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]))
+    else:
+        with pytest.raises(ValueError, match="no stored maps at resolution 33"):
+            att.self_maps(finest)
+
+
 def test_word_maps_average_a_word_s_tokens(tiny_pipe):
     """word_maps of a word of several tokens: the mean of its tokens' columns of `cross(res)`, at the positions the
     reference's get_word_inds gives."""
