@@ -291,10 +291,9 @@ class Control:
             if self.blend_sum is None:
                 self.blend_sum = torch.zeros_like(step_maps)
             self.blend_sum.add_(step_maps)  # in place: a captured step keeps adding into the same buffer
+            latents = self._blend_from_start(latents)  # reads blend_sum only
         for buf in [*self.step_buf.values(), *self.self_step.values()]:
             buf.zero_()
-        if self.blend is not None:
-            latents = self._blend_from_start(latents)
         self.step += 1
         return latents
 
