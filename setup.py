@@ -25,7 +25,19 @@ setup(
     package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"]},
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
-    install_requires=["torch", "triton", "safetensors", "transformers", "numpy", "pillow", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "diffusers"]},
+    # Lower bounds: releases the whole suite passed on (benchmarks/gpu_releases.sh is the GPU machine's set:
+    # torch 2.11, triton 3.6, transformers 5.17, NumPy 2.3). Upper bounds: below the next release line that no
+    # run has tried; benchmarks/newest_releases.sh tries the newest releases with and without them. The exact
+    # set CI tests is constraints.txt.
+    install_requires=[
+        "torch>=2.11,<2.16",
+        "triton>=3.6,<3.10",
+        "transformers>=5.17,<5.26",
+        "safetensors>=0.6,<0.9",
+        "numpy>=2.3,<2.5",
+        "pillow>=11,<14",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={"test": ["pytest>=8.3,<10", "pytest-benchmark>=5.1,<6", "diffusers>=0.42.1,<0.43"]},
     entry_points={"console_scripts": ["p2p-engine=p2p_engine.cli:main"]},
 )
