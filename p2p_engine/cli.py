@@ -149,6 +149,13 @@ def cmd_edit(args) -> int:
     _save_png(side_by_side(out.images), out_path)
     how = f" (loop: {out.loop})" if args.capture else ""  # "eager" where recording failed (and warned)
     print(f"wrote {len(out.images)} images side by side to {out_path}{how}")
+    used = []  # the defaults depend on the source's kind (a real image or a generated one): say which applied
+    if out.self_max_queries is not None:
+        used.append(f"self attention replaced in layers of up to {out.self_max_queries} queries")
+    if out.blend_start is not None:
+        used.append(f"LocalBlend from {out.blend_start:g} of the steps")
+    if used:
+        print("; ".join(used))
     return EXIT_OK
 
 

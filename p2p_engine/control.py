@@ -109,6 +109,7 @@ class BlendTables:
     start: int  # blend after step callbacks number start + 1 on
     level: int  # UNet level whose down/up cross maps are read
     thresholds: tuple[float, float]  # (words, subtract)
+    start_fraction: float = 0.0  # `start` as the fraction of the steps it was given (or defaulted) as
 
 
 def _word_table(words, prompts, tokenizer, what: str) -> torch.Tensor:
@@ -150,12 +151,16 @@ def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
     return 2 if 2 in levels else levels[-1]
 
 
-def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> BlendTables:
-    for name in ("start", "threshold", "subtract_threshold"):
-        if not is_number(getattr(blend, name)):
-            raise TypeError(f"LocalBlend {name} must be a number, got {getattr(blend, name)!r}")
-    if not 0.0 <= float(blend.start) <= 1.0:
-        raise ValueError(f"LocalBlend start = {blend.start!r}: a fraction of the steps in [0, 1]")
+def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers,
+                 default_start: float = 0.0) -> BlendTables:
+    """LocalBlend as tables; `default_start` is the start of a blend that leaves it None."""
+    start = default_start if blend.start is None else blend.start
+    for name, value in (("start", start), ("threshold", blend.threshold),
+                        ("subtract_threshold", blend.subtract_threshold)):
+        if not is_number(value):
+            raise TypeError(f"LocalBlend {name} must be a number, got {value!r}")
+    if not 0.0 <= float(start) <= 1.0:
+        raise ValueError(f"LocalBlend start = {start!r}: a fraction of the steps in [0, 1]")
     for name in ("threshold", "subtract_threshold"):
         if not 0.0 <= float(getattr(blend, name)) <= 1.0:
             raise ValueError(f"LocalBlend {name} = {getattr(blend, name)!r}: a fraction of the mask's maximum in "
@@ -163,8 +168,8 @@ def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers) -> B
     subtract = None if blend.subtract is None else _word_table(blend.subtract, prompts, tokenizer,
                                                                "LocalBlend subtract")
     return BlendTables(_word_table(blend.words, prompts, tokenizer, "LocalBlend words"), subtract,
-                       int(blend.start * steps), blend_level(layers, blend.level),
-                       (blend.threshold, blend.subtract_threshold))
+                       int(start * steps), blend_level(layers, blend.level),
+                       (blend.threshold, blend.subtract_threshold), float(start))
 
 
 # -- the runtime object ----------------------------------------------------------------------------
@@ -346,7 +351,8 @@ class Control:
 
 
 def compile_control(controller, prompts, tokenizer, steps: int, device, *, layers=None, local_blend=None,
-                    store=True, calls: int | None = None, self_max_queries: int = 16 * 16) -> Control | None:
+                    store=True, calls: int | None = None, self_max_queries: int = 16 * 16,
+                    blend_start: float = 0.0) -> Control | None:
     """Once per edit: controller description -> `Control` (or None when nothing is to be done).
 
     Args:
@@ -355,6 +361,7 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
         calls: UNet calls of the edit, counted by the control (default `steps`).
         self_max_queries: the self-replacement limit of controllers that leave it to the model
             (`Pipeline.self_max_queries`).
+        blend_start: the start of a LocalBlend that leaves it None (0.2 for an edit from an inversion).
     """
     prompts = list(prompts)
     P = len(prompts)
@@ -379,7 +386,7 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
                             f"one word or list of words per prompt), got {type(local_blend).__name__}")
         if P < 2:
             raise ValueError("LocalBlend needs a source and at least one target prompt")
-        blend = blend_tables(local_blend, prompts, tokenizer, steps, layers)
+        blend = blend_tables(local_blend, prompts, tokenizer, steps, layers, blend_start)
     if controller is None and local_blend is None and not store:
         return None
     return Control(prompts, calls, device, edit=edit, blend=blend, store=store, self_maps=self_maps)

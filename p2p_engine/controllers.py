@@ -24,8 +24,10 @@ class _Edit:
     cross_steps: object = 0.8
     self_steps: object = 0.4
     # Self replacement applies to layers with at most this many queries: 16*16 in the stable notebook, 32*32 in
-    # the null-text notebook. None: the stable notebook's, scaled with the latent side L for SDXL ((L/4)^2:
-    # 32*32 at 1024 x 1024), as REFERENCE.md's SDXL section says; 16*16 for SD 1.x/2.x.
+    # the null-text notebook. None: the notebook of the source's kind (`Pipeline.self_max_queries`): for an edit
+    # from an inversion the null-text notebook's 32*32, the reference for real images; for a generated image the
+    # stable notebook's 16*16. SDXL scales both with the latent side L ((L/2)^2 and (L/4)^2), as REFERENCE.md's
+    # SDXL section says.
     self_max_queries: int | None = None
     self_maps: bool = False
     # The targets' stored maps: False, each prompt's own (before injection); True, the maps the edit used (after
@@ -68,7 +70,9 @@ class LocalBlend:
 
     words: one entry per prompt (a word or a list of words), e.g. ["cat", "dog"].
     subtract: the same shape, or None (null-text notebook's subtraction).
-    start: fraction of the steps before blending starts (0.2 in the null-text notebook).
+    start: fraction of the steps before blending starts; None: the notebook of the source's kind, 0.2 for an
+        edit from an inversion (the null-text notebook's, the reference for real images), 0 for a generated
+        image (the stable notebook's). `EditOutput.blend_start` states the value an edit used.
     level: the UNet level whose down/up cross maps build the mask; None = latent / 4 (the
         reference's 16x16 maps at 64x64 latents), falling back to the coarsest level with
         down/up cross attention.
@@ -76,7 +80,7 @@ class LocalBlend:
 
     words: object
     subtract: object = None
-    start: float = 0.0
+    start: float | None = None
     threshold: float = 0.3
     subtract_threshold: float = 0.3
     level: int | None = None

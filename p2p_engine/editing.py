@@ -52,6 +52,12 @@ LOOPS = ("eager", "static", "graph")
 _capture_failures: set[str] = set()  # each warned of once per process; every output still states its own
 
 
+# An edit from an inversion follows the null-text notebook, the reference for real images, where its controller
+# and LocalBlend leave the choice open: self replacement up to 32 x 32 queries (`Pipeline.self_max_queries`) and
+# LocalBlend from 20% of the steps; a generated image keeps the stable notebook's 16 x 16 and 0.
+INVERTED_BLEND_START = 0.2
+
+
 @dataclass
 class EditOutput:
     images: list  # PIL images, source first
@@ -59,6 +65,11 @@ class EditOutput:
     attention: object  # maps.AttentionMaps or None
     loop: str = "eager"  # how the loop ran: LOOPS
     capture_failure: str | None = None  # why recording failed, where a captured loop was asked for and ran eagerly
+    # The values the edit used where the defaults depend on its source (INVERTED_BLEND_START): its self
+    # replacement's largest layer in queries (None without a word edit) and LocalBlend's start as a fraction of the
+    # steps (None without LocalBlend).
+    self_max_queries: int | None = None
+    blend_start: float | None = None
 
 
 @dataclass
@@ -229,7 +240,10 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         steps_offset: overrides the checkpoint's for "leading" timesteps (0 gives 980 .. 0 at 50 steps).
         latents: optional start noise (1, 4, h, w) shared by every prompt.
         inversion: an Inversion; its latent_T starts the loop and its null embeddings replace ""; a "direct"
-            one also pins the source row to its pivot after every step.
+            one also pins the source row to its pivot after every step. An edit of a real image takes the
+            null-text notebook's defaults where the controller and LocalBlend leave them unset: self replacement
+            up to 32 x 32 queries ((L/2)^2 on SDXL) and LocalBlend from 0.2 of the steps; a generated image the
+            stable notebook's 16 x 16 ((L/4)^2) and 0. `out.self_max_queries` and `out.blend_start` say which ran.
         proximal: "l0" for proximal guidance at `quantile` (default 0.75; module docstring), None for plain
             guidance.
         store: keep the cross maps of every layer (summed over steps) in `out.attention`.
@@ -279,9 +293,11 @@ def edit_rows(pipe, prompts: list[str], controller, *, local_blend, store: bool,
                  f"({inversion.prompt!r}): the source row will not reproduce the image")
         calls = len(_sampler(pipe, src).timesteps)
     h, w = src.latents.shape[-2:]
+    inverted = src.null is not None  # a real image: the null-text notebook's defaults (INVERTED_BLEND_START)
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
                               layers=pipe.unet.attn_layers, local_blend=local_blend, store=store, calls=calls,
-                              self_max_queries=pipe.self_max_queries(h, w))
+                              self_max_queries=pipe.self_max_queries(h, w, inverted),
+                              blend_start=INVERTED_BLEND_START if inverted else 0.0)
     if cache is None:
         return Rows(prompts, src, control, pin=True)
     if control is None:
@@ -299,7 +315,11 @@ def edit_output(pipe, block: Rows, latents: torch.Tensor, control, loop: str, fa
     if block.cache is not None:
         latents = torch.cat([block.cache.latents[-1].to(pipe.device, pipe.master_dtype), latents])
         images = [block.cache.image] + images if decode_images else []
-    return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure)
+    compiled = block.control  # the tables as compiled, whichever loop ran them
+    edit, blend = (None, None) if compiled is None else (compiled.edit, compiled.blend)
+    return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure,
+                      self_max_queries=None if edit is None else edit.self_max_queries,
+                      blend_start=None if blend is None else blend.start_fraction)
 
 
 @torch.no_grad()
@@ -311,7 +331,8 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
     Args:
         cross_steps, self_steps: the windows (fractions of the steps, or (start, end)) whose source attention is
             kept; a later edit's windows must lie inside them (the controllers' defaults, 0.8 and 0.4, by default).
-        self_max_queries: self layers with at most this many queries are kept (default the model's).
+        self_max_queries: self layers with at most this many queries are kept (default the limit an edit of this
+            source defaults to: `Pipeline.self_max_queries`, the null-text notebook's from an inversion).
         self_maps: also keep the source's self maps (for edits whose controller stores them).
         max_bytes: refuse, after the first UNet call, a cache that would hold more (None: no limit).
         storage: where the cache lives (default the pipeline's device; "cpu" offloads a CUDA run to pinned
@@ -334,7 +355,7 @@ def edit_cache(pipe, prompt: str, *, cross_steps=0.8, self_steps=0.4, self_max_q
         raise ValueError("proximal guidance takes its threshold over the whole batch, so the source row depends on "
                          "the targets and cannot be cached; edit without a cache")
     h, w = src.latents.shape[-2:]
-    limit = pipe.self_max_queries(h, w) if self_max_queries is None else self_max_queries
+    limit = pipe.self_max_queries(h, w, src.null is not None) if self_max_queries is None else self_max_queries
     smp = _sampler(pipe, src)
     recorder = Recorder(pipe.device, storage, len(smp.timesteps), src.steps, cross_steps, self_steps, limit,
                         self_maps, max_bytes)

@@ -23,7 +23,9 @@ Per finished job, written atomically (temporary file + rename):
 then one line appended to the index (DIR/index.jsonl, or DIR/index.rank<r>.jsonl
 per rank under torchrun; rank 0 merges them into DIR/index.jsonl at the end). An ok
 line also says how the job's loops ran ("loops": the inversion's and the edit's,
-editing.LOOPS) and, where recording a CUDA graph failed, why ("capture_failures").
+editing.LOOPS) and, where recording a CUDA graph failed, why ("capture_failures"); an edit's
+line the values it used where its defaults depend on the source ("self_max_queries",
+"blend_start": an edit of an inverted image takes the null-text notebook's 32 x 32 and 0.2).
 
 A job counts as done when an index line says "ok" for its id with the same model and
 settings (`manifest.SETTINGS`, defaults resolved: the model's fingerprint and dtype, steps,
@@ -50,6 +52,7 @@ import torch
 
 from .control import compile_control
 from .controllers import blend_from_spec, from_spec
+from .editing import INVERTED_BLEND_START
 from .images import prepare, save_image_atomic
 from .loading import load
 from .manifest import INDEX, Job, _append, _done_ids, _ok_ids, merge_index, read_jobs
@@ -103,10 +106,14 @@ def _settings(pipe: Pipeline, *, steps, inner_steps, method, guidance, steps_off
     spacing = pipe.scheduler.config.timestep_spacing or "leading"
     if steps_offset is None and spacing == "leading":
         steps_offset = pipe.scheduler.config.steps_offset
+    side = pipe.config.latent_size  # every job's image is prepared at the model's native size
     return {"model": model_fingerprint(pipe), "dtype": str(pipe.dtype).removeprefix("torch."), "steps": steps,
             "inner_steps": inner_steps, "method": method,
             "guidance": float(pipe.default_guidance if guidance is None else guidance),
-            "steps_offset": steps_offset, "edit": dict(edit_options or {})}
+            "steps_offset": steps_offset, "edit": dict(edit_options or {}),
+            # what an edit from an inversion takes where a job leaves them out (editing.INVERTED_BLEND_START)
+            "edit_defaults": {"self_max_queries": pipe.self_max_queries(side, side, inverted=True),
+                              "blend_start": INVERTED_BLEND_START}}
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -312,7 +319,7 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
             save_inversion: bool, edit_options: dict) -> None:
     """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
     t0 = time.perf_counter()
-    outputs = {"inversion": None, "edits": []}
+    outputs, used = {"inversion": None, "edits": []}, {}
     loops = {"inversion": inv.loop, "edit": None}  # how each loop ran (editing.LOOPS), and why a capture failed
     failures = [inv.capture_failure] if inv.capture_failure else []
     try:
@@ -327,6 +334,7 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
                             local_blend=blend_from_spec(job.spec.get("blend")), inversion=inv,
                             seed=job.spec.get("seed", 0), progress=False, **edit_options)
             loops["edit"] = out.loop
+            used = {"self_max_queries": out.self_max_queries, "blend_start": out.blend_start}
             failures += [out.capture_failure] if out.capture_failure else []
             named = [(f"{job.id}/edit_{k}.png", im) for k, im in enumerate(out.images)]
             if job.spec.get("out"):
@@ -347,4 +355,4 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
     record(job, {"status": "ok", "outputs": outputs, "final_losses": losses,
                  "final_loss": next((v for v in reversed(losses) if v is not None), None),
                  "seconds": round(seconds + time.perf_counter() - t0, 4), "unet_evaluations": cost, "loops": loops,
-                 **({"capture_failures": failures} if failures else {})})
+                 **used, **({"capture_failures": failures} if failures else {})})

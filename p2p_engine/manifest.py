@@ -19,7 +19,7 @@ INDEX = "index.jsonl"
 JOB_KEYS = {"image", "prompt", "edits", "controller", "seed", "blend", "out"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # what an index line records of the run that made it; a job is done only when all of them match (jobs._settings)
-SETTINGS = ("model", "dtype", "steps", "inner_steps", "method", "guidance", "steps_offset", "edit")
+SETTINGS = ("model", "dtype", "steps", "inner_steps", "method", "guidance", "steps_offset", "edit", "edit_defaults")
 
 
 @dataclass

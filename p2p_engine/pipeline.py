@@ -58,10 +58,14 @@ class Pipeline:
             self._probe = probe_weights(self.unet, self.text_encoder, self.text_encoder_2)
         return self._probe
 
-    def self_max_queries(self, h: int, w: int) -> int:
-        """Self-attention replacement's default limit for latents of h x w: the stable notebook's 16 x 16 layers
-        for SD 1.x/2.x; for SDXL scaled with the latent size, (h/4)(w/4) (32 x 32 at 1024 x 1024)."""
-        return (h // 4) * (w // 4) if self.family == "sdxl" else 16 * 16
+    def self_max_queries(self, h: int, w: int, inverted: bool = False) -> int:
+        """Self-attention replacement's default limit for latents of h x w. A generated image: the stable
+        notebook's 16 x 16 layers on SD 1.x/2.x, for SDXL scaled with the latent size, (h/4)(w/4) (32 x 32 at
+        1024 x 1024). An edit of an inverted image (`inverted`): the null-text notebook's, the reference for
+        real images, 32 x 32 on SD 1.x/2.x and (h/2)(w/2) on SDXL (REFERENCE.md's scaling, as PIE's protocol)."""
+        if self.family == "sdxl":
+            return (h // 2) * (w // 2) if inverted else (h // 4) * (w // 4)
+        return 32 * 32 if inverted else 16 * 16
 
     @property
     def vae_dtype(self) -> torch.dtype:

@@ -236,6 +236,8 @@ def test_invert_then_edit(ckpt, photo, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as im:
         assert im.size == (2 * SIZE, SIZE)
+    # an edit of a real image: the null-text notebook's self-replacement limit, stated
+    assert "self attention replaced in layers of up to 1024 queries" in capsys.readouterr().out
 
 
 def test_written_files_have_ordinary_permissions(ckpt, photo, tmp_path, capsys):

@@ -10,6 +10,7 @@ from p2p_engine.tokenizer import clip_tokenizer
 from reference import ref_word_inds
 
 TOK = clip_tokenizer()
+LAYERS = [AttnLayer(0, "down", True, 0), AttnLayer(1, "up", True, 1)]  # cross layers LocalBlend can read
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
 
 
@@ -49,13 +50,24 @@ def test_cross_gate_matches_reference(steps, cross):
 
 def test_defaults():
     """The documented defaults (REFERENCE.md, API.md): edits replace cross maps for 0.8 and self maps for 0.4 of the
-    steps; LocalBlend thresholds both masks at 0.3 of their maximum, blends from the first step, picks its level."""
+    steps; LocalBlend thresholds both masks at 0.3 of their maximum, picks its level, and leaves its start and the
+    self-replacement limit to the source's kind (compiled: from the first step, or 0.2 of the steps given as the
+    default of an edit from an inversion; tests/test_editing.py checks both kinds against the notebooks)."""
     for cls in (p2p.Replace, p2p.Refine, p2p.Reweight):
         c = cls()
-        assert (c.cross_steps, c.self_steps) == (0.8, 0.4), cls.__name__
+        assert (c.cross_steps, c.self_steps, c.self_max_queries) == (0.8, 0.4, None), cls.__name__
     blend = p2p.LocalBlend(["a", "b"])
     assert (blend.threshold, blend.subtract_threshold) == (0.3, 0.3)
-    assert (blend.start, blend.level, blend.subtract) == (0.0, None, None)
+    assert (blend.start, blend.level, blend.subtract) == (None, None, None)
+    prompts = ["a cat", "a dog"]
+    for default, start in ((0.0, 0), (0.2, 2)):
+        ctrl = C.compile_control(None, prompts, TOK, 10, "cpu", local_blend=controllers.LocalBlend(["cat", "dog"]),
+                                 layers=LAYERS, blend_start=default)
+        assert (ctrl.blend.start, ctrl.blend.start_fraction) == (start, default)
+    given = C.compile_control(None, prompts, TOK, 10, "cpu", local_blend=controllers.LocalBlend(["cat", "dog"],
+                                                                                                 start=0.0),
+                              layers=LAYERS, blend_start=0.2)
+    assert (given.blend.start, given.blend.start_fraction) == (0, 0.0)  # an explicit start wins
 
 
 @pytest.mark.parametrize("steps,s,want", [(50, 0.4, (0, 20)), (7, 0.4, (0, 2)), (7, (0.2, 0.9), (1, 6)),

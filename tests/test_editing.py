@@ -408,3 +408,121 @@ def test_inversion_supplies_start_latent_and_null_context(tiny_pipe):
         tiny_pipe.edit(prompts, inversion=inv, steps=STEPS + 1, **edit)
     with pytest.raises(ValueError, match="leave height and width out"):
         tiny_pipe.edit(prompts, inversion=inv, height=2 * s * tiny_pipe.config.vae.downscale, **edit)
+
+
+# -- defaults by the source's kind: a real image takes the null-text notebook's, a generated one the stable's -----
+
+REAL_STEPS = 5  # LocalBlend's default start 0.2 of them is one step (at 4 steps it would round to none)
+
+
+@pytest.fixture(scope="module")
+def pipe256(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with a native size of 256 x 256 (latents 32 x 32, as an inversion is made at the native
+    size): its first level's self layers have 32 x 32 queries, replaced by one of the two defaults only."""
+    import json
+    import shutil
+    folder = tmp_path_factory.mktemp("tiny256") / "tiny256"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 32}))
+    pipe = p2p.load(folder, device="cpu", dtype=torch.float32, backend="torch")
+    assert pipe.config.latent_size == 32
+    return pipe
+
+
+def ref_inverted_run(tiny_pipe, unet, config, prompts, ctrl, inv):
+    """The null-text notebook's editing loop: the inversion's start latent, its null embedding of step i as every
+    prompt's unconditional context, its guidance, DDIM on its timesteps."""
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler.from_config(config)
+    sched.set_timesteps(len(inv.timesteps))
+    assert sched.timesteps.tolist() == inv.timesteps
+    register(unet, ctrl)
+    P = len(prompts)
+    cond = tiny_pipe.encode_prompt(prompts)
+    latents = inv.latent_T.expand(P, -1, -1, -1).clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            ctx = torch.cat([inv.null_embeddings[i][None].expand(P, -1, -1), cond])
+            out = unet(torch.cat([latents] * 2), t, encoder_hidden_states=ctx).sample
+            u, c = out.chunk(2)
+            latents = sched.step(u + inv.guidance * (c - u), t, latents).prev_sample
+            latents = ctrl.step_callback(latents)
+    return latents
+
+
+@pytest.fixture(scope="module")
+def real_inversion(pipe256):
+    image = (torch.rand(256, 256, 3, generator=torch.Generator().manual_seed(7)) * 255).to(torch.uint8)
+    return pipe256.invert(image.numpy(), SRC, steps=REAL_STEPS, inner_steps=2, progress=False)
+
+
+def _blend_alpha(tiny_pipe, prompts, words):
+    alpha = torch.zeros(len(prompts), 1, 1, 1, 1, 77)
+    for i, (p, w) in enumerate(zip(prompts, words)):
+        alpha[i, ..., word_inds(p, w, tiny_pipe.tokenizer)] = 1
+    return alpha
+
+
+def test_real_image_defaults_are_the_null_text_notebook_s(pipe256, ref_unet, sched_config, real_inversion):
+    """An edit from a null-text inversion with the controller's and LocalBlend's defaults equals the null-text
+    notebook: self replacement in layers of up to 32 x 32 queries and LocalBlend after 20% of the steps; each of
+    the two defaults moves the result (the stable notebook's 16 x 16, or a blend from the first step, differ).
+    The output states the values used, and explicit values win."""
+    prompts, inv = [SRC, TGT], real_inversion
+    M, _ = mappers(pipe256, prompts)
+    res = pipe256.config.latent_size // 2  # LocalBlend's level: latent / 2 on the tiny model
+    blend = RefNullBlend(_blend_alpha(pipe256, prompts, ["cat", "dog"]), res, start=int(0.2 * REAL_STEPS),
+                         th=(0.7, 0.3))  # 0.7: a partial mask on the tiny model (not a default under test)
+    ref = ref_inverted_run(pipe256, ref_unet, sched_config, prompts,
+                           RefReplace(M, prompts, REAL_STEPS, 0.8, 0.4, blend=blend, self_max=32 ** 2), inv)
+    kw = dict(inversion=inv, progress=False, decode_images=False)
+    out = pipe256.edit(prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7), **kw)
+    close(out.latents, ref)
+    assert (out.self_max_queries, out.blend_start) == (32 * 32, 0.2)
+    stable_self = pipe256.edit(prompts, p2p.Replace(self_max_queries=16 * 16),
+                                 local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7), **kw)
+    from_first = pipe256.edit(prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], start=0.0,
+                                                                                   threshold=0.7), **kw)
+    for other in (stable_self, from_first):
+        assert (other.latents - out.latents).abs().max() > 1e-2, "a default changed nothing"
+    assert (stable_self.self_max_queries, stable_self.blend_start) == (16 * 16, 0.2)
+    assert (from_first.self_max_queries, from_first.blend_start) == (32 * 32, 0.0)
+    # in a batch too, beside a generated edit, each request takes its own source's defaults
+    batch = pipe256.edit_batch([
+        p2p.EditRequest(prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7),
+                        inversion=inv),
+        p2p.EditRequest(prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7))],
+        steps=REAL_STEPS, progress=False, decode_images=False)
+    assert [(o.self_max_queries, o.blend_start) for o in batch] == [(32 * 32, 0.2), (16 * 16, 0.0)]
+    close(batch[0].latents, ref)
+
+
+def test_generated_image_defaults_are_the_stable_notebook_s(pipe256, ref_unet, sched_config):
+    """A generated edit at the same size keeps the stable notebook's defaults: 16 x 16 and LocalBlend from the
+    first step."""
+    prompts = [SRC, TGT]
+    M, _ = mappers(pipe256, prompts)
+    blend = RefBlend(_blend_alpha(pipe256, prompts, ["cat", "dog"]), pipe256.config.latent_size // 2, start=0,
+                     th=0.7)
+    ref = ref_run(pipe256, ref_unet, sched_config, prompts,
+                  RefReplace(M, prompts, REAL_STEPS, 0.8, 0.4, blend=blend, self_max=16 ** 2), steps=REAL_STEPS)
+    out = pipe256.edit(prompts, p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.7),
+                       steps=REAL_STEPS, seed=0, progress=False, decode_images=False)
+    close(out.latents, ref)
+    assert (out.self_max_queries, out.blend_start) == (16 * 16, 0.0)
+    generation = pipe256.edit(prompts, steps=2, progress=False, decode_images=False)
+    assert (generation.self_max_queries, generation.blend_start) == (None, None)  # nothing of the kind ran
+
+
+def test_self_limit_defaults_by_family_and_source():
+    """SD 1.x/2.x: 16 x 16 generated, 32 x 32 from an inversion; SDXL scales both with the latent side,
+    (h/4)(w/4) and (h/2)(w/2)."""
+    from types import SimpleNamespace
+
+    from p2p_engine.pipeline import Pipeline
+    for family, h, w, generated, inverted in (("sd1", 64, 64, 256, 1024), ("sd2", 96, 96, 256, 1024),
+                                              ("sdxl", 128, 128, 32 * 32, 64 * 64), ("sdxl", 128, 96, 32 * 24, 64 * 48)):
+        fake = SimpleNamespace(family=family)
+        assert Pipeline.self_max_queries(fake, h, w) == generated
+        assert Pipeline.self_max_queries(fake, h, w, inverted=True) == inverted
