@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--inner-steps", type=positive_int, default=10,
                    help="null-text optimisation iterations per step (default 10)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images inverted together (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="jobs inverted together and edited together in one edit_batch (default 4, the fastest "
+                        "measured: benchmarks/RESULTS.md); results are each job's own at any size")
     p.add_argument("--method", default="null_text", choices=METHODS, help="inversion method (default null_text)")
     add_sampling_args(p, samplers=False)
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
@@ -425,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", type=names(PIE_TYPES), default=None, help="edit type ids, e.g. 0,6,8 (default all)")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--inner-steps", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="entries inverted together and edited together, as `run` (default 4)")
     add_sampling_args(p, samplers=False)
     p.set_defaults(func=cmd_pie)
 

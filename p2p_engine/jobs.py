@@ -10,7 +10,9 @@ Each line of the job file is one job:
      "out": "dogs/001.png",                                         # optional, see below
      "seed": 0}                                                     # optional
 
-Relative image paths are read from the job file's folder. A job's id is the first
+Jobs run in batches of `batch_size`: their images inverted together (`invert_batch`), then their edits
+in one `edit_batch` (each edit equal to its own `edit`; a batch whose edit fails runs again job by job, so
+that only the bad job fails). Relative image paths are read from the job file's folder. A job's id is the first
 16 hex digits of sha256 over the line's canonical JSON (sorted keys, no spaces), so
 the same job keeps its folder however the file is reordered or re-spaced.
 
@@ -50,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from .batch import EditRequest
+from .checks import is_int
 from .control import compile_control
 from .controllers import blend_from_spec, from_spec
 from .editing import INVERTED_BLEND_START
@@ -58,6 +62,9 @@ from .loading import load
 from .manifest import INDEX, Job, _append, _done_ids, _ok_ids, merge_index, read_jobs
 from .pipeline import Pipeline, probe_weights, release_memory
 from .words import MAX_TOKENS
+
+
+DEFAULT_BATCH_SIZE = 4  # jobs inverted and edited together: the measurement is in benchmarks/RESULTS.md
 
 
 @dataclass
@@ -200,23 +207,29 @@ def _progress_bar(total: int, enabled: bool, desc: str):
                            "[{elapsed}<{remaining}{postfix}]")
 
 
-def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int = 1,
+def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int | None = None,
              device=None, dtype=torch.float32, backend: str = "auto", method: str = "null_text",
              guidance: float | None = None, steps_offset: int | None = None, edit_options: dict | None = None,
-             save_inversions: bool = True, progress: bool = True, max_batches: int | None = None) -> Summary:
+             save_inversions: bool = True, progress: bool = True, max_batches: int | None = None,
+             edit_batch_size: int | None = None) -> Summary:
     """Invert (and edit) every job of a JSONL file into out_dir; see the module docstring for the layout.
 
     Args:
         model: a checkpoint path for p2p.load, or a loaded Pipeline to reuse (no reload, no global state).
         method: the inversion method of every job (`Pipeline.invert`); steps_offset as there.
-        edit_options: more keywords for every job's `Pipeline.edit` (e.g. {"proximal": "l0"}).
+        batch_size: jobs inverted together (`invert_batch`) and edited together (`edit_batch`); None:
+            DEFAULT_BATCH_SIZE.
+        edit_options: more fields of every job's `EditRequest` (e.g. {"proximal": "l0"}).
         save_inversions: keep each job's inversion file (PIE runs only keep the edited images).
         max_batches: stop after this many inversion batches (the rest is left for a later run).
+        edit_batch_size: jobs per `edit_batch` (default batch_size); each job's files are the same at any size.
     Returns a Summary; under torchrun its counts are summed over all ranks.
     """
     start = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    for name, size in (("batch_size", batch_size), ("edit_batch_size", edit_batch_size)):
+        if size is not None and (not is_int(size) or size < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"the output folder {out_dir} is a file: give a folder (it is created if missing)")
@@ -270,7 +283,8 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
             if runnable:
                 _run_batches(pipe, runnable, out_dir, batch_size, record, record_error, summary, max_batches,
                              {"steps": steps, "inner_steps": inner_steps, "method": method, "guidance": guidance,
-                              "steps_offset": steps_offset}, save_inversions, edit_options or {})
+                              "steps_offset": steps_offset}, save_inversions, edit_options or {},
+                             edit_batch_size or batch_size)
         except KeyboardInterrupt:
             bar.close()
             raise Interrupted(summary.ok, out_dir) from None
@@ -297,7 +311,8 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
 
 
 def _run_batches(pipe, runnable: list[Job], out_dir: Path, batch_size: int, record, record_error, summary: Summary,
-                 max_batches: int | None, invert_options: dict, save_inversions: bool, edit_options: dict) -> None:
+                 max_batches: int | None, invert_options: dict, save_inversions: bool, edit_options: dict,
+                 edit_batch_size: int) -> None:
     for n_batch, batch in enumerate(_batches(pipe, runnable, batch_size, invert_options["steps"], record_error), 1):
         t0 = time.perf_counter()
         try:
@@ -308,16 +323,44 @@ def _run_batches(pipe, runnable: list[Job], out_dir: Path, batch_size: int, reco
                 record_error(job, e)
         else:
             per_image = (time.perf_counter() - t0) / len(batch)
-            for (job, _), inv in zip(batch, invs):
-                _finish(pipe, job, inv, out_dir, per_image, record, record_error, summary, save_inversions,
-                        edit_options)
+            done = [(job, inv) for (job, _), inv in zip(batch, invs)]
+            edits = _edit(pipe, done, invert_options["steps"], edit_options, edit_batch_size)
+            for job, inv in done:
+                _finish(pipe, job, inv, edits.get(job.id), out_dir, per_image, record, record_error, summary,
+                        save_inversions)
         if max_batches is not None and n_batch >= max_batches:
             break
 
 
-def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_error, summary: Summary,
-            save_inversion: bool, edit_options: dict) -> None:
-    """Write one job's inversion and edits, then its index line. Index last: a kill in between means redo."""
+def _edit(pipe, done: list, steps: int, edit_options: dict, size: int) -> dict:
+    """The edits of the inverted jobs that ask for one, `size` jobs per `edit_batch`: {job id: (EditOutput or its
+    error, seconds per job)}. A batch that fails runs again job by job, so that a bad job fails alone."""
+    def request(job: Job, inv) -> EditRequest:  # edit_options: more fields of every EditRequest
+        return EditRequest(_edit_prompts(job.spec), controller=from_spec(job.spec.get("controller")), inversion=inv,
+                           local_blend=blend_from_spec(job.spec.get("blend")), seed=job.spec.get("seed", 0),
+                           **edit_options)
+
+    wanted = [(job, inv) for job, inv in done if job.spec.get("edits") or job.spec.get("controller")]
+    out = {}
+    for k in range(0, len(wanted), size):
+        group = wanted[k:k + size]
+        t0 = time.perf_counter()
+        try:
+            outs = pipe.edit_batch([request(job, inv) for job, inv in group], steps=steps, progress=False)
+        except Exception as e:  # noqa: BLE001 -- recorded as the job's error, or found by running each alone
+            if len(group) > 1:
+                out.update(_edit(pipe, group, steps, edit_options, 1))
+                continue
+            outs = [e]
+        seconds = (time.perf_counter() - t0) / len(group)
+        out.update({job.id: (o, seconds) for (job, _), o in zip(group, outs)})
+    return out
+
+
+def _finish(pipe, job: Job, inv, edit, out_dir: Path, seconds: float, record, record_error, summary: Summary,
+            save_inversion: bool) -> None:
+    """Write one job's inversion and edits (`edit`: (its EditOutput or error, seconds), None without an edit),
+    then its index line. Index last: a kill in between means redo."""
     t0 = time.perf_counter()
     outputs, used = {"inversion": None, "edits": []}, {}
     loops = {"inversion": inv.loop, "edit": None}  # how each loop ran (editing.LOOPS), and why a capture failed
@@ -326,13 +369,12 @@ def _finish(pipe, job: Job, inv, out_dir: Path, seconds: float, record, record_e
         if save_inversion:
             outputs["inversion"] = f"{job.id}/inversion.safetensors"
             inv.save(out_dir / outputs["inversion"])
-        edits = job.spec.get("edits", [])
-        prompts = _edit_prompts(job.spec)
-        cost = inv.unet_evaluations(len(prompts))
-        if edits or job.spec.get("controller"):
-            out = pipe.edit(prompts, controller=from_spec(job.spec.get("controller")),
-                            local_blend=blend_from_spec(job.spec.get("blend")), inversion=inv,
-                            seed=job.spec.get("seed", 0), progress=False, **edit_options)
+        cost = inv.unet_evaluations(len(_edit_prompts(job.spec)))
+        if edit is not None:
+            out, edit_seconds = edit
+            if isinstance(out, Exception):
+                raise out
+            seconds += edit_seconds
             loops["edit"] = out.loop
             used = {"self_max_queries": out.self_max_queries, "blend_start": out.blend_start}
             failures += [out.capture_failure] if out.capture_failure else []

@@ -153,10 +153,11 @@ def protocol_job(entry: Entry, pie_dir, self_limit: int = SELF_MAX_QUERIES) -> d
 
 
 def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_steps: int = 10,
-            steps_offset: int | None = None, batch_size: int = 1, device=None, dtype=torch.float32,
-            backend: str = "auto", progress: bool = True) -> dict:
+            steps_offset: int | None = None, batch_size: int | None = None, device=None, dtype=torch.float32,
+            backend: str = "auto", progress: bool = True, edit_batch_size: int | None = None) -> dict:
     """Run the protocol for every entry (of `types`) and method into OUT/<method>/; see the module docstring.
-    `model` is loaded once for every method (before anything is written). Returns {method: jobs.Summary}."""
+    `model` is loaded once for every method (before anything is written); batch_size and edit_batch_size as
+    `jobs.run_jobs` takes them. Returns {method: jobs.Summary}."""
     from .jobs import Interrupted, process_group, run_jobs
     from .loading import load
     from .pipeline import Pipeline, release_memory
@@ -186,7 +187,7 @@ def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_
                 summaries[name] = run_jobs(job_file, pipe, folder, steps=steps, inner_steps=inner_steps,
                                            method=method, guidance=GUIDANCE, steps_offset=steps_offset,
                                            edit_options=options, save_inversions=False, batch_size=batch_size,
-                                           device=device, progress=progress)
+                                           device=device, progress=progress, edit_batch_size=edit_batch_size)
         except KeyboardInterrupt as e:
             finished = sum(s.ok for s in summaries.values()) + getattr(e, "finished", 0)
             raise Interrupted(finished, out) from None

@@ -50,6 +50,15 @@ def test_help_each_subcommand(cmd, capsys):
     assert f"p2p-engine {cmd}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cmd", ["run", "pie"])
+def test_batch_size_help_states_the_default(cmd, capsys):
+    """The help's default batch size is the one `run_jobs` uses when --batch-size is left out."""
+    from p2p_engine.jobs import DEFAULT_BATCH_SIZE
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    assert f"(default {DEFAULT_BATCH_SIZE}" in " ".join(capsys.readouterr().out.split())
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "p2p_engine", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

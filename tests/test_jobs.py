@@ -125,9 +125,9 @@ def test_pipeline_reused_across_runs(setup, single_run, tmp_path):
         pipe.release_memory()  # between runs: the second run must still give the same files
 
 
-def test_edit_requests_reach_pipe_edit(setup, tmp_path):
-    """The job's edit prompts, controller, seed and inversion go to pipe.edit; every image it returns is saved,
-    and the index line says how its loop ran (here a capture that failed)."""
+def test_edit_requests_reach_pipe_edit_batch(setup, tmp_path):
+    """The job's edit prompts, controller, seed and inversion go to pipe.edit_batch as its EditRequest; every image
+    it returns is saved, and the index line says how its loop ran (here a capture that failed)."""
     from PIL import Image
 
     from p2p_engine.editing import EditOutput
@@ -135,12 +135,13 @@ def test_edit_requests_reach_pipe_edit(setup, tmp_path):
     pipe = p2p.load(str(model), device="cpu")
     calls = []
 
-    def fake_edit(prompts, **kw):  # stands in for the UNet-driven edit loop; records what it was asked
-        calls.append((prompts, kw))
-        return EditOutput([Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(len(prompts))], None, None,
-                          loop="eager", capture_failure="RuntimeError: not capturable")  # a graph that failed
+    def fake_edit_batch(requests, **kw):  # stands in for the UNet-driven edit loop; records what it was asked
+        calls.append((requests, kw))
+        return [EditOutput([Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(len(r.prompts))], None, None,
+                           loop="eager", capture_failure="RuntimeError: not capturable")  # a graph that failed
+                for r in requests]
 
-    pipe.edit = fake_edit
+    pipe.edit_batch = fake_edit_batch
     job = {"image": str(root / "img/2.png"), "prompt": "a dog on grass", "edits": ["a cat on grass", "a cow on grass"],
            "seed": 5, "controller": {"mode": "replace", "cross_steps": 0.6, "self_steps": [0.1, 0.5],
                                      "equalizer": {"grass": 3.0}}}
@@ -148,12 +149,13 @@ def test_edit_requests_reach_pipe_edit(setup, tmp_path):
     f.write_text(json.dumps(job) + "\n")
     s = jobs.run_jobs(f, pipe, tmp_path / "out", steps=STEPS, inner_steps=INNER, progress=False)
     assert s.ok == 1
-    ((prompts, kw),) = calls
-    assert prompts == ["a dog on grass", "a cat on grass", "a cow on grass"] and kw["seed"] == 5
-    ctrl = kw["controller"]
+    (([request], kw),) = calls
+    assert request.prompts == ["a dog on grass", "a cat on grass", "a cow on grass"] and request.seed == 5
+    assert kw["steps"] == STEPS
+    ctrl = request.controller
     assert isinstance(ctrl, p2p.Reweight) and ctrl.equalizer == {"grass": 3.0} and ctrl.cross_steps == 0.6
     assert isinstance(ctrl.prev, p2p.Replace) and list(ctrl.prev.self_steps) == [0.1, 0.5]
-    assert kw["inversion"].prompt == "a dog on grass"
+    assert request.inversion.prompt == "a dog on grass"
     (e,) = _index(tmp_path / "out").values()
     assert len(e["outputs"]["edits"]) == 3 and e["loops"] == {"inversion": "eager", "edit": "eager"}
     assert e["capture_failures"] == ["RuntimeError: not capturable"]
@@ -376,7 +378,7 @@ def test_failed_edit_leaves_no_inversion(setup, toy_pipe, tmp_path, monkeypatch)
     def broken_edit(*args, **kw):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(toy_pipe, "edit", broken_edit)
+    monkeypatch.setattr(toy_pipe, "edit_batch", broken_edit)
     f = _job_file(tmp_path, [{"image": str(setup[0] / "img/0.png"), "prompt": "a cat", "edits": ["a dog"]}])
     s = jobs.run_jobs(f, toy_pipe, tmp_path / "out", steps=STEPS, method="ddim", progress=False)
     assert s.failed == 1 and not list((tmp_path / "out").rglob("*.safetensors"))
@@ -387,7 +389,7 @@ def test_interrupt_says_what_was_kept(setup, toy_pipe, tmp_path, monkeypatch):
     finish = jobs._finish
 
     def interrupted_after_one(*args):
-        if args[-3].ok:  # the summary: one job finished before Ctrl-C
+        if args[-2].ok:  # the summary: one job finished before Ctrl-C
             raise KeyboardInterrupt
         finish(*args)
 
@@ -404,3 +406,45 @@ def test_bad_output_folder_or_model_writes_nothing(setup, tmp_path):
     (tmp_path / "empty").mkdir()
     assert cli.main(["run", str(f), "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _records(out) -> dict:
+    """The index lines by job id, without what a run's timing puts in them."""
+    return {jid: {k: v for k, v in e.items() if k != "seconds"} for jid, e in _index(out).items()}
+
+
+def _files(out) -> dict:
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "index.jsonl"}
+
+
+def test_batched_edits_give_the_files_and_records_of_one_by_one(setup, toy_pipe, tmp_path):
+    """The toy model's edits of five jobs in one edit_batch write the same files, byte for byte, and the same index
+    records as the same run with one job per edit_batch (the inversions batched alike), and a job whose edit
+    fails (a seed out of range, found only when it is edited) fails alone."""
+    root, _ = setup
+    specs = [{"image": str(root / f"img/{k}.png"), "prompt": p, "edits": [e], "seed": k, **extra}
+             for k, (p, e, extra) in zip((0, 1, 2, 4, 5, 6), [  # img/3.png is not an image
+                 ("a cat", "a dog", {}),
+                 ("a red car", "a blue car", {"blend": {"words": ["red", "blue"]}}),  # its start left to the default
+                 ("a dog on grass", "a big dog on grass", {"controller": {"mode": "refine", "cross_steps": 0.5}}),
+                 ("a small boat", "a small boat", {"controller": {"mode": "reweight", "equalizer": {"small": 2.0}}}),
+                 ("a tree", "a bush", {"seed": -1}),  # refused by the edit, after the inversion
+                 ("a cup of tea", "a cup of coffee", {"out": "tea/coffee.png"})])]
+    f = _job_file(tmp_path, specs)
+    runs = {}
+    for name, kw in [("batched", {}), ("one by one", {"edit_batch_size": 1})]:
+        s = jobs.run_jobs(f, toy_pipe, tmp_path / name, steps=STEPS, inner_steps=INNER, batch_size=6,
+                          progress=False, **kw)
+        assert (s.ok, s.failed) == (5, 1), name
+        runs[name] = tmp_path / name
+    batched, single = runs["batched"], runs["one by one"]
+    assert _records(batched) == _records(single)
+    assert _files(batched) == _files(single) and len(_files(batched)) == 5 + 2 * 4 + 1  # inversions, edits, out
+    # each record states the defaults of an edit from an inversion it used: the null-text notebook's
+    used = {e["prompt"]: (e["self_max_queries"], e["blend_start"]) for e in _index(batched).values()
+            if e["status"] == "ok"}
+    assert used == {"a cat": (1024, None), "a red car": (1024, 0.2), "a dog on grass": (1024, None),
+                    "a small boat": (1024, None), "a cup of tea": (1024, None)}
+    (bad,) = [e for e in _index(batched).values() if e["status"] == "error"]
+    assert bad["prompt"] == "a tree" and "seed must be an integer in [0, 2**63)" in bad["error"]
+    assert not [f for f in (batched / bad["id"]).rglob("*") if f.is_file()]  # its inversion file removed
