@@ -39,6 +39,8 @@ setup(
         "pillow>=11,<14",
         "tqdm>=4.66,<5",
     ],
-    extras_require={"test": ["pytest>=8.3,<10", "pytest-benchmark>=5.1,<6", "diffusers>=0.42.1,<0.43"]},
+    extras_require={"test": ["pytest>=8.3,<10", "pytest-benchmark>=5.1,<6", "diffusers>=0.42.1,<0.43",
+                             # to rebuild the extension and build the wheel without build isolation (test_install)
+                             "pybind11>=2.12,<3.2", "setuptools>=64,<85", "wheel>=0.40,<0.49"]},
     entry_points={"console_scripts": ["p2p-engine=p2p_engine.cli:main"]},
 )
