@@ -19,7 +19,8 @@ from .scorer import METRICS
 COSTS = ("seconds", "unet_evaluations", "inversion_evaluations")
 HEADS = {"structure_distance": "Structure distance x1e3", "psnr": "PSNR", "lpips": "LPIPS x1e3",
          "mse": "MSE x1e4", "ssim": "SSIM x1e2", "clip_whole": "CLIP whole", "clip_edited": "CLIP edited",
-         "seconds": "s / image", "unet_evaluations": "UNet evals / image", "inversion_evaluations": "of which inversion"}
+         "seconds": "s / image", "unet_evaluations": "UNet evals / image",
+         "inversion_evaluations": "of which inversion"}
 SCALES = {"structure_distance": 1e3, "lpips": 1e3, "mse": 1e4, "ssim": 1e2}
 GROUP = ("editor", "method", "type", "images", "failed")
 

@@ -8,8 +8,9 @@
                                   file or index, so every entry is expected and seconds are unknown
 
 `evaluate` scores every entry of every run (one source image loaded, and its side of each metric computed,
-once for all runs). Edited images wider than tall are cropped to their right-most source-sized square, as
-the reference's evaluate.py crops PnPInversion's side-by-side outputs ([source | ... | edit]).
+once for all runs). Edited images that are not square are cropped to their right-most source-sized block,
+as the reference's evaluate.py crops PnPInversion's side-by-side outputs
+([prompts | source | reconstruction | edit]).
 """
 from __future__ import annotations
 
