@@ -50,11 +50,14 @@ class Lpips(nn.Module):
         return [f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + 1e-10) for f in self.net.taps(x)]
 
     @torch.no_grad()
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, f0: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """(B,) distances; `f0`: x0's features when already computed."""
-        f0 = self.features(x0) if f0 is None else f0
-        f1 = self.features(x1)
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        """(B,) distances of x0 and x1, (B, 3, H, W) in [-1, 1]."""
+        return self.distance(self.features(x0), x1)
+
+    @torch.no_grad()
+    def distance(self, f0: list[torch.Tensor], x1: torch.Tensor) -> torch.Tensor:
+        """(B,) distances of x1 from an image whose `features` are f0 (one source, many edits)."""
         total = 0
-        for i, (a, b) in enumerate(zip(f0, f1)):
+        for i, (a, b) in enumerate(zip(f0, self.features(x1))):
             total = total + self.heads[i]((a - b) ** 2).mean([2, 3], keepdim=True)
         return total.reshape(-1)

@@ -68,7 +68,8 @@ class Scorer:
 
     def _missing(self, folder, *files: w.WeightsFile) -> str | None:
         if folder is None:
-            return f"no --metric-weights DIR given (it needs {' and '.join(f.pattern for f in files)})"
+            return "no --metric-weights DIR given; it needs " + "; ".join(f"{f.pattern} ({f.what}) from {f.source}"
+                                                                        for f in files)
         gone = [f.missing(folder) for f in files if f.find(folder) is None]
         return "; ".join(gone) or None
 
@@ -136,7 +137,7 @@ class Scorer:
         else:
             out.update(psnr=psnr(a, b), mse=mse(a, b), ssim=ssim(a, b))
             if self.lpips is not None:
-                out["lpips"] = float(self.lpips(None, b.to(self.device) * 2 - 1, f0=prepared["lpips"])[0])
+                out["lpips"] = float(self.lpips.distance(prepared["lpips"], b.to(self.device) * 2 - 1)[0])
         if self.clip is not None:
             out["clip_whole"] = self.clip(edited, prompt)
             out["clip_edited"] = self.clip(edited, prompt, mask) if mask.sum() > 0 else math.nan
