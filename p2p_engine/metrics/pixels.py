@@ -12,7 +12,7 @@ The arithmetic is torchmetrics' (the 1.2 line, the reference's time), in float32
 - SSIM: StructuralSimilarityIndexMeasure(data_range=1.0): an 11 x 11 Gaussian window (sigma 1.5, the outer
   product of the normalised 1-D taps) over images reflect-padded by 5; the five local statistics from one
   grouped convolution; k1 0.01, k2 0.03; the index map cropped by 5 on each side and averaged. The
-  variances are not clamped at 0 (torchmetrics clamps them from 1.3.1 on, February 2024; the difference is
+  variances are not clamped at 0 (torchmetrics clamps them from 1.3.2 on, March 2024; the difference is
   float32 rounding where a region is flat).
 """
 from __future__ import annotations
