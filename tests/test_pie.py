@@ -1,7 +1,6 @@
 """PIE-Bench support (p2p_engine/pie.py): masks as the reference decodes them, the protocol's jobs, a resumable
 run in PnPInversion's output layout and `pie-metrics` on it (the metrics themselves: tests/test_metrics*.py)."""
 import json
-import math
 
 import numpy as np
 import pytest
