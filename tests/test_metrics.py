@@ -221,10 +221,13 @@ def test_find_runs_reads_the_three_layouts(layouts, tmp_path):
     found = [(r.editor, r.method, r.folder.relative_to(out).as_posix(), r.native) for r in runs.find_runs(out)]
     assert found == [("masactrl", "ddim", "masactrl/ddim", True), ("p2p", "direct", "direct", True),
                      ("p2p", "directinversion", "directinversion+p2p", False)]
-    (tmp_path / "direct").mkdir()
-    (tmp_path / "direct" / "jobs.jsonl").write_text("")
     (tmp_path / "p2p" / "direct").mkdir(parents=True)
     (tmp_path / "p2p" / "direct" / "jobs.jsonl").write_text("")
+    (tmp_path / "direct").symlink_to(tmp_path / "p2p" / "direct")  # a migrated run, linked back: one run
+    assert [r.folder.name for r in runs.find_runs(tmp_path)] == ["direct"]
+    (tmp_path / "direct").unlink()
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "direct" / "jobs.jsonl").write_text("")
     with pytest.raises(ValueError, match="both hold p2p runs of direct"):
         runs.find_runs(tmp_path)
 

@@ -52,13 +52,13 @@ def find_runs(out) -> list[Run]:
         else:
             runs += [Run(child.name, g.name, g, (g / "jobs.jsonl").is_file())
                      for g in sorted(p for p in child.iterdir() if p.is_dir() and _is_run(p))]
-    seen: dict[tuple[str, str], Path] = {}
+    seen: dict[tuple[str, str], Run] = {}
     for r in runs:
-        other = seen.setdefault((r.editor, r.method), r.folder)
-        if other != r.folder:
-            raise ValueError(f"{other} and {r.folder} both hold {r.editor} runs of {r.method}: move one out of "
-                             f"{out}")
-    return sorted(runs, key=lambda r: (r.editor, r.method))
+        other = seen.setdefault((r.editor, r.method), r)
+        if other.folder.resolve() != r.folder.resolve():  # a link from OUT/<method> to OUT/p2p/<method> is one run
+            raise ValueError(f"{other.folder} and {r.folder} both hold {r.editor} runs of {r.method}: move one out "
+                             f"of {out}")
+    return sorted(seen.values(), key=lambda r: (r.editor, r.method))
 
 
 def _index_by_output(folder: Path) -> dict[str, dict]:
