@@ -1,7 +1,7 @@
 """The `p2p-engine` command line (also `python -m p2p_engine`).
 
 Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`), and
-`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py`).
+`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py` and `metrics/`).
 The top of the package: it imports the engine's modules, and none of them imports it.
 Exit status: 0 on success, 1 when an input or job failed (one clear line on
 stderr, no traceback), 2 for a usage error (argparse's own convention).
@@ -271,22 +271,24 @@ def cmd_pie(args) -> int:
 
 
 def cmd_pie_metrics(args) -> int:
-    from . import pie
+    from . import metrics
 
     extra = {}
     if (Path(args.pie_dir) / "toy_pie.json").is_file():  # written by `python -m p2p_engine.toy.pie`
         from .toy.pie import edit_success
         extra["edit_success"] = edit_success
-    clip = pie.ClipSimilarity(args.clip_model, args.device) if args.clip_model else None
-    rows = pie.evaluate(args.pie_dir, args.out, args.methods, types=args.types, clip=clip, extra=extra)
-    summary = pie.summarize(rows)
-    pie.write_csv(Path(args.out) / "pie_metrics.csv", summary)
-    pie.write_csv(Path(args.out) / "pie_metrics_per_image.csv", rows)
-    print(pie.table(summary))
-    absent = dict(pie.ABSENT)
-    if clip is None:
-        absent["clip"] = "CLIP similarity needs a local openai/clip-vit-large-patch14 folder (--clip-model)"
-    print("\nabsent: " + "; ".join(absent.values()))
+    scorer = metrics.Scorer(args.metric_weights, args.device, clip_model=args.clip_model)
+    rows = metrics.evaluate(args.pie_dir, args.out, args.methods, types=args.types, scorer=scorer, extra=extra,
+                            progress=True)
+    summary = metrics.summarize(rows)
+    metrics.write_csv(Path(args.out) / "pie_metrics.csv", summary)
+    metrics.write_csv(Path(args.out) / "pie_metrics_per_image.csv", rows)
+    print(metrics.table(summary, scorer.absent) + "\n\nBy edit type:\n\n" + metrics.table(summary, scorer.absent,
+                                                                                         by_type=True))
+    for line in dict.fromkeys(scorer.absent.values()):
+        print(f"absent: {line}")
+    for line in scorer.notes:
+        print(f"note: {line}")
     print(f"wrote {Path(args.out) / 'pie_metrics.csv'} and pie_metrics_per_image.csv")
     return EXIT_FAILED if any(r.get("status") != "ok" for r in rows) else EXIT_OK
 
@@ -423,14 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pie)
 
     p = sub.add_parser("pie-metrics", help="PIE-Bench metrics of a `pie` run: a table and CSV files",
-                       description="Per method and edit type: PSNR, MSE and SSIM on the unedited part, seconds and "
-                                   "UNet evaluations per image; CLIP similarity with --clip-model; edit success on a "
-                                   "toy PIE. Writes OUT/pie_metrics.csv and OUT/pie_metrics_per_image.csv.")
+                       description="Per editor, method and edit type, as PnPInversion's evaluation computes them: "
+                                   "structure distance, PSNR, LPIPS, MSE and SSIM on the unedited part, CLIP whole "
+                                   "and edited (networks from --metric-weights DIR; a missing file leaves its "
+                                   "metric absent), seconds and UNet evaluations per image; edit success on a toy "
+                                   "PIE. Reads OUT/<method>/, OUT/<editor>/<method>/ and PnPInversion's "
+                                   "OUT/<method>+<editor>/. Writes OUT/pie_metrics.csv and "
+                                   "OUT/pie_metrics_per_image.csv.")
     p.add_argument("pie_dir", metavar="PIE_DIR")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--methods", type=names(PIE_METHODS), default=None, help="default: every method run into OUT")
+    p.add_argument("--methods", type=lambda text: [t.strip() for t in text.split(",") if t.strip()], default=None,
+                   help="comma-separated method names (PnPInversion's too, e.g. directinversion); default: every "
+                        "run in OUT")
     p.add_argument("--types", type=names(PIE_TYPES), default=None)
-    p.add_argument("--clip-model", metavar="DIR", help="a local transformers CLIP folder for CLIP similarity")
+    p.add_argument("--metric-weights", metavar="DIR", help="dino_vitbase8_pretrain.pth, squeezenet1_1-*.pth, "
+                   "squeeze.pth (LPIPS v0.1) and clip-vit-large-patch14/, as published (docs/pie.md)")
+    p.add_argument("--clip-model", metavar="DIR", help="a transformers CLIP folder (default: METRIC_WEIGHTS/"
+                   "clip-vit-large-patch14)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_pie_metrics)
     return parser
