@@ -5,10 +5,10 @@ from .attention import triton_interpreter
 triton_interpreter()
 
 from .checkpoint import save_random_checkpoint  # noqa: E402
-from .controllers import LocalBlend, Refine, Replace, Reweight, Store  # noqa: E402
+from .controllers import LocalBlend, MasaCtrl, PlugAndPlay, Refine, Replace, Reweight, Store  # noqa: E402
 from .inversion import Inversion  # noqa: E402
 from .loading import CheckpointError, load  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 
 __all__ = ["load", "save_random_checkpoint", "CheckpointError", "Pipeline",
-           "Store", "Replace", "Refine", "Reweight", "LocalBlend", "Inversion"]
+           "Store", "Replace", "Refine", "Reweight", "LocalBlend", "MasaCtrl", "PlugAndPlay", "Inversion"]

@@ -12,7 +12,7 @@ counter that lives on the device and that the step itself advances:
 - cross injection runs on every call with that call's gate row (a closed gate
   gives exactly the target's own probabilities: injected * 0 + p * 1);
 - self injection takes the source's queries and keys where the call's window
-  flag is set (`SelfPlan.gate`; 0 gives exactly plain attention);
+  flag is set (`SelfPlan.gate`; 0 gives exactly plain attention), as `editors`' plans do;
 - LocalBlend's mask is built every call and `torch.where` keeps the unblended
   latents before its start;
 - every map buffer is allocated before the first call, for the layers the UNet
@@ -53,7 +53,7 @@ import torch
 
 from . import graphs
 from .cache import CachedControl
-from .conditioning import StepTexts, Text
+from .conditioning import StepTexts, Text, unconditional_rows
 from .control import Control
 from .maps import SELF_MAPS_MAX_QUERIES, level_hw
 from .samplers import DDIMSampler
@@ -96,7 +96,7 @@ class StaticControl(Control):
     def __init__(self, control: Control, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
         # Control's own, not the next in line: a StaticCachedControl's eager control has made and checked it
         Control.__init__(self, control.prompts, control.calls, control.device, edit=control.edit,
-                         blend=control.blend, store=control.keep, self_maps=control.self_maps)
+                         blend=control.blend, store=control.keep, self_maps=control.self_maps, editor=control.editor)
         self.counter = counter
         e, dev = self.edit, self.device
         self.gates_cross = e is not None and bool(e.gate.any())  # once, before the loop
@@ -104,6 +104,8 @@ class StaticControl(Control):
         if e is not None and e.self_window[0] < e.self_window[1]:
             self.self_gate = torch.zeros(self.calls, 1, device=dev)
             self.self_gate[e.self_window[0]:e.self_window[1]] = 1
+        self.editor_gates = {} if self.editor is None else self.editor.gate_tables(self.calls, dev)
+        self.editor_now = {}
         self.blend_on = None
         if self.blend is not None:
             self.blend_on = (torch.arange(self.calls) + 1 > self.blend.start).view(-1, 1, 1, 1, 1).to(dev)
@@ -149,6 +151,7 @@ class StaticControl(Control):
             self.cross_gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
         if self.self_gate is not None:
             self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
+        self.editor_now = {kind: _at(gate, self.counter)[0] for kind, gate in self.editor_gates.items()}
 
     def _injects_cross(self) -> bool:
         return self.gates_cross  # every call, with the counter's gate row
@@ -161,6 +164,9 @@ class StaticControl(Control):
 
     def _call_self_gate(self) -> torch.Tensor | None:
         return self.self_gate_now
+
+    def _editor_window(self, kind: str) -> tuple[bool, torch.Tensor | None]:
+        return kind in self.editor_gates, self.editor_now.get(kind)  # every call, switched by the counter's flag
 
     def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
@@ -226,9 +232,11 @@ class StaticLoop:
         self.timesteps = torch.tensor(smp.timesteps, dtype=torch.long, device=device)
         self.a, self.a_prev, self.v_pred = smp.a.clone(), smp.a_prev.clone(), smp.v_pred
         self.guidance, self.proximal, self.quantile = src.guidance, src.proximal, src.quantile
+        self.source_guidance, self.row_guidance = src.source_guidance, src.row_guidance(P, device, master)
         self.cond = pipe.encode_text(prompts)  # (P, 77, D)
-        self.uncond = pipe.unconditional().expand(P) if src.null is None else None  # the pipeline's own
+        self.uncond = pipe.unconditional() if src.null is None else None  # the pipeline's own
         self.null = None if src.null is None else StepTexts(src.null.context.clone(), _own(src.null.pooled))
+        self.negative = None if src.negative is None else Text(src.negative.context.clone(), _own(src.negative.pooled))
         down = pipe.config.vae.downscale
         self.time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # the shapes' own
         self.pivots = _own(src.pivots) if pin else None
@@ -244,12 +252,15 @@ class StaticLoop:
                    cond_pooled=self.cond.pooled, pivots=self.pivots)
         if self.null is not None:
             out.update(null=self.null.context, null_pooled=self.null.pooled)
+        if self.negative is not None:
+            out.update(negative=self.negative.context, negative_pooled=self.negative.pooled)
         c = self.control
         if c is not None:
             e = c.edit
             for name in ("gate", "mapper", "mix", "equalizer"):
                 out[name] = None if e is None else getattr(e, name)
             out.update(self_gate=c.self_gate, blend_on=c.blend_on, blend_words=c.blend_words, blend_sub=c.blend_sub)
+            out.update({f"editor_{kind}": gate for kind, gate in c.editor_gates.items()})
         return out
 
     def signature(self) -> tuple:
@@ -257,13 +268,15 @@ class StaticLoop:
         plan each layer gets, and the model's settings."""
         c = self.control
         feeds = tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.feeds().items())
-        loop = (self.P, self.v_pred, self.guidance, self.proximal, self.quantile, self.uncond is None, self.model)
+        loop = (self.P, self.v_pred, self.guidance, self.source_guidance, self.proximal, self.quantile,
+                self.uncond is None, self.model)
         if c is None:
             return feeds, loop
         e, b = c.edit, c.blend
         control = (type(c), c.gates_cross, c.keep, c.self_maps,
                    None if e is None else (e.self_max_queries, e.injected_maps),
                    None if b is None else (b.level, b.thresholds),
+                   None if c.editor is None else c.editor.signature(),
                    tuple(sorted((i, n) for i, (_, n) in c.layers.items())))
         return feeds, loop, control
 
@@ -289,8 +302,8 @@ class StaticLoop:
             u = self.uncond
         else:
             null = self.null
-            u = Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(P)
-        text = Text.cat([u, self.cond])
+            u = Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i))
+        text = Text.cat([unconditional_rows(u, self.negative, P), self.cond])
         x = torch.cat([self.latents, self.latents]).to(self.dtype)
         if self.control is not None:
             self.control.begin_step()
@@ -301,7 +314,7 @@ class StaticLoop:
         if self.proximal == "l0":
             delta = proximal_delta(delta, self.quantile)
         a, a_prev = _at(self.a, i).reshape(()), _at(self.a_prev, i).reshape(())
-        latents = ddim_step(out_u + self.guidance * delta, self.latents, a, a_prev, self.v_pred)
+        latents = ddim_step(out_u + self.row_guidance * delta, self.latents, a, a_prev, self.v_pred)
         if self.pivots is not None:  # before LocalBlend, as in the eager loop
             latents[0] = _at(self.pivots, i)[0]
         if self.control is not None:

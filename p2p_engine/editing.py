@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import captured, graphs, recording
+from . import captured, editors, graphs, recording
 from .checks import check_flags, check_guidance, is_int, is_number, warn
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
-from .conditioning import StepTexts, Text
+from .conditioning import StepTexts, Text, unconditional_rows
 from .samplers import make_sampler
 from .scheduler import proximal_delta
 from .words import check_prompts
@@ -76,6 +76,16 @@ class Source:
     proximal: str | None
     quantile: float
     seed: int | None
+    negative: Text | None = None  # the targets' unconditional conditioning (one row), where not the source's
+    source_guidance: float | None = None  # the source row's guidance, where not `guidance` (editors.prepare_source)
+
+    def row_guidance(self, rows: int, device, dtype) -> float | torch.Tensor:
+        """The guidance scale of each of `rows` rows: `guidance`, or (rows, 1, 1, 1) with row 0's own."""
+        if self.source_guidance is None:
+            return self.guidance
+        scales = torch.full((rows, 1, 1, 1), float(self.guidance), device=device, dtype=dtype)
+        scales[0] = self.source_guidance
+        return scales
 
 
 def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, steps_offset=None, height=None,
@@ -154,7 +164,8 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
     latents = src.latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
     h, w = latents.shape[-2:]
     cond = pipe.encode_text(prompts)  # (P, 77, D), SDXL's pooled (P, pooled)
-    uncond = pipe.unconditional().expand(P) if src.null is None else None
+    uncond = pipe.unconditional() if src.null is None else None
+    guidance = src.row_guidance(P, device, master)
     down = pipe.config.vae.downscale
     time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # SDXL: (2P, 6); None for SD 1.x/2.x
     calls = smp.timesteps
@@ -162,7 +173,7 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
         from tqdm.auto import tqdm
         calls = tqdm(calls, desc=desc)
     for i, t in enumerate(calls):
-        u = src.null.step(i).expand(P) if src.null is not None else uncond
+        u = unconditional_rows(src.null.step(i) if src.null is not None else uncond, src.negative, P)
         text = Text.cat([u, cond])  # (2P, 77, D)
         x = torch.cat([latents, latents]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), text.context, control=control, pooled=text.pooled,
@@ -171,7 +182,7 @@ def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bo
         delta = out_c - out_u
         if src.proximal == "l0":
             delta = proximal_delta(delta, src.quantile)
-        latents = smp.step(i, out_u + src.guidance * delta, latents)
+        latents = smp.step(i, out_u + guidance * delta, latents)
         if pin and src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
             latents[0] = src.pivots[i]
         if control is not None:
@@ -257,7 +268,7 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
                              f"with; leave them out")
         return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
                             capture=capture, progress=progress, decode_images=decode_images)
-    src = resolve_source(pipe, **source_args)
+    src = editors.prepare_source(pipe, controller, resolve_source(pipe, **source_args), inversion)
     if inversion is not None and prompts[0] != inversion.prompt:
         warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
              f"({inversion.prompt!r}): the source row will not reproduce the image")
