@@ -94,6 +94,24 @@ def image():
     return (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
 
 
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "direct"])
+def test_every_inversion_method(pipe64, image, method):
+    """Both editors edit from every inversion method: the source row is the uncontrolled edit's (pinned for a
+    direct inversion; for Plug-and-Play from a DDIM inversion, the guidance-1 reconstruction its reference feeds
+    its branch) and the target moves."""
+    inv = pipe64.invert(image, SOURCE, steps=STEPS, inner_steps=2, method=method, progress=False)
+    kw = dict(inversion=inv, progress=False, decode_images=False)
+    plain = pipe64.edit([SOURCE, TARGET], None, **kw).latents
+    for ctrl in (p2p.MasaCtrl(start_step=1), p2p.PlugAndPlay()):
+        got = pipe64.edit([SOURCE, TARGET], ctrl, **kw).latents
+        source = plain[0]
+        if isinstance(ctrl, p2p.PlugAndPlay) and method == "ddim":
+            source = pipe64.edit([SOURCE], None, guidance=1.0, **kw).latents[0]
+            assert rel_max_error(source, plain[0]) > 1e-3  # not the guided source
+        assert rel_max_error(got[0], source) < 1e-12, (type(ctrl).__name__, method)
+        assert rel_max_error(got[1], plain[1]) > 1e-3
+
+
 CASES = {
     "masactrl from a seed, self maps": (p2p.MasaCtrl(start_step=2, self_maps=True), None),
     "masactrl from a direct inversion": (p2p.MasaCtrl(start_step=1, start_layer=3), "direct"),
