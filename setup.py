@@ -6,7 +6,7 @@
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 native = Pybind11Extension(
     "p2p_engine._native",
@@ -20,7 +20,8 @@ setup(
     version="0.1.0",
     description="Fast Prompt-to-Prompt editing and null-text inversion for Stable Diffusion",
     python_requires=">=3.10",
-    packages=["p2p_engine", "p2p_engine.kernels"],
+    # every subpackage of p2p_engine/ (toy, and any added later), and kernels/ installed inside it
+    packages=find_packages(include=["p2p_engine", "p2p_engine.*"]) + ["p2p_engine.kernels"],
     package_dir={"p2p_engine": "p2p_engine", "p2p_engine.kernels": "kernels"},
     package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"]},
     ext_modules=[native],

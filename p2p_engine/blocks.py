@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import load_kernels
-from .plan import FeaturePlan, inject_features
+from .plan import BlockPlans, FeaturePlan, inject_features
 
 
 def check_input(model: str, name: str, x: torch.Tensor, weight: torch.Tensor, shape: str, axis: int,
@@ -58,7 +58,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb=None, plan: FeaturePlan | None = None):
+    def forward(self, x, temb=None, plan: FeaturePlan | BlockPlans | None = None):
         h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]

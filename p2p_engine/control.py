@@ -224,7 +224,7 @@ class Control:
         """The plan of a decoder resnet's residual branch at this call (the UNet's feature seam), or None."""
         return None if self.editor is None else self.editor.feature_plan(site, *self._editor_window("features"))
 
-    # The per-call choices, as hooks: a captured loop (`captured.StaticControl`) makes them device tensors.
+    # The per-call choices, as hooks: a captured loop (`static_control.StaticControl`) makes them device tensors.
     def _injects_cross(self) -> bool:
         """Whether this call's cross plans may inject (then `_call_gate` says where)."""
         return self.cross_on[self.step]
