@@ -62,6 +62,8 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
     "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     "tests/test_inversion.py::test_cuda_graph_buckets_equal_the_masked_graph" \
     "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py tests/test_kernel_norm.py \
+    "tests/test_editors_run.py::test_captured_loop_equals_eager" \
+    "tests/test_editors_run.py::test_a_kept_loop_serves_later_editor_edits" \
     tests/test_kernel_self.py tests/test_kernel_cross.py \
     2>&1 | tee -a "$LOG" | grep -v " PASSED" | tail -40
 
@@ -69,7 +71,9 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
 # pipeline and inversion (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md.
 # Each is told its deadline and leaves out its last timings (the least needed) rather than overrun it.
 # profile: where the UNet step's time goes (kernel time by category against wall time), not a benchmark row.
-for spec in attention:40 unet:70 pipeline:130 inversion:110 profile:40 methods:60 sdxl:100; do
+# editors (prepared, not yet run on a GPU): seconds per image of Prompt-to-Prompt, MasaCtrl and Plug-and-Play
+# with Direct Inversion at SD 1.5's size (benchmarks/bench_editors.py).
+for spec in attention:40 unet:70 pipeline:130 inversion:110 profile:40 methods:60 editors:60 sdxl:100; do
     name=${spec%%:*}
     lim=$(limit "${spec##*:}")
     if [ "$lim" -lt 30 ]; then say "bench $name left out: $lim s left"; continue; fi

@@ -18,11 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, blend_words,
-                      cross_steps, names, positive_int, quantile, reweight, self_steps)
+from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args,
+                      blend_words, cross_steps, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
+PRESET_NAMES = ("tiny", "tiny-sd", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
 
 
 def _save_png(image, path: Path) -> None:
@@ -99,12 +99,25 @@ def cmd_random_checkpoint(args) -> int:
     return EXIT_OK
 
 
+# The controller flags each --mode reads (its defaults where left out); another mode's flag is refused.
+MODE_FLAGS = {"p2p": {"cross_steps": 0.8, "self_steps": 0.4, "reweight": None},
+              "masactrl": {"start_step": None, "start_layer": None},
+              "pnp": {"feature_steps": None, "self_steps": None, "branch": None, "negative_prompt": None}}
+
+
 def _controller(args):
     """The controller of the edit flags, through the dict form the job files use."""
     from .controllers import from_spec
 
-    spec = {"mode": args.mode, "cross_steps": args.cross_steps, "self_steps": args.self_steps}
-    if args.reweight:
+    kind = args.mode if args.mode in MODE_FLAGS else "p2p"
+    flags = MODE_FLAGS[kind]
+    given = {f: getattr(args, f) for f in {f for fs in MODE_FLAGS.values() for f in fs} if getattr(args, f) is not None}
+    wrong = sorted(f for f in given if f not in flags)
+    if wrong:
+        raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --mode {args.mode} (its flags: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in flags)})")
+    spec = {"mode": args.mode, **{f: v for f, v in flags.items() if v is not None}, **given}
+    if spec.pop("reweight", None):
         spec["equalizer"] = dict(args.reweight)
     return from_spec(spec)
 
@@ -257,11 +270,12 @@ def cmd_run(args) -> int:
 def cmd_pie(args) -> int:
     import torch
 
-    from .pie import run_pie
+    from .pie_runs import run_pie
 
     if args.model != "toy" and not Path(args.model).exists():
         raise UserError(f"model path {args.model!r} does not exist")
-    summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, types=args.types, steps=args.steps,
+    summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, editors=args.editors, types=args.types,
+                        steps=args.steps,
                         inner_steps=args.inner_steps, steps_offset=args.steps_offset, batch_size=args.batch_size,
                         device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -317,11 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", help="source prompt (default: the prompt stored in --inversion)")
     p.add_argument("--target", action="append", metavar="PROMPT", help="edited prompt (repeatable)")
-    p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight"),
-                   help="replace: word swap (same word count); refine: added words; reweight: scale words")
-    p.add_argument("--cross-steps", type=cross_steps, default=0.8,
-                   help="fraction of steps with cross-attention injection, or default_=F,WORD=F,...")
-    p.add_argument("--self-steps", type=self_steps, default=0.4, help="fraction of steps, or START,END")
+    p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight", "masactrl", "pnp"),
+                   help="replace: word swap (same word count); refine: added words; reweight: scale words; "
+                        "masactrl: mutual self-attention; pnp: Plug-and-Play (docs/editors.md)")
+    p.add_argument("--cross-steps", type=cross_steps, default=None,
+                   help="fraction of steps with cross-attention injection, or default_=F,WORD=F,... (default 0.8)")
+    p.add_argument("--self-steps", type=self_steps, default=None,
+                   help="fraction of steps, or START,END (default 0.4; pnp: its q, k injection, default 0.5)")
+    p.add_argument("--start-step", type=int, default=None, help="masactrl: the first UNet call (default 4)")
+    p.add_argument("--start-layer", type=int, default=None,
+                   help="masactrl: the first transformer block (default: the decoder's two finest resolutions, 10 "
+                        "of 16 on SD 1.x/2.x)")
+    p.add_argument("--feature-steps", type=self_steps, default=None, help="pnp: feature injection's fraction of "
+                                                                          "the steps (default 0.8)")
+    p.add_argument("--branch", choices=("empty", "prompt"), default=None,
+                   help="pnp: the source branch, its unconditional row (the empty prompt; default) or its prompt's")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="pnp: the targets' unconditional prompt (default the reference's)")
     p.add_argument("--blend", nargs="+", metavar="WORD",
                    help="local blend: change only these words' region; one word per prompt, source first "
                         "(--blend cat dog), several as cat,hat")
@@ -416,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=names(PIE_METHODS), default=["ddim", "null_text", "negative_prompt", "direct"],
                    help=f"comma-separated, from {','.join(PIE_METHODS)} (proximal: negative-prompt inversion with "
                         "proximal guidance)")
+    p.add_argument("--editors", type=names(PIE_EDITORS), default=None,
+                   help=f"comma-separated, from {','.join(PIE_EDITORS)}: each editor's run of each method goes to "
+                        "OUT/<editor>/<method>/ (default: Prompt-to-Prompt into OUT/<method>/)")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--types", type=names(PIE_TYPES), default=None, help="edit type ids, e.g. 0,6,8 (default all)")
     p.add_argument("--steps", type=positive_int, default=50)

@@ -14,7 +14,8 @@ and a Reweight of the target word by 2 stacked on the edit. A blended word missi
 nothing, as in the reference (its mask row is empty, its reweight a no-op). Timesteps are the checkpoint's
 (981 .. 1 for SD, as the reference's pipeline runs); `steps_offset` changes them.
 
-Each method is one run of `jobs.run_jobs` (resumable, sharded under torchrun) into OUT/<method>/:
+Each method is one run of `jobs.run_jobs` (resumable, sharded under torchrun) into OUT/<method>/
+(`pie_runs.run_pie`; with other editors, OUT/<editor>/<method>/):
     jobs.jsonl                                the protocol's jobs
     annotation_images/<image_path>            the edited image (the layout PnPInversion's evaluation reads)
     index.jsonl                               per entry: status, seconds, UNet evaluations
@@ -26,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .checks import is_int
-from .files import atomic_write
 
 MAPPING_FILE = "mapping_file.json"
 IMAGE_FOLDER = "annotation_images"
@@ -149,48 +148,3 @@ def protocol_job(entry: Entry, pie_dir, self_limit: int = SELF_MAX_QUERIES) -> d
         if tgt_word in entry.target.split(" "):
             controller["equalizer"] = {tgt_word: REWEIGHT}
     return job
-
-
-def run_pie(pie_dir, model, out, methods, *, types=None, steps: int = 50, inner_steps: int = 10,
-            steps_offset: int | None = None, batch_size: int = 1, device=None, dtype=torch.float32,
-            backend: str = "auto", progress: bool = True) -> dict:
-    """Run the protocol for every entry (of `types`) and method into OUT/<method>/; see the module docstring.
-    `model` is loaded once for every method (before anything is written). Returns {method: jobs.Summary}."""
-    from .jobs import Interrupted, process_group, run_jobs
-    from .loading import load
-    from .pipeline import Pipeline, release_memory
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown PIE methods {unknown}; choose from {list(METHODS)}")
-    entries = read_mapping(pie_dir, types)
-    if not entries:
-        raise ValueError(f"no entries of edit types {types} in {Path(pie_dir) / MAPPING_FILE}")
-    for folder in (Path(out), *(Path(out) / m for m in methods)):
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} is a file; the output of `pie` is a folder (OUT/<method>/)")
-    summaries = {}
-    with process_group(device) as (_, _, device):  # one group for every method's run, not one each
-        pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend)
-        try:
-            side = pipe.config.latent_size  # SDXL scales the limit with its native latent side
-            limit = (side // 2) ** 2 if pipe.family == "sdxl" else SELF_MAX_QUERIES
-            lines = "".join(json.dumps(protocol_job(e, pie_dir, limit), sort_keys=True) + "\n" for e in entries)
-            for name in methods:
-                folder = Path(out) / name
-                job_file = folder / "jobs.jsonl"
-                with atomic_write(job_file, "w", encoding="utf-8") as f:
-                    f.write(lines)
-                method, options = METHODS[name]
-                summaries[name] = run_jobs(job_file, pipe, folder, steps=steps, inner_steps=inner_steps,
-                                           method=method, guidance=GUIDANCE, steps_offset=steps_offset,
-                                           edit_options=options, save_inversions=False, batch_size=batch_size,
-                                           device=device, progress=progress)
-        except KeyboardInterrupt as e:
-            finished = sum(s.ok for s in summaries.values()) + getattr(e, "finished", 0)
-            raise Interrupted(finished, out) from None
-        finally:
-            if pipe is not model:
-                del pipe
-                release_memory()
-    return summaries
