@@ -63,6 +63,22 @@ def test_uploads_that_are_not_images_are_refused_by_name(server):
     assert server.upload(_png()) == (200, body)  # the same image twice is one id
 
 
+def test_an_upload_sent_in_chunks_is_stopped_at_the_limit(server):
+    import http.client
+
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode()
+    chunks = [head] + [bytes(65536)] * 8 + [f"\r\n--{boundary}--\r\n".encode()]  # 512 kB, no Content-Length
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/images", body=iter(chunks), encode_chunked=True,
+                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert response.status == 413 and b"--max-upload-bytes" in body
+
+
 def test_wrong_json_types_are_refused_with_the_field(server):
     for body, field in [
             ({"prompts": [SOURCE, 3]}, "prompts[1]"),

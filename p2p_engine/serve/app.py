@@ -25,7 +25,7 @@ from .config import ServeConfig
 from .jobs import Jobs, Refused
 from .metrics import Metrics
 from .store import BadId, Store
-from .validate import ApiError, Model
+from .validate import ApiError, Model, UploadTooLarge
 from .worker import Worker
 
 # Answered without the token: liveness, and the page's own files (they hold no data, and a browser opening a page
@@ -39,10 +39,6 @@ EXPIRE_EVERY_S = 0.5  # how often queued jobs are checked against --request-time
 
 def error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
-
-
-class UploadTooLarge(Exception):
-    pass
 
 
 class Guard:

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from .jobs import ENDED, Job
 from .schemas import EditBody, InversionBody
-from .validate import ApiError, checked_id, edit_spec, inversion_spec, prompt_words
+from .validate import ApiError, UploadTooLarge, checked_id, edit_spec, inversion_spec, prompt_words
 from .worker import inversion_result
 
 router = APIRouter()
@@ -43,8 +43,6 @@ def _find(request: Request, job_id: str):
 
 @router.post("/v1/images", openapi_extra=UPLOAD_SCHEMA, summary="Upload an image (multipart field 'file')")
 async def upload_image(request: Request):
-    from .app import UploadTooLarge
-
     st = _state(request)
     try:
         form = await request.form(max_files=1, max_fields=1)

@@ -25,6 +25,10 @@ class ApiError(Exception):
         self.status, self.field, self.headers = status, field, headers
 
 
+class UploadTooLarge(Exception):
+    """Raised by the guard while an upload without a Content-Length arrives, once it passes the limit."""
+
+
 def checked_id(value, field: str) -> str:
     try:
         return check_id(value, field)
