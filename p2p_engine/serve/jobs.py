@@ -167,13 +167,6 @@ class Jobs:
         self.metrics.started()
         self._changed(job)
 
-    def requeue(self, job: Job) -> None:
-        """A job taken from its lane that did not start (its batch stopped before it): back at the front."""
-        with self.lock:
-            job.status, job.started, job.step = "queued", None, 0
-            (self.edits if job.kind == "edit" else self.inversions).appendleft(job)
-            self._changed(job)
-
     def progress(self, job: Job, step: int, total: int) -> None:
         with self.lock:
             if job.status == "running":

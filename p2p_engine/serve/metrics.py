@@ -41,7 +41,6 @@ class Metrics:
         self.jobs_ended = Counter()
         self.jobs_started = 0
         self.queue_high_water = 0
-        self.cache_hits = self.cache_misses = 0
 
     def queue_seen(self, depth: int) -> None:
         self.queue_high_water = max(self.queue_high_water, depth)

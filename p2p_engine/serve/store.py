@@ -144,9 +144,6 @@ class Store:
             path = path / part
         return path if path.is_file() else None
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
-
 
 def remove_tree(path) -> None:
     """The temporary data folder, at exit."""

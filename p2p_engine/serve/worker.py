@@ -127,14 +127,28 @@ class Worker:
             for job in batch:
                 self.jobs.finish(job, "failed", error=f"{type(e).__name__}: {e}", http_status=500)
             return
+        self._loop(batch, requests)
+
+    def _loop(self, batch: list, requests: list) -> None:
+        """One `edit_batch` call for the batch (the policy bounded its rows: no split of its own, max_rows=None). A
+        request the engine refuses (it names it) would fail the others: they then run each alone."""
+        spec = batch[0].spec
         self.metrics.batch(sum(rows for _, _, rows in requests))
         try:
             outs = self.pipe.edit_batch([r for r, _, _ in requests], steps=spec.steps, sampler=spec.sampler,
-                                        progress=False, callback=self._callback(batch))
+                                        progress=False, max_rows=None, callback=self._callback(batch))
         except Stopped as e:
             for job in batch:
                 self.jobs.finish(job, "cancelled", error=str(e) if str(e) != "cancelled" else None,
                                  http_status=503 if self.deadline is not None else None)
+            return
+        except (ValueError, TypeError) as e:
+            if len(batch) > 1:  # the engine refused one request: the others run without it, each alone
+                for job, request in zip(batch, requests):
+                    if job.status == "running":
+                        self._loop([job], [request])
+                return
+            self.jobs.finish(batch[0], "failed", error=str(e), http_status=422)
             return
         except Exception as e:
             for job in batch:
