@@ -103,3 +103,37 @@ def test_a_restart_on_the_same_folder_serves_old_results_and_kill_9_fails_the_ru
         assert again.wait(timeout=120) == 0
     finally:
         again.kill()
+
+
+def test_inversions_cancel_at_their_next_step_and_stop_when_the_grace_period_ends(tmp_path):
+    import asyncio
+
+    import torch
+
+    import p2p_engine as p2p
+    from p2p_engine.serve.app import shutdown
+    from p2p_engine.toy.dataset import make_scene
+    from PIL import Image
+    from serving import running
+
+    toy = p2p.load("toy", device="cpu", dtype=torch.float32)
+    scene = make_scene(7, 4)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    with running(toy, data_dir=str(tmp_path / "data"), grace_s=0.0) as (client, app):
+        status, up = client.upload((tmp_path / "scene.png").read_bytes())
+        body = {"image_id": up["image_id"], "prompt": scene.caption, "method": "null_text", "steps": 200,
+                "inner_steps": 5}
+        status, first = client.post("/v1/inversions", body)
+        _running(client, first["job_id"], step=2)
+        assert client.json("DELETE", f"/v1/jobs/{first['job_id']}")[0] == 202
+        job = client.wait(first["job_id"])
+        assert job["status"] == "cancelled" and job["progress"]["step"] < 400
+        assert not (tmp_path / "data" / "inversions" / f"{first['inversion_id']}.safetensors").exists()
+        status, second = client.post("/v1/inversions", {**body, "steps": 199})
+        _running(client, second["job_id"], step=2)
+        asyncio.run_coroutine_threadsafe(shutdown(app), app.state.jobs.loop).result(timeout=120)
+        job = client.get(f"/v1/jobs/{second['job_id']}")[1]
+        assert job["status"] == "cancelled" and "--grace-s" in job["error"] and job["error_status"] == 503
+    records = _records(tmp_path / "data")
+    assert {r["status"] for r in records.values()} == {"cancelled"}
+    assert not no_temporaries(tmp_path / "data")

@@ -165,6 +165,20 @@ def test_unknown_and_malformed_ids(server):
     assert status == 422 and answer["field"] == "image_id"
 
 
+def test_bad_inversion_requests_are_named(server):
+    status, upload = server.upload(_png())
+    image_id = upload["image_id"]
+    for body, field, word in [({"image_id": image_id, "prompt": SOURCE, "method": "exact"}, "method", "null_text"),
+                              ({"image_id": image_id, "prompt": SOURCE, "steps": 101}, "steps", "--max-steps"),
+                              ({"image_id": image_id, "prompt": SOURCE, "inner_steps": 51}, "inner_steps",
+                               "--max-inner-steps"),
+                              ({"image_id": image_id, "prompt": SOURCE, "guidance": "high"}, "guidance", "number"),
+                              ({"image_id": image_id}, "prompt", "Field required"),
+                              ({"image_id": image_id, "prompt": " ".join(["red"] * 90)}, "prompt", "(word 75)")]:
+        status, answer = server.post("/v1/inversions", body)
+        assert status == 422 and answer["field"] == field and word in answer["error"], (body, answer)
+
+
 def test_the_server_goes_on_serving_after_bad_input(server):
     test_uploads_that_are_not_images_are_refused_by_name(server)
     status, upload = server.upload(_png())
