@@ -2,7 +2,8 @@
 
 On the first SIGTERM or SIGINT the server drains (`app.shutdown`): submissions get 503, queued jobs end
 cancelled, the running batch may finish within --grace-s and is then stopped at its next step, every job's end
-is recorded; then uvicorn closes its connections and the process exits 0. A second Ctrl-C stops at once. uvicorn
+is recorded; then uvicorn closes its connections and the process exits 0. A second Ctrl-C ends the grace period
+at once. uvicorn
 would re-raise the signal it caught after its shutdown (ending the process by the signal, not with 0), so its
 handler is replaced (`Server.handle_exit`).
 """
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 import uvicorn
 
@@ -35,8 +37,8 @@ class Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining is not None:
-            if sig == signal.SIGINT:  # a second Ctrl-C: stop now
-                self.force_exit = self.should_exit = True
+            if sig == signal.SIGINT:  # a second Ctrl-C: the grace period ends now (the loop stops at its next step)
+                self.app.state.worker.deadline = time.monotonic()
             return
         print(f"p2p-engine serve: {signal.Signals(sig).name}: finishing running jobs (up to "
               f"{self.app.state.config.grace_s:g} s), then exiting", file=sys.stderr, flush=True)

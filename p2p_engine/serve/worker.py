@@ -111,6 +111,7 @@ class Worker:
                 raise Stopped("cancelled")
             if on_step is not None:
                 on_step()
+                last[0] = time.monotonic()  # the next step's time is its own, not the edits' run in between
         return callback
 
     # -- edits
