@@ -6,7 +6,7 @@
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SERVE = ["fastapi>=0.165,<0.166", "uvicorn>=0.55,<0.56", "python-multipart>=0.0.34,<0.0.35"]
 
@@ -22,7 +22,8 @@ setup(
     version="0.1.0",
     description="Fast Prompt-to-Prompt editing and null-text inversion for Stable Diffusion",
     python_requires=">=3.10",
-    packages=["p2p_engine", "p2p_engine.kernels", "p2p_engine.serve"],
+    # every subpackage of p2p_engine/ (toy, serve, and any added later), and kernels/ installed inside it
+    packages=find_packages(include=["p2p_engine", "p2p_engine.*"]) + ["p2p_engine.kernels"],
     package_dir={"p2p_engine": "p2p_engine", "p2p_engine.kernels": "kernels"},
     package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"], "p2p_engine.serve": ["static/*"]},
     ext_modules=[native],
