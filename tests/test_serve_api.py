@@ -118,7 +118,8 @@ def test_re_edits_of_a_source_run_from_its_edit_cache(server, toy):
     assert hows == ["none", "made", "hit"]
     cache = toy.edit_cache(SOURCE, seed=11, steps=STEPS, cross_steps=1.0, self_steps=1.0, progress=False)
     for job, cross in zip(jobs[1:], (0.6, 0.4)):
-        ref = toy.edit([SOURCE, TARGET], controller=p2p.Replace(cross_steps=cross), cache=cache, progress=False)
+        ref = toy.edit([SOURCE, TARGET], controller=p2p.Replace(cross_steps=cross), cache=cache, store=False,
+                       progress=False)  # no maps asked: none stored
         for url, want in zip(job["result"]["images"], _pixels(ref.images)):
             assert np.array_equal(client.png(url), want)
     status, text = client.get("/metrics")
@@ -160,6 +161,9 @@ def test_a_running_edit_is_cancelled_at_its_next_step(server):
     status, done = client.post("/v1/edits?wait=1", {"prompts": [SOURCE], "steps": 2})
     assert done["status"] == "done"
     assert client.json("DELETE", f"/v1/jobs/{done['job_id']}")[0] == 409
+    # within --max-steps but past what the model's schedule allows: refused up front, not failed later
+    status, answer = client.post("/v1/edits", {"prompts": [SOURCE], "steps": 1000})
+    assert status == 422 and answer["field"] == "steps" and "steps_offset" in answer["error"]
 
 
 def test_edits_run_between_the_steps_of_an_inversion(server, tmp_path):
@@ -205,7 +209,11 @@ def test_a_client_that_disconnects_mid_stream_leaves_nothing_behind(server):
     for _ in range(3):
         conn = socket.create_connection((client.host, client.port), timeout=60)
         conn.sendall(f"GET /v1/jobs/{answer['job_id']}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert b"event: " in conn.recv(4096)
+        raw = b""
+        while b"event: " not in raw:  # the headers, then the first event
+            chunk = conn.recv(4096)
+            assert chunk, raw
+            raw += chunk
         conn.close()  # mid-stream
     deadline = time.monotonic() + 120
     while app.state.jobs.waiting():

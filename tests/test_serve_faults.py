@@ -59,7 +59,7 @@ def test_past_the_grace_period_a_running_job_is_stopped_and_recorded(tmp_path):
     data = tmp_path / "data"
     server = Process("--data-dir", str(data), "--grace-s", "0.2")
     try:
-        status, job = server.client.post("/v1/edits", {"prompts": [SOURCE, TARGET], "steps": 1000})
+        status, job = server.client.post("/v1/edits", {"prompts": [SOURCE, TARGET], "steps": 900})
         _running(server.client, job["job_id"])
         server.signal(signal.SIGTERM)
         assert server.wait(timeout=180) == 0
@@ -78,7 +78,7 @@ def test_a_restart_on_the_same_folder_serves_old_results_and_kill_9_fails_the_ru
         status, done = client.post("/v1/edits?wait=1", {"prompts": [SOURCE, TARGET], "steps": 4, "maps": True})
         assert done["status"] == "done"
         before = {url: client.request("GET", url)[2] for url in done["result"]["images"]}
-        status, running = client.post("/v1/edits", {"prompts": [SOURCE, TARGET], "steps": 1000})
+        status, running = client.post("/v1/edits", {"prompts": [SOURCE, TARGET], "steps": 900})
         _running(client, running["job_id"])
         server.signal(signal.SIGKILL)
         server.wait(timeout=60)

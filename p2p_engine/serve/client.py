@@ -35,12 +35,12 @@ class Client:
         return h
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        """(status, headers, bytes)."""
+        """(status, headers, body bytes)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=body, headers=self._headers(headers))
             r = conn.getresponse()
-            return r.status, dict(r.getheaders()), r.read()
+            return r.status, r.headers, r.read()  # headers: case-insensitive
         finally:
             conn.close()
 

@@ -70,7 +70,7 @@ def edit_files(job_id: str, prompts: list[str], images: list, maps) -> tuple[dic
                 files[f"{stem}.png"] = _map_png(w["map"])
                 files[f"{stem}.json"] = json.dumps({
                     "prompt_index": p, "word": w["word"], "word_index": w["index"], "shape": list(w["map"].shape),
-                    "map": np.round(w["map"].astype(np.float64), 8).tolist()}).encode()
+                    "map": w["map"].astype(np.float64).tolist()}).encode()  # the float32 values exactly
                 url = f"{base}/maps/{p}/{quote(w['word'], safe='')}"
                 entries.append({"word": w["word"], "index": w["index"], "png": f"{url}.png", "json": f"{url}.json"})
             listed.append(entries)

@@ -47,6 +47,7 @@ class Model:
     layers: list
     self_max_queries: int
     fingerprint: str  # a hash of the weights probe: inversion ids of another model differ
+    schedule: object  # the model's `scheduler.DDIM` (its timesteps are plain arithmetic)
 
     @classmethod
     def of(cls, pipe) -> "Model":
@@ -55,7 +56,7 @@ class Model:
         probe = pipe.weights_probe()
         return cls(copy.deepcopy(pipe.tokenizer), (side, side), pipe.default_guidance, pipe.unet.attn_layers,
                    pipe.self_max_queries(side, side),
-                   derived_id({"probe": [round(float(v), 6) for v in probe], "family": pipe.family}))
+                   derived_id({"probe": [round(float(v), 6) for v in probe], "family": pipe.family}), pipe.scheduler)
 
 
 def check_prompt(prompt: str, tokenizer, field: str) -> str:
@@ -78,9 +79,13 @@ def prompt_words(prompt: str, tokenizer) -> list[dict]:
             for i, w in enumerate(prompt.split(" "))]
 
 
-def _steps(steps: int, config, field: str = "steps") -> int:
+def _steps(steps: int, config, model: Model) -> int:
     if not 1 <= steps <= config.max_steps:
-        raise ApiError(422, f"{field} must be in [1, {config.max_steps}] (--max-steps), got {steps}", field)
+        raise ApiError(422, f"steps must be in [1, {config.max_steps}] (--max-steps), got {steps}", "steps")
+    try:
+        model.schedule.timesteps(steps)  # what the model's schedule allows (e.g. 999 steps at most with offset 1)
+    except ValueError as e:
+        raise ApiError(422, f"steps: {e}", "steps") from None
     return steps
 
 
@@ -108,7 +113,7 @@ def inversion_spec(body, model: Model, store, config) -> InversionSpec:
     if store.image_path(image_id) is None:
         raise ApiError(404, f"image_id {image_id}: no such image; upload it with POST /v1/images", "image_id")
     prompt = check_prompt(body.prompt, model.tokenizer, "prompt")
-    steps = _steps(body.steps, config)
+    steps = _steps(body.steps, config, model)
     inner = body.inner_steps if body.method == "null_text" else 0
     if not 0 <= inner <= config.max_inner_steps:
         raise ApiError(422, f"inner_steps must be in [0, {config.max_inner_steps}] (--max-inner-steps), got {inner}",
@@ -169,7 +174,7 @@ def edit_spec(body, model: Model, store, config, inversion_job=None) -> EditSpec
             raise ApiError(422, "prompts is empty: give the source prompt first, then the targets", "prompts")
         if not 0 <= body.seed < 2 ** 63:
             raise ApiError(422, f"seed must be in [0, 2**63), got {body.seed}", "seed")
-        steps = _steps(50 if body.steps is None else body.steps, config)
+        steps = _steps(50 if body.steps is None else body.steps, config, model)
         guidance = model.default_guidance if body.guidance is None else body.guidance
         sampler, seed, inversion_id = body.sampler or "ddim", body.seed, None
     else:

@@ -326,7 +326,9 @@ function renderHistory() {
     img.alt = entry.label;
     objectUrl(entry.result.images[entry.result.images.length - 1]).then((u) => { img.src = u; });
     const c = entry.body.controller;
-    button.append(img, `${i + 1}. ${entry.label} (${c.mode}, x${c.cross_steps}/${c.self_steps})`);
+    const weights = Object.entries(c.equalizer || {}).map(([w, x]) => `, ${w} x${x}`).join("");
+    const blend = entry.body.blend ? `, blend ${entry.body.blend.map((ws) => ws.join("+")).join(" / ")}` : "";
+    button.append(img, `${i + 1}. ${entry.label} (${c.mode}, cross ${c.cross_steps}, self ${c.self_steps}${weights}${blend})`);
     button.addEventListener("click", () => show(entry));  // going back re-runs nothing
     li.append(button);
     list.append(li);
