@@ -102,7 +102,7 @@ def materialised_cached(q, k, v, plan: CrossPlan, scale: float) -> torch.Tensor:
 
 def cached_source_rows(q, k, v, N: int, case: str, scale: float, floor_ms, repeats: int) -> list[Row]:
     """A re-edit's cross call: rows [uncond, cond] of the one target, p_src the row of a 41-call fp32 table (the
-    default window of 50 steps) that a device index picks, as `captured.StaticCachedControl` hands it over."""
+    default window of 50 steps) that a device index picks, as `static_control.StaticCachedControl` hands it over."""
     rows_t = [1, P + 1]  # the target's rows of the edit's batch [uncond x P, cond x P]
     qt, kt, vt = q[rows_t], k[rows_t], v[rows_t]
 

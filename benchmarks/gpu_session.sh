@@ -89,7 +89,19 @@ for spec in attention:40 unet:70 pipeline:130 inversion:110 profile:40 methods:6
 done
 unset P2P_BENCH_DEADLINE
 
-# 3. The server (benchmarks/bench_serve.py), prepared and not yet run on a GPU: SD 1.5's architecture at 512 x 512
+# 3. Edits in one batch (issue 33; prepared, not yet run on a GPU: no figure of it is claimed): SD 1.5's
+#    architecture (random weights) at 512 x 512 in fp16, 8 two-prompt edits (Replace with LocalBlend and stored
+#    maps, 50 steps) in one edit_batch against the same edits one after another, each batched edit checked
+#    against its own edit first; prints the ratio per back-to-back pair (goal >= 3x) and the peak memory above
+#    the model, per edit for the batch.
+lim=$(limit 150)
+if [ "$lim" -lt 60 ]; then say "edit_batch left out: $lim s left"; else
+    say "edit_batch (limit $lim s)"
+    timeout "$lim" python3 -m benchmarks.cpu_edit_batch --preset sd15 --size 512 --device cuda --dtype float16 \
+        --runs 2 2>&1 | tee -a "$LOG" | tail -8
+fi
+
+# 4. The server (benchmarks/bench_serve.py), prepared and not yet run on a GPU: SD 1.5's architecture at 512 x 512
 #    in fp16 (random weights: none can be downloaded), 16 clients x 4 two-prompt edits of 50 steps, batched
 #    (--max-batch-rows 32) against one edit per loop (4 rows); it prints requests/s, the ratio and p50 / p95
 #    latency. Needs the serve extra's wheels in .whl (above).

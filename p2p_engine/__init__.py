@@ -4,6 +4,7 @@ from .attention import triton_interpreter
 # Before anything imports triton.language (transformers does, when a model is built): see triton_interpreter.
 triton_interpreter()
 
+from .batch import EditRequest  # noqa: E402
 from .checkpoint import save_random_checkpoint  # noqa: E402
 from .controllers import LocalBlend, Refine, Replace, Reweight, Store  # noqa: E402
 from .inversion import Inversion  # noqa: E402
@@ -11,4 +12,4 @@ from .loading import CheckpointError, load  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 
 __all__ = ["load", "save_random_checkpoint", "CheckpointError", "Pipeline",
-           "Store", "Replace", "Refine", "Reweight", "LocalBlend", "Inversion"]
+           "Store", "Replace", "Refine", "Reweight", "LocalBlend", "Inversion", "EditRequest"]

@@ -8,7 +8,8 @@ it stores, injects and re-weights maps through the pure-torch references (backen
 queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N). A plan
 that carries its own attention (`plan.attend(q, k, v, scale)`: the edit cache's
 recording plans, `p2p_engine.cache`) is called instead; a re-edit's plans are
-`CrossPlan`s and `SelfPlan`s with a cached source, which both backends take.
+`CrossPlan`s and `SelfPlan`s with a cached source, which both backends take. A batch of independent edits
+gives a `BlockPlans`: each block of rows is attended under its own plan, as that edit alone would be.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .plan import BlockPlans
 
 BACKENDS = ("torch", "triton")
 
@@ -82,6 +85,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(plan, BlockPlans):  # independent edits in one batch: each block of rows under its own plan
+        return torch.cat([attention(q[a:b], k[a:b], v[a:b], p, is_cross=is_cross, backend=backend, upcast=upcast)
+                          for a, b, p in plan.spans()])
     if plan is not None and hasattr(plan, "attend"):
         return plan.attend(q, k, v, q.shape[-1] ** -0.5)
     if plan is None or not (plan.injects or plan.store is not None):

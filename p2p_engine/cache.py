@@ -360,7 +360,7 @@ class CachedControl(Control):
             buf[0] = self.cache.self_sum[k]
         return super().attention(latent_hw, tokenizer)
 
-    # What this call reads of the source, as hooks (a captured re-edit, `captured.StaticCachedControl`, reads
+    # What this call reads of the source, as hooks (a captured re-edit, `static_control.StaticCachedControl`, reads
     # the cache's tables at its device counter instead): p (1, H, N, T), or a table of calls, and the (1,) device
     # index of this call's row, as `CrossPlan.source` / `source_row`; (q, k), each (1, H, N, D), or two tables,
     # and the row, as `SelfPlan.source` / `source_row`; LocalBlend's level maps (N, T); the latents (1, C, h, w)

@@ -16,7 +16,8 @@ counter that lives on the device and that the step itself advances:
 - LocalBlend's mask is built every call and `torch.where` keeps the unblended
   latents before its start;
 - every map buffer is allocated before the first call, for the layers the UNet
-  declares (`unet.attn_layers`) at the sizes the latent gives them.
+  declares (`unet.attn_layers`) at the sizes the latent gives them
+  (`static_control.StaticControl` holds these choices and buffers).
 
 Only the cross gate changes any arithmetic: a call whose gate is closed and
 whose maps are not stored takes the plan's explicit softmax instead of SDPA, so
@@ -34,6 +35,11 @@ windows, so the counter picks the call's entry there as it picks the gate's;
 the cache must live on the pipeline's device (a graph cannot index host
 memory by a device counter).
 
+Several independent edits (`batch.edit_batch`) run as blocks of rows of one
+UNet batch (`rows.py`), each block with its own state (`StaticRows`: start
+latent, prompts, null texts, pivots, control); the step is one UNet call over
+all of them, and one recording serves every later batch of the same blocks.
+
 A recorded loop is kept for later edits (`_kept`: the last MAX_KEPT per
 pipeline, and per edit cache for its re-edits). An edit whose loop has the same
 `StaticLoop.signature` (shapes, dtypes, the guidance and other values the
@@ -45,7 +51,6 @@ a pipeline's kept loops and the memory their graphs hold.
 """
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import Callable
 
@@ -55,10 +60,10 @@ from . import graphs
 from .cache import CachedControl
 from .conditioning import StepTexts, Text
 from .control import Control
-from .maps import SELF_MAPS_MAX_QUERIES, level_hw
+from .rows import Rows, guide, unet_control
 from .samplers import DDIMSampler
-from .scheduler import ddim_step, proximal_delta
-from .words import MAX_TOKENS
+from .scheduler import ddim_step
+from .static_control import StaticCachedControl, StaticControl, _at
 
 
 class CaptureFailed(RuntimeError):
@@ -79,169 +84,31 @@ def unsupported(smp, control) -> str | None:
     return None
 
 
-def layer_queries(h: int, w: int, level: int) -> int:
-    """The queries of an attention layer at `level` for latents of h x w."""
-    h, w = level_hw(h, w, level)
-    return h * w
-
-
-def _at(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """table[i] for a (1,) device counter, without a host sync: (1, *table.shape[1:])."""
-    return table.index_select(0, i)
-
-
-class StaticControl(Control):
-    """A `Control` whose per-call choices are read from the device counter and whose buffers exist up front."""
-
-    def __init__(self, control: Control, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
-        # Control's own, not the next in line: a StaticCachedControl's eager control has made and checked it
-        Control.__init__(self, control.prompts, control.calls, control.device, edit=control.edit,
-                         blend=control.blend, store=control.keep, self_maps=control.self_maps)
-        self.counter = counter
-        e, dev = self.edit, self.device
-        self.gates_cross = e is not None and bool(e.gate.any())  # once, before the loop
-        self.self_gate = None
-        if e is not None and e.self_window[0] < e.self_window[1]:
-            self.self_gate = torch.zeros(self.calls, 1, device=dev)
-            self.self_gate[e.self_window[0]:e.self_window[1]] = 1
-        self.blend_on = None
-        if self.blend is not None:
-            self.blend_on = (torch.arange(self.calls) + 1 > self.blend.start).view(-1, 1, 1, 1, 1).to(dev)
-        h, w = latent_hw
-        for layer in layers:
-            n = layer_queries(h, w, layer.level)
-            self.layers[layer.index] = (layer, n)
-            maps = torch.zeros(self.P, n, MAX_TOKENS if layer.is_cross else n, device=dev)
-            injected = self._injected_maps(layer, n)  # summed at end_step from this call's buffer, as Control's
-            if layer.is_cross and (self._is_blend_layer(layer) or self.keep and injected):
-                self.step_buf[layer.index] = maps
-                if self.keep:
-                    self.cross_sum[layer.index] = torch.zeros_like(maps)
-                if self._is_blend_layer(layer):
-                    self.blend_sum = torch.zeros_like(maps)
-            elif layer.is_cross and self.keep:
-                self.cross_sum[layer.index] = maps
-            elif not layer.is_cross and self.self_maps and n <= SELF_MAPS_MAX_QUERIES:
-                self.self_sum[layer.index] = maps
-                if injected:
-                    self.self_step[layer.index] = torch.zeros_like(maps)
-        self.cross_gate_now = self.self_gate_now = None
-
-    def snapshot(self) -> "StaticControl":
-        """This control with copies of its summed maps: what an edit returns while the loop is kept."""
-        out = copy.copy(self)
-        out.cross_sum = {k: v.clone() for k, v in self.cross_sum.items()}
-        out.self_sum = {k: v.clone() for k, v in self.self_sum.items()}
-        return out
-
-    def reset(self) -> None:
-        """Every map buffer zeroed, back at call 0 (`StaticLoop.reset`)."""
-        for buf in [*self.cross_sum.values(), *self.self_sum.values(), *self.step_buf.values(),
-                    *self.self_step.values()]:
-            buf.zero_()
-        if self.blend_sum is not None:
-            self.blend_sum.zero_()
-        self.step = 0
-
-    def begin_step(self) -> None:
-        """This call's gates, read from the counter (recorded into the graph with the rest of the step)."""
-        if self.gates_cross:
-            self.cross_gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
-        if self.self_gate is not None:
-            self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
-
-    def _injects_cross(self) -> bool:
-        return self.gates_cross  # every call, with the counter's gate row
-
-    def _injects_self(self) -> bool:
-        return self.self_gate is not None  # every call, switched by the counter's window flag
-
-    def _call_gate(self) -> torch.Tensor | None:
-        return self.cross_gate_now  # read from the counter; closed rows give exactly the own maps
-
-    def _call_self_gate(self) -> torch.Tensor | None:
-        return self.self_gate_now
-
-    def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)
-
-
-def _row(counter: torch.Tensor, window: tuple[int, int], table: torch.Tensor | None) -> torch.Tensor | None:
-    """The (1,) row of a table over the calls [window) for the call the counter is at, clamped inside it (the
-    calls outside a window read an entry their gate then zeroes)."""
-    if table is None:
-        return None
-    return (counter - window[0]).clamp(0, table.shape[0] - 1)
-
-
-class StaticCachedControl(StaticControl, CachedControl):
-    """A re-edit's control (`cache.CachedControl`) on static state: its targets' plans, with the source's
-    attention, LocalBlend maps and latents read from the cache's tables at the counter."""
-
-    def __init__(self, control: CachedControl, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
-        super().__init__(control, layers, latent_hw, counter)
-        self.cache = control.cache
-        self.cross_row = self.self_row = None
-
-    def begin_step(self) -> None:
-        super().begin_step()
-        c = self.cache
-        self.cross_row = _row(self.counter, c.cross_window, next(iter(c.cross.values()), None))
-        self.self_row = _row(self.counter, c.self_window, next(iter(c.self_qk.values()), (None,))[0])
-
-    def _source_probs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.cross[layer], self.cross_row  # the kernel reads the row in place
-
-    def _source_qk(self, layer: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return self.cache.self_qk[layer], self.self_row  # the kernel reads the rows in place
-
-    def _source_level_maps(self) -> torch.Tensor:
-        return _at(self.cache.level_maps[self.blend.level], self.counter)[0]
-
-    def _source_latents(self, like: torch.Tensor) -> torch.Tensor:
-        return _at(self.cache.latents, self.counter)[0].to(like.dtype)
-
-
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()  # a later edit refills it: never a tensor the caller holds
 
 
-class StaticLoop:
-    """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call.
+class StaticRows:
+    """One edit's block of rows (`rows.Rows`) in a static loop: its own state in fixed buffers."""
 
-    Everything `step` reads that differs between edits of the same shapes is a tensor the loop owns (`feeds`);
-    the rest (`signature`) is what a recording bakes in, so a loop of an equal signature can be refilled and
-    replayed instead of recorded again."""
-
-    def __init__(self, pipe, prompts, src, smp: DDIMSampler, control: Control | None, *, pin: bool):
-        # the UNet, not the pipeline: loops kept for a pipeline must not keep it alive (`_kept_by_pipe`)
-        self.unet, self.dtype = pipe.unet, pipe.dtype
-        self.model = (pipe.dtype, pipe.backend, pipe.unet.channels_last, pipe.unet.fused_norms)  # baked in
-        device, master = pipe.device, pipe.master_dtype
-        P = self.P = len(prompts)
+    def __init__(self, pipe, block: Rows, counter: torch.Tensor, latent_hw: tuple[int, int]):
+        src, P = block.src, block.P
+        self.P = P
         self.start = src.latents.expand(P, -1, -1, -1).clone()  # (P, C, h, w)
         self.latents = self.start.clone()
-        h, w = self.start.shape[-2:]
-        self.counter = torch.zeros(1, dtype=torch.long, device=device)
-        self.timesteps = torch.tensor(smp.timesteps, dtype=torch.long, device=device)
-        self.a, self.a_prev, self.v_pred = smp.a.clone(), smp.a_prev.clone(), smp.v_pred
         self.guidance, self.proximal, self.quantile = src.guidance, src.proximal, src.quantile
-        self.cond = pipe.encode_text(prompts)  # (P, 77, D)
+        self.cond = pipe.encode_text(block.prompts)  # (P, 77, D)
         self.uncond = pipe.unconditional().expand(P) if src.null is None else None  # the pipeline's own
         self.null = None if src.null is None else StepTexts(src.null.context.clone(), _own(src.null.pooled))
-        down = pipe.config.vae.downscale
-        self.time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # the shapes' own
-        self.pivots = _own(src.pivots) if pin else None
+        self.pivots = _own(src.pivots) if block.pin else None
         self.control = None
-        if control is not None:
-            kind = StaticCachedControl if isinstance(control, CachedControl) else StaticControl
-            self.control = kind(control, pipe.unet.attn_layers, (h, w), self.counter)
-        self.master = master
+        if block.control is not None:
+            kind = StaticCachedControl if isinstance(block.control, CachedControl) else StaticControl
+            self.control = kind(block.control, pipe.unet.attn_layers, latent_hw, counter)
 
     def feeds(self) -> dict[str, torch.Tensor | None]:
         """The tensors an edit fills (the map buffers are zeroed by `reset`)."""
-        out = dict(start=self.start, timesteps=self.timesteps, a=self.a, a_prev=self.a_prev, cond=self.cond.context,
-                   cond_pooled=self.cond.pooled, pivots=self.pivots)
+        out = dict(start=self.start, cond=self.cond.context, cond_pooled=self.cond.pooled, pivots=self.pivots)
         if self.null is not None:
             out.update(null=self.null.context, null_pooled=self.null.pooled)
         c = self.control
@@ -253,77 +120,120 @@ class StaticLoop:
         return out
 
     def signature(self) -> tuple:
-        """What a recording of `step` bakes in: the feeds' shapes and dtypes, the Python values it reads, which
-        plan each layer gets, and the model's settings."""
+        """What a recording bakes in of this block (`StaticLoop.signature`); a re-edit's cache by identity, as
+        the recorded step reads its tables where they are."""
         c = self.control
         feeds = tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.feeds().items())
-        loop = (self.P, self.v_pred, self.guidance, self.proximal, self.quantile, self.uncond is None, self.model)
+        rows = (self.P, self.guidance, self.proximal, self.quantile, self.uncond is None)
         if c is None:
-            return feeds, loop
+            return feeds, rows
         e, b = c.edit, c.blend
         control = (type(c), c.gates_cross, c.keep, c.self_maps,
                    None if e is None else (e.self_max_queries, e.injected_maps),
                    None if b is None else (b.level, b.thresholds),
-                   tuple(sorted((i, n) for i, (_, n) in c.layers.items())))
-        return feeds, loop, control
+                   tuple(sorted((i, n) for i, (_, n) in c.layers.items())),
+                   id(c.cache) if isinstance(c, StaticCachedControl) else None)
+        return feeds, rows, control
+
+    def texts(self, i: torch.Tensor) -> list[Text]:
+        """[uncond x P, cond x P] of the call the counter `i` is at."""
+        if self.uncond is not None:
+            return [self.uncond, self.cond]
+        null = self.null
+        return [Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(self.P),
+                self.cond]
+
+
+class StaticLoop:
+    """The sampling loop's state in fixed buffers and `step()`, which advances it by one UNet call, over the
+    rows of one or more edits (`rows.py`: one `StaticRows` block each, in one UNet batch).
+
+    Everything `step` reads that differs between edits of the same shapes is a tensor the loop owns (`feeds`);
+    the rest (`signature`) is what a recording bakes in, so a loop of an equal signature can be refilled and
+    replayed instead of recorded again."""
+
+    def __init__(self, pipe, blocks: list[Rows], smp: DDIMSampler):
+        # the UNet, not the pipeline: loops kept for a pipeline must not keep it alive (`_kept_by_pipe`)
+        self.unet, self.dtype = pipe.unet, pipe.dtype
+        self.model = (pipe.dtype, pipe.backend, pipe.unet.channels_last, pipe.unet.fused_norms)  # baked in
+        device, self.master = pipe.device, pipe.master_dtype
+        h, w = blocks[0].src.latents.shape[-2:]
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        self.timesteps = torch.tensor(smp.timesteps, dtype=torch.long, device=device)
+        self.a, self.a_prev, self.v_pred = smp.a.clone(), smp.a_prev.clone(), smp.v_pred
+        self.rows = [StaticRows(pipe, b, self.counter, (h, w)) for b in blocks]
+        down = pipe.config.vae.downscale
+        self.time_ids = pipe.time_ids(h * down, w * down, 2 * sum(r.P for r in self.rows))  # the shapes' own
+
+    def feeds(self) -> dict[str, torch.Tensor | None]:
+        """The tensors an edit fills: the shared ones, then each block's (named by its place)."""
+        out = dict(timesteps=self.timesteps, a=self.a, a_prev=self.a_prev)
+        for j, r in enumerate(self.rows):
+            out.update({f"{j}.{k}": t for k, t in r.feeds().items()})
+        return out
+
+    def signature(self) -> tuple:
+        """What a recording of `step` bakes in: the feeds' shapes and dtypes, the Python values it reads, which
+        plan each layer gets, and the model's settings."""
+        shared = tuple((k, tuple(t.shape), t.dtype) for k, t in (("timesteps", self.timesteps), ("a", self.a)))
+        return shared, self.v_pred, self.model, tuple(r.signature() for r in self.rows)
 
     def refill(self, other: "StaticLoop") -> None:
         """Take another edit's feeds (a loop of the same signature) and its prompts, back at call 0."""
         for dst, src in zip(self.feeds().values(), other.feeds().values()):  # same names, same order
             if dst is not None:
                 dst.copy_(src)
-        if self.control is not None:
-            self.control.prompts = other.control.prompts
+        for mine, theirs in zip(self.rows, other.rows):
+            if mine.control is not None:
+                mine.control.prompts = theirs.control.prompts
         self.reset()
 
     def reset(self) -> None:
-        """Back to call 0: the start latent, the counter and every map buffer (after a warm-up)."""
-        self.latents.copy_(self.start)
+        """Back to call 0: the start latents, the counter and every map buffer (after a warm-up)."""
         self.counter.zero_()
-        if self.control is not None:
-            self.control.reset()
+        for r in self.rows:
+            r.latents.copy_(r.start)
+            if r.control is not None:
+                r.control.reset()
 
     def step(self) -> None:
-        i, P = self.counter, self.P
-        if self.uncond is not None:
-            u = self.uncond
-        else:
-            null = self.null
-            u = Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(P)
-        text = Text.cat([u, self.cond])
-        x = torch.cat([self.latents, self.latents]).to(self.dtype)
-        if self.control is not None:
-            self.control.begin_step()
-        out = self.unet(x, _at(self.timesteps, i), text.context, control=self.control, pooled=text.pooled,
+        i = self.counter
+        text = Text.cat([t for r in self.rows for t in r.texts(i)])  # each block [uncond x P, cond x P]
+        x = torch.cat([z for r in self.rows for z in (r.latents, r.latents)]).to(self.dtype)
+        for r in self.rows:
+            if r.control is not None:
+                r.control.begin_step()
+        control = unet_control([r.control for r in self.rows], [r.P for r in self.rows])
+        out = self.unet(x, _at(self.timesteps, i), text.context, control=control, pooled=text.pooled,
                         time_ids=self.time_ids).to(self.master)
-        out_u, out_c = out.chunk(2)
-        delta = out_c - out_u
-        if self.proximal == "l0":
-            delta = proximal_delta(delta, self.quantile)
         a, a_prev = _at(self.a, i).reshape(()), _at(self.a_prev, i).reshape(())
-        latents = ddim_step(out_u + self.guidance * delta, self.latents, a, a_prev, self.v_pred)
-        if self.pivots is not None:  # before LocalBlend, as in the eager loop
-            latents[0] = _at(self.pivots, i)[0]
-        if self.control is not None:
-            latents = self.control.end_step(latents)
-        self.latents.copy_(latents)
+        for r, o in zip(self.rows, out.split([2 * r.P for r in self.rows])):
+            latents = ddim_step(guide(o, r.guidance, r.proximal, r.quantile), r.latents, a, a_prev, self.v_pred)
+            if r.pivots is not None:  # before LocalBlend, as in the eager loop
+                latents[0] = _at(r.pivots, i)[0]
+            if r.control is not None:
+                latents = r.control.end_step(latents)
+            r.latents.copy_(latents)
         self.counter.add_(1)
 
 
-def static_sample(pipe, prompts, src, smp, control, *, pin: bool, progress: bool, desc: str,
-                  graph: bool) -> tuple[torch.Tensor, StaticControl | None]:
-    """The edit loop on static state: (final latents (P, C, h, w), the control that holds its maps).
+def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool,
+                  desc: str, graph: bool) -> tuple[list[torch.Tensor], list[StaticControl | None]]:
+    """The edit loop over the blocks' rows on static state: (each block's final latents (P, C, h, w), each
+    block's control, which holds its maps).
 
     graph=False runs the step call by call (any device; what the tests compare with the eager loop);
     graph=True records it as a CUDA graph and replays it, raising `CaptureFailed` if recording fails.
     """
-    why = unsupported(smp, control)
-    if why is not None:
-        raise ValueError(f"capture: {why}")
-    loop, recorded = _kept(pipe, StaticLoop(pipe, prompts, src, smp, control, pin=pin), graph)
+    for b in blocks:
+        why = unsupported(smp, b.control)
+        if why is not None:
+            raise ValueError(f"capture: {why}")
+    loop, recorded = _kept(pipe, StaticLoop(pipe, blocks, smp), graph)
     run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc)
     # copies: the kept loop's buffers are the next edit's
-    return loop.latents.clone(), None if loop.control is None else loop.control.snapshot()
+    return ([r.latents.clone() for r in loop.rows],
+            [None if r.control is None else r.control.snapshot() for r in loop.rows])
 
 
 # -- loops kept for later edits of the same shapes ------------------------------------------------------------
@@ -335,9 +245,10 @@ _kept_by_pipe: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _kept(pipe, loop: StaticLoop, graph: bool):
     """(the loop to run, its recorded step's replay or None): a kept loop of the same signature refilled with
     this edit's feeds (recorded once, replayed by every later edit), else this loop, recorded when `graph` and
-    kept."""
-    c = loop.control
-    pool = c.cache.kept_loops if isinstance(c, StaticCachedControl) else _kept_by_pipe.setdefault(pipe, [])
+    kept. A loop that reads edit caches is kept with the first of them (and keeps the others alive while it is
+    kept), any other with its pipeline."""
+    caches = [r.control.cache for r in loop.rows if isinstance(r.control, StaticCachedControl)]
+    pool = caches[0].kept_loops if caches else _kept_by_pipe.setdefault(pipe, [])
     key = (graph, loop.signature())
     for i, (k, kept, recorded) in enumerate(pool):
         if k == key:

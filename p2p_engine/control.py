@@ -216,7 +216,7 @@ class Control:
         store = self._self_buffer(layer, n_queries)
         return self._self_plan(layer, inject, store) if (inject or store is not None) else None
 
-    # The per-call choices, as hooks: a captured loop (`captured.StaticControl`) makes them device tensors.
+    # The per-call choices, as hooks: a captured loop (`static_control.StaticControl`) makes them device tensors.
     def _injects_cross(self) -> bool:
         """Whether this call's cross plans may inject (then `_call_gate` says where)."""
         return self.cross_on[self.step]

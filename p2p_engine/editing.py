@@ -35,8 +35,8 @@ from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
 from .conditioning import StepTexts, Text
+from .rows import Rows, guide, unet_control
 from .samplers import make_sampler
-from .scheduler import proximal_delta
 from .words import check_prompts
 
 DEFAULT_STEPS = 50
@@ -145,52 +145,53 @@ def _sampler(pipe, src: Source):
                         timesteps=src.timesteps)
 
 
-def _sample(pipe, prompts, src: Source, smp, control, *, pin: bool, progress: bool, desc: str) -> torch.Tensor:
-    """The loop (module docstring) over the rows of `prompts` from the source's start latent with the sampler
-    `smp`; `pin`: row 0 is the source, pinned to a direct inversion's pivots. Returns the final latents
-    (rows, C, h, w)."""
+def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str) -> list[torch.Tensor]:
+    """The loop (module docstring) over the blocks' rows in one UNet batch (`rows.py`: one block per edit) with
+    the sampler `smp`, which every block shares (one timestep per call). Returns each block's final latents
+    (P, C, h, w)."""
     device, master = pipe.device, pipe.master_dtype
-    P = len(prompts)
-    latents = src.latents.expand(P, -1, -1, -1).clone()  # (P, 4, h, w)
-    h, w = latents.shape[-2:]
-    cond = pipe.encode_text(prompts)  # (P, 77, D), SDXL's pooled (P, pooled)
-    uncond = pipe.unconditional().expand(P) if src.null is None else None
+    sizes = [b.P for b in blocks]
+    latents = [b.src.latents.expand(b.P, -1, -1, -1).clone() for b in blocks]  # (P, 4, h, w) each
+    h, w = latents[0].shape[-2:]
+    cond = [pipe.encode_text(b.prompts) for b in blocks]  # (P, 77, D), SDXL's pooled (P, pooled)
+    uncond = pipe.unconditional() if any(b.src.null is None for b in blocks) else None
     down = pipe.config.vae.downscale
-    time_ids = pipe.time_ids(h * down, w * down, 2 * P)  # SDXL: (2P, 6); None for SD 1.x/2.x
+    time_ids = pipe.time_ids(h * down, w * down, 2 * sum(sizes))  # SDXL: (2 sum P, 6); None for SD 1.x/2.x
+    control = unet_control([b.control for b in blocks], sizes)
     calls = smp.timesteps
     if progress:
         from tqdm.auto import tqdm
         calls = tqdm(calls, desc=desc)
     for i, t in enumerate(calls):
-        u = src.null.step(i).expand(P) if src.null is not None else uncond
-        text = Text.cat([u, cond])  # (2P, 77, D)
-        x = torch.cat([latents, latents]).to(pipe.dtype)
+        texts = []
+        for b, c in zip(blocks, cond):
+            texts += [(uncond if b.src.null is None else b.src.null.step(i)).expand(b.P), c]
+        text = Text.cat(texts)  # (2 sum P, 77, D): each block [uncond x P, cond x P]
+        x = torch.cat([row for z in latents for row in (z, z)]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), text.context, control=control, pooled=text.pooled,
                         time_ids=time_ids).to(master)
-        out_u, out_c = out.chunk(2)
-        delta = out_c - out_u
-        if src.proximal == "l0":
-            delta = proximal_delta(delta, src.quantile)
-        latents = smp.step(i, out_u + src.guidance * delta, latents)
-        if pin and src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
-            latents[0] = src.pivots[i]
-        if control is not None:
-            latents = control.end_step(latents)
+        guided = [guide(o, b.src.guidance, b.src.proximal, b.src.quantile)
+                  for b, o in zip(blocks, out.split([2 * n for n in sizes]))]
+        stepped = smp.step(i, torch.cat(guided), torch.cat(latents)).split(sizes)
+        latents = []
+        for b, z in zip(blocks, stepped):
+            if b.pin and b.src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
+                z[0] = b.src.pivots[i]
+            latents.append(z if b.control is None else b.control.end_step(z))
     return latents
 
 
-def _run(pipe, prompts, src: Source, smp, control, capture: bool | None, *, pin: bool, progress: bool, desc: str):
-    """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (latents, control, loop,
-    capture_failure) with loop one of LOOPS."""
+def _run(pipe, blocks: list[Rows], smp, capture: bool | None, *, progress: bool, desc: str):
+    """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (each block's latents,
+    each block's control, loop, capture_failure) with loop one of LOOPS."""
     graph = graphs.can_capture(pipe.device)
     if capture is None:
-        capture = CAPTURE_BY_DEFAULT and graph and captured.unsupported(smp, control) is None
-    (latents, control), loop, failure = _captured_or_eager(
+        capture = CAPTURE_BY_DEFAULT and graph and all(captured.unsupported(smp, b.control) is None for b in blocks)
+    (latents, controls), loop, failure = _captured_or_eager(
         capture, graph, "the edit step",
-        lambda: captured.static_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc,
-                                       graph=graph),
-        lambda: (_sample(pipe, prompts, src, smp, control, pin=pin, progress=progress, desc=desc), control))
-    return latents, control, loop, failure
+        lambda: captured.static_sample(pipe, blocks, smp, progress=progress, desc=desc, graph=graph),
+        lambda: (_sample(pipe, blocks, smp, progress=progress, desc=desc), [b.control for b in blocks]))
+    return latents, controls, loop, failure
 
 
 def _captured_or_eager(capture: bool, graph: bool, what: str, static, eager):
@@ -247,6 +248,18 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
     source_args = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler, steps_offset=steps_offset,
                        height=height, width=width, latents=latents, inversion=inversion, proximal=proximal,
                        quantile=quantile)
+    block = edit_rows(pipe, prompts, controller, local_blend=local_blend, store=store, cache=cache,
+                      source_args=source_args)
+    desc = "re-edit" if cache is not None else "edit" if controller is not None else "sample"
+    [latents], [control], loop, failure = _run(pipe, [block], _sampler(pipe, block.src), capture, progress=progress,
+                                               desc=desc)
+    return edit_output(pipe, block, latents, control, loop, failure, store=store, decode_images=decode_images)
+
+
+def edit_rows(pipe, prompts: list[str], controller, *, local_blend, store: bool, cache: EditCache | None,
+              source_args: dict) -> Rows:
+    """One edit's arguments (checked prompts; see `edit`) resolved into its block of rows: its source and its
+    compiled control; with a cache, the targets' rows under a `CachedControl`."""
     if cache is not None:
         if not isinstance(cache, EditCache):
             raise TypeError(f"cache must be an EditCache (made by pipe.edit_cache(source prompt, ...)), "
@@ -255,22 +268,37 @@ def edit(pipe, prompts, controller=None, *, seed: int | None = None, steps: int 
         if given:
             raise ValueError(f"{', '.join(given)}: an edit from a cache runs the source settings the cache was made "
                              f"with; leave them out")
-        return _edit_cached(pipe, prompts, controller, cache, local_blend=local_blend, store=store,
-                            capture=capture, progress=progress, decode_images=decode_images)
-    src = resolve_source(pipe, **source_args)
-    if inversion is not None and prompts[0] != inversion.prompt:
-        warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
-             f"({inversion.prompt!r}): the source row will not reproduce the image")
+        src = cache.source
+        cache.check_for(pipe, prompts)
+        calls = cache.calls
+    else:
+        src = resolve_source(pipe, **source_args)
+        inversion = source_args.get("inversion")
+        if inversion is not None and prompts[0] != inversion.prompt:
+            warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
+                 f"({inversion.prompt!r}): the source row will not reproduce the image")
+        calls = len(_sampler(pipe, src).timesteps)
     h, w = src.latents.shape[-2:]
-    smp = _sampler(pipe, src)
     control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
-                              layers=pipe.unet.attn_layers, local_blend=local_blend, store=store,
-                              calls=len(smp.timesteps), self_max_queries=pipe.self_max_queries(h, w))
-    desc = "edit" if controller is not None else "sample"
-    latents, control, loop, failure = _run(pipe, prompts, src, smp, control, capture, pin=True, progress=progress,
-                                           desc=desc)
+                              layers=pipe.unet.attn_layers, local_blend=local_blend, store=store, calls=calls,
+                              self_max_queries=pipe.self_max_queries(h, w))
+    if cache is None:
+        return Rows(prompts, src, control, pin=True)
+    if control is None:
+        raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
+    return Rows(prompts[1:], src, CachedControl(control, cache), pin=False, cache=cache)
+
+
+def edit_output(pipe, block: Rows, latents: torch.Tensor, control, loop: str, failure: str | None, *, store: bool,
+                decode_images: bool) -> EditOutput:
+    """The `EditOutput` of one edit's block after its loop: `latents` its rows' final latents, `control` the
+    control that holds its maps (a re-edit's source row, maps and image come from its cache)."""
+    h, w = block.src.latents.shape[-2:]
     attention = control.attention((h, w), pipe.tokenizer) if (control is not None and store) else None
     images = to_pil(pipe.decode_latents(latents)) if decode_images else []
+    if block.cache is not None:
+        latents = torch.cat([block.cache.latents[-1].to(pipe.device, pipe.master_dtype), latents])
+        images = [block.cache.image] + images if decode_images else []
     return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure)
 
 
@@ -324,27 +352,9 @@ def _record_source(pipe, prompt, src, smp, recorder: Recorder, capture: bool | N
     if capture is None:
         capture = (CAPTURE_BY_DEFAULT and graph and recorder.storage == recorder.device
                    and captured.unsupported(smp, None) is None)
+    block = Rows([prompt], src, recorder, pin=True)
     (latents, recorder), loop, failure = _captured_or_eager(
         capture, graph, "the source's step",
         lambda: recording.static_record(pipe, prompt, src, smp, recorder, progress=progress, graph=graph),
-        lambda: (_sample(pipe, [prompt], src, smp, recorder, pin=True, progress=progress, desc="source"), recorder))
+        lambda: (_sample(pipe, [block], smp, progress=progress, desc="source")[0], recorder))
     return latents, recorder, loop, failure
-
-
-def _edit_cached(pipe, prompts, controller, cache: EditCache, *, local_blend, store, capture, progress,
-                 decode_images):
-    src = cache.source
-    h, w = src.latents.shape[-2:]
-    cache.check_for(pipe, prompts)
-    control = compile_control(controller, prompts, pipe.tokenizer, src.steps, pipe.device,
-                              layers=pipe.unet.attn_layers, local_blend=local_blend, store=store, calls=cache.calls,
-                              self_max_queries=pipe.self_max_queries(h, w))
-    if control is None:
-        raise ValueError("an edit from a cache needs a controller, a LocalBlend or store=True")
-    control = CachedControl(control, cache)
-    targets, control, loop, failure = _run(pipe, prompts[1:], src, _sampler(pipe, src), control, capture, pin=False,
-                                           progress=progress, desc="re-edit")
-    latents = torch.cat([cache.latents[-1].to(pipe.device, pipe.master_dtype), targets])
-    attention = control.attention((h, w), pipe.tokenizer) if store else None
-    images = [cache.image] + to_pil(pipe.decode_latents(targets)) if decode_images else []
-    return EditOutput(images=images, latents=latents, attention=attention, loop=loop, capture_failure=failure)

@@ -149,6 +149,11 @@ class Pipeline:
         from .editing import edit
         return edit(self, prompts, controller=None, **_opened(kwargs))
 
+    def edit_batch(self, requests, steps=50, guidance=7.5, sampler="ddim", height=None, width=None, capture=None,
+                   progress=True, **kwargs):
+        from .batch import edit_batch
+        return edit_batch(self, requests, steps, guidance, sampler, height, width, capture, progress, **kwargs)
+
     def edit_cache(self, prompt, **kwargs):
         from .editing import edit_cache
         return edit_cache(self, prompt, **_opened(kwargs))

@@ -37,6 +37,11 @@ with mapper[j], mix[j], ... and store (P, N, T). The source is p_src itself
 and the (1,) device index of this call's row (a captured loop's counter: no
 copy of the row, no host sync).
 
+Several independent edits in one batch (`batch.edit_batch`, `rows.BlockControl`): the rows are consecutive
+blocks, each laid out as above for its own edit ([uncond x P_i, cond x P_i], or a re-edit's targets), and the
+layer's plan is a `BlockPlans`: block i's plan (or None) applies to block i's rows only, so each block attends
+exactly as its edit alone would.
+
 Self attention, for target rows inside the self-replace window: the output is
 softmax(q_src k_src^T * scale) @ v_tgt (the source's map applied to the
 target's values). `store` (only for N <= 32*32) receives the head-averaged
@@ -109,6 +114,27 @@ def _targets(plan: CrossPlan | SelfPlan) -> int:
 
 def _source_at(source: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
     return source if row is None else source.index_select(0, row)[0]
+
+
+@dataclass
+class BlockPlans:
+    """One layer's plans for a batch of independent edits: `rows[i]` consecutive batch rows, block i, take
+    `plans[i]` (a CrossPlan, SelfPlan, or None for plain attention)."""
+
+    rows: tuple[int, ...]  # each block's rows (2 P_i), in batch order
+    plans: list  # each block's plan or None
+
+    def spans(self) -> list[tuple[int, int, object]]:
+        """(start, end, plan) of each block's rows; neighbouring blocks without a plan are merged into one span,
+        which plain attention serves in one call."""
+        out, start = [], 0
+        for n, plan in zip(self.rows, self.plans):
+            if plan is None and out and out[-1][2] is None:
+                out[-1] = (out[-1][0], start + n, None)
+            else:
+                out.append((start, start + n, plan))
+            start += n
+        return out
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ import weakref
 import torch
 
 from .cache import EditCache, Recorder
-from .captured import StaticLoop, layer_queries, record_graph, run_calls, unsupported
+from .captured import StaticLoop, record_graph, run_calls, unsupported
 from .maps import SELF_MAPS_MAX_QUERIES
 from .plan import compute_dtype
+from .rows import Rows
+from .static_control import layer_queries
 from .unet import Attention
 from .words import MAX_TOKENS
 
@@ -145,9 +147,10 @@ class RecordLoop(StaticLoop):
     """The static loop over the source prompt alone, with a `StaticRecorder` as its control."""
 
     def __init__(self, pipe, prompt: str, src, smp, recorder: Recorder):
-        super().__init__(pipe, [prompt], src, smp, None, pin=True)
-        self.control = StaticRecorder(recorder, pipe.unet, tuple(self.start.shape), self.counter, pipe.dtype,
-                                      pipe.master_dtype)
+        super().__init__(pipe, [Rows([prompt], src, None, pin=True)], smp)
+        [self.source] = self.rows
+        self.source.control = StaticRecorder(recorder, pipe.unet, tuple(self.source.start.shape), self.counter,
+                                             pipe.dtype, pipe.master_dtype)
 
 
 def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: bool,
@@ -161,4 +164,4 @@ def static_record(pipe, prompt: str, src, smp, recorder: Recorder, *, progress: 
         raise ValueError(f"capture: {why}")
     loop = RecordLoop(pipe, prompt, src, smp, recorder)
     run_calls(loop, record_graph(loop) if graph else None, len(smp.timesteps), progress=progress, desc="source")
-    return loop.latents.clone(), loop.control
+    return loop.source.latents.clone(), loop.source.control

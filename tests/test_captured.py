@@ -13,6 +13,7 @@ import torch
 
 import p2p_engine as p2p
 from p2p_engine import captured, editing, graphs, recording
+from p2p_engine.rows import Rows
 from numerics import rel_max_error
 
 SOURCE, TARGET = "a cat riding a bicycle", "a dog riding a bicycle"
@@ -242,7 +243,7 @@ def test_capture_refuses_what_it_cannot_run(tiny_pipe):
         tiny_pipe.edit([SOURCE, TARGET], p2p.Replace(), cache=cache, capture=True, progress=False)
     src = editing.resolve_source(tiny_pipe, steps=2)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA pipeline"):
-        captured.static_sample(tiny_pipe, [SOURCE], src, editing._sampler(tiny_pipe, src), None, pin=True,
+        captured.static_sample(tiny_pipe, [Rows([SOURCE], src, None, pin=True)], editing._sampler(tiny_pipe, src),
                                progress=False, desc="sample", graph=True)
 
 

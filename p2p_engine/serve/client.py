@@ -126,6 +126,12 @@ class Process:
         with open(f"/proc/{self.proc.pid}/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the server has used (Linux): what it cost, whatever else shares the machine."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
