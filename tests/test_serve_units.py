@@ -166,3 +166,30 @@ def test_job_records_are_json_and_recorded_at_every_move(tmp_path):
     jobs.drain("bye")
     with pytest.raises(Refused, match="shutting down"):
         jobs.submit(Job("edit", {}, SimpleNamespace(rows=2)))
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_edit_batch_reports_every_call_and_stops_where_its_callback_raises(tiny_pipe, capture):
+    import torch
+
+    from p2p_engine import EditRequest, Replace
+
+    requests = [EditRequest(["a cat riding a bicycle", "a dog riding a bicycle"], controller=Replace(), seed=s,
+                            store=False) for s in (0, 1)]
+    plain = tiny_pipe.edit_batch(requests, steps=3, progress=False, capture=capture, max_rows=4)
+    seen = []
+    outs = tiny_pipe.edit_batch(requests, steps=3, progress=False, capture=capture, max_rows=4,
+                                callback=lambda step, total: seen.append((step, total)))
+    assert seen == [(i, 6) for i in range(1, 7)]  # two groups of 4 rows, 3 calls each
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(outs, plain))
+
+    def stop(step, total):
+        seen.append(step)
+        if step == 2:
+            raise KeyboardInterrupt("stop")
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_pipe.edit_batch(requests, steps=3, progress=False, capture=capture, max_rows=4, callback=stop)
+    assert seen == [1, 2]
+    again = tiny_pipe.edit_batch(requests, steps=3, progress=False, capture=capture, max_rows=4)
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(again, plain))  # a stopped loop leaves no trace
