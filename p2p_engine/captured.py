@@ -223,8 +223,8 @@ class StaticLoop:
         self.counter.add_(1)
 
 
-def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool,
-                  desc: str, graph: bool) -> tuple[list[torch.Tensor], list[StaticControl | None]]:
+def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str, graph: bool,
+                  callback=None) -> tuple[list[torch.Tensor], list[StaticControl | None]]:
     """The edit loop over the blocks' rows on static state: (each block's final latents (P, C, h, w), each
     block's control, which holds its maps).
 
@@ -236,7 +236,7 @@ def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool,
         if why is not None:
             raise ValueError(f"capture: {why}")
     loop, recorded = _kept(pipe, StaticLoop(pipe, blocks, smp), graph)
-    run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc)
+    run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc, callback=callback)
     # copies: the kept loop's buffers are the next edit's
     return ([r.latents.clone() for r in loop.rows],
             [None if r.control is None else r.control.snapshot() for r in loop.rows])
@@ -274,17 +274,21 @@ def forget(pipe) -> None:
 
 
 def run_calls(loop: StaticLoop, replay: Callable[[], None] | None, calls: int, *, progress: bool,
-              desc: str) -> None:
-    """Advance `loop` by `calls` steps: by its recorded step's replay, or (None) running the step call by call."""
+              desc: str, callback=None) -> None:
+    """Advance `loop` by `calls` steps: by its recorded step's replay, or (None) running the step call by call.
+    `callback(i, calls)` runs on the host after call i (from 1; no device sync) and may raise to stop there (a
+    kept loop is reset to call 0 when it is next refilled)."""
     steps = range(calls)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=desc if replay is None else f"{desc} (captured)")
-    for _ in steps:
+    for i in steps:
         if replay is not None:
             replay()
         else:
             loop.step()
+        if callback is not None:
+            callback(i + 1, calls)
 
 
 def record_graph(loop: StaticLoop) -> Callable[[], None]:

@@ -1,7 +1,8 @@
 """The `p2p-engine` command line (also `python -m p2p_engine`).
 
-Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`), and
-`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py` and `metrics/`).
+Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`),
+`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py`, `pie_runs.py` and `metrics/`), and
+`serve` (the HTTP service, `serve/`).
 The top of the package: it imports the engine's modules, and none of them imports it.
 Exit status: 0 on success, 1 when an input or job failed (one clear line on
 stderr, no traceback), 2 for a usage error (argparse's own convention).
@@ -307,6 +308,25 @@ def cmd_pie_metrics(args) -> int:
     return EXIT_FAILED if any(r.get("status") != "ok" for r in rows) else EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from .serve.config import check, from_args
+
+    config = from_args(args)
+    try:
+        check(config)
+    except ValueError as e:
+        print(f"p2p-engine serve: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.model != "toy" and not Path(config.model).exists():
+        raise UserError(f"model path {config.model!r} does not exist (give a diffusers folder, a .safetensors "
+                        f"checkpoint, or 'toy')")
+    try:
+        from .serve.server import serve
+    except ImportError as e:
+        raise UserError(f"serving needs FastAPI and uvicorn ({e}): pip install \"p2p-engine[serve]\"") from None
+    return serve(config)
+
+
 # -- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip-vit-large-patch14)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_pie_metrics)
+
+    p = sub.add_parser("serve", help="the engine as an HTTP service, with an editing page at /",
+                       description="Serve the model over HTTP: API v1 (OpenAPI at /docs), the editing page at /, "
+                                   "/metrics. Prints the URL when ready; SIGTERM or Ctrl-C finishes running jobs "
+                                   "(--grace-s) and exits 0.")
+    from .serve.config import add_arguments  # the flags live beside the settings they set (no engine import)
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

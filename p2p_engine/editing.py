@@ -155,10 +155,10 @@ def _sampler(pipe, src: Source):
                         timesteps=src.timesteps)
 
 
-def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str) -> list[torch.Tensor]:
+def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str, callback=None) -> list[torch.Tensor]:
     """The loop (module docstring) over the blocks' rows in one UNet batch (`rows.py`: one block per edit) with
     the sampler `smp`, which every block shares (one timestep per call). Returns each block's final latents
-    (P, C, h, w)."""
+    (P, C, h, w). `callback(i, calls)` is called after call i (from 1) and may raise to stop the loop there."""
     device, master = pipe.device, pipe.master_dtype
     sizes = [b.P for b in blocks]
     latents = [b.src.latents.expand(b.P, -1, -1, -1).clone() for b in blocks]  # (P, 4, h, w) each
@@ -189,19 +189,23 @@ def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str) -> list
             if b.pin and b.src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
                 z[0] = b.src.pivots[i]
             latents.append(z if b.control is None else b.control.end_step(z))
+        if callback is not None:
+            callback(i + 1, len(smp.timesteps))
     return latents
 
 
-def _run(pipe, blocks: list[Rows], smp, capture: bool | None, *, progress: bool, desc: str):
+def _run(pipe, blocks: list[Rows], smp, capture: bool | None, *, progress: bool, desc: str, callback=None):
     """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (each block's latents,
-    each block's control, loop, capture_failure) with loop one of LOOPS."""
+    each block's control, loop, capture_failure) with loop one of LOOPS. `callback`: as `_sample`'s."""
     graph = graphs.can_capture(pipe.device)
     if capture is None:
         capture = CAPTURE_BY_DEFAULT and graph and all(captured.unsupported(smp, b.control) is None for b in blocks)
     (latents, controls), loop, failure = _captured_or_eager(
         capture, graph, "the edit step",
-        lambda: captured.static_sample(pipe, blocks, smp, progress=progress, desc=desc, graph=graph),
-        lambda: (_sample(pipe, blocks, smp, progress=progress, desc=desc), [b.control for b in blocks]))
+        lambda: captured.static_sample(pipe, blocks, smp, progress=progress, desc=desc, graph=graph,
+                                       callback=callback),
+        lambda: (_sample(pipe, blocks, smp, progress=progress, desc=desc, callback=callback),
+                 [b.control for b in blocks]))
     return latents, controls, loop, failure
 
 

@@ -85,8 +85,8 @@ def test_the_wheel_holds_the_package_and_runs_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {f"p2p_engine/{p.relative_to(ROOT / 'p2p_engine').as_posix()}" for p in (ROOT / "p2p_engine").rglob("*.py")}
     sources |= {f"p2p_engine/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
-    data = {f"p2p_engine/{p.relative_to(ROOT / 'p2p_engine').as_posix()}"
-            for p in (ROOT / "p2p_engine" / "data").rglob("*") if p.is_file()}
+    data = {f"p2p_engine/{p.relative_to(ROOT / 'p2p_engine').as_posix()}" for folder in ("data", "serve/static")
+            for p in (ROOT / "p2p_engine" / folder).rglob("*") if p.is_file()}
     assert not (sources | data) - names, f"missing from the wheel: {sorted((sources | data) - names)}"
     assert any(n.startswith("p2p_engine/_native.") for n in names), "the compiled aligner is not in the wheel"
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names)
