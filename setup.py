@@ -6,7 +6,9 @@
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
+
+SERVE = ["fastapi>=0.165,<0.166", "uvicorn>=0.55,<0.56", "python-multipart>=0.0.34,<0.0.35"]
 
 native = Pybind11Extension(
     "p2p_engine._native",
@@ -20,9 +22,10 @@ setup(
     version="0.1.0",
     description="Fast Prompt-to-Prompt editing and null-text inversion for Stable Diffusion",
     python_requires=">=3.10",
-    packages=["p2p_engine", "p2p_engine.kernels"],
+    # every subpackage of p2p_engine/ (toy, serve, and any added later), and kernels/ installed inside it
+    packages=find_packages(include=["p2p_engine", "p2p_engine.*"]) + ["p2p_engine.kernels"],
     package_dir={"p2p_engine": "p2p_engine", "p2p_engine.kernels": "kernels"},
-    package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"]},
+    package_data={"p2p_engine": ["data/*", "data/toy/*", "data/toy/*/*"], "p2p_engine.serve": ["static/*"]},
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     # Lower bounds: releases the whole suite passed on (benchmarks/gpu_releases.sh is the GPU machine's set:
@@ -38,6 +41,13 @@ setup(
         "pillow>=11,<14",
         "tqdm>=4.66,<5",
     ],
-    extras_require={"test": ["pytest>=8.3,<10", "pytest-benchmark>=5.1,<6", "diffusers>=0.42.1,<0.43"]},
+    # `serve`: the HTTP service (p2p_engine/serve), tested with FastAPI 0.165, uvicorn 0.55, python-multipart 0.0.34
+    # (the lower bounds: FastAPI's strict JSON bodies and uvicorn's Server hooks as used there); the tests drive its
+    # page in Chromium through Playwright.
+    extras_require={"serve": SERVE,
+                    "test": ["pytest>=8.3,<10", "pytest-benchmark>=5.1,<6", "diffusers>=0.42.1,<0.43", *SERVE,
+                             "playwright>=1.65,<1.66",
+                             # to rebuild the extension and build the wheel without build isolation (test_install)
+                             "pybind11>=2.12,<3.2", "setuptools>=64,<85", "wheel>=0.40,<0.49"]},
     entry_points={"console_scripts": ["p2p-engine=p2p_engine.cli:main"]},
 )

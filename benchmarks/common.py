@@ -41,7 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_CSV = BENCH_DIR / "results.csv"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 # Run order of `p2p-engine bench`; a module missing from the checkout is skipped with a note.
-SUITE = ("unet", "pipeline", "inversion", "methods", "sdxl", "attention", "load")
+SUITE = ("unet", "pipeline", "inversion", "methods", "editors", "sdxl", "attention", "load")
 CSV_FIELDS = ("date", "device", "commit", "benchmark", "case", "ours", "ours_ms", "ours_iqr_ms", "baseline",
               "baseline_ms", "ratio", "floor_ms", "peak_mem_mb", "check")
 

@@ -10,6 +10,11 @@
 # is not on the GPU machine; .whl/ and .commit are in .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl diffusers==0.42.1 importlib_metadata
+# and, for the server's rows (step 3), its extra with what it pulls in:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+#       fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 python-multipart==0.0.34 h11==0.16.0 click==8.5.1 \
+#       anyio==4.16.0 annotated-doc==0.0.7 opentelemetry-api==1.45.3 pydantic==2.14.4 pydantic_core==2.50.5 \
+#       typing-inspection==0.4.5 annotated-types==0.8.0
 # then call the device tool with
 #   command: COMMIT=$(cat .commit) bash benchmarks/gpu_session.sh   (after: git rev-parse --short HEAD > .commit)
 #   carry: [".whl", ".commit"], timeout_s: TOTAL + 40
@@ -62,6 +67,8 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
     "tests/test_channels_last.py::test_triton_kernels_read_the_same_inputs" \
     "tests/test_inversion.py::test_cuda_graph_buckets_equal_the_masked_graph" \
     "tests/test_inversion.py::test_cuda_graph_equals_eager" tests/test_graphs.py tests/test_kernel_norm.py \
+    "tests/test_editors_run.py::test_captured_loop_equals_eager" \
+    "tests/test_editors_run.py::test_a_kept_loop_serves_later_editor_edits" \
     tests/test_kernel_self.py tests/test_kernel_cross.py \
     2>&1 | tee -a "$LOG" | grep -v " PASSED" | tail -40
 
@@ -69,7 +76,9 @@ timeout "$(limit 90)" python3 -m pytest -v -p no:cacheprovider $XDIST \
 # pipeline and inversion (the open issue's goals) before methods and sdxl; load's CPU figures are in RESULTS.md.
 # Each is told its deadline and leaves out its last timings (the least needed) rather than overrun it.
 # profile: where the UNet step's time goes (kernel time by category against wall time), not a benchmark row.
-for spec in attention:40 unet:70 pipeline:130 inversion:110 profile:40 methods:60 sdxl:100; do
+# editors (prepared, not yet run on a GPU): seconds per image of Prompt-to-Prompt, MasaCtrl and Plug-and-Play
+# with Direct Inversion at SD 1.5's size (benchmarks/bench_editors.py).
+for spec in attention:40 unet:70 pipeline:130 inversion:110 profile:40 methods:60 editors:60 sdxl:100; do
     name=${spec%%:*}
     lim=$(limit "${spec##*:}")
     if [ "$lim" -lt 30 ]; then say "bench $name left out: $lim s left"; continue; fi
@@ -94,6 +103,20 @@ if [ "$lim" -lt 60 ]; then say "edit_batch left out: $lim s left"; else
     say "edit_batch (limit $lim s)"
     timeout "$lim" python3 -m benchmarks.cpu_edit_batch --preset sd15 --size 512 --device cuda --dtype float16 \
         --runs 2 2>&1 | tee -a "$LOG" | tail -8
+fi
+
+# 4. The server (benchmarks/bench_serve.py), prepared and not yet run on a GPU: SD 1.5's architecture at 512 x 512
+#    in fp16 (random weights: none can be downloaded), 16 clients x 4 two-prompt edits of 50 steps, batched
+#    (--max-batch-rows 32) against one edit per loop (4 rows); it prints requests/s, the ratio and p50 / p95
+#    latency. Needs the serve extra's wheels in .whl (above).
+lim=$(limit 150)
+if [ "$lim" -ge 60 ]; then
+    say "bench serve (limit $lim s)"
+    p2p-engine random-checkpoint /tmp/sd15-serve --preset sd15 --overwrite >/dev/null 2>&1
+    timeout "$lim" python3 -m benchmarks.bench_serve --model /tmp/sd15-serve --device cuda --dtype float16 \
+        --steps 50 --clients 16 --edits 4 2>&1 | tee -a "$LOG" | tail -8
+else
+    say "bench serve left out: $lim s left"
 fi
 cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT/" 2>/dev/null
 say done

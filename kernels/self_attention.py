@@ -8,8 +8,12 @@ target rows P+1 .. 2P-1 get softmax(q_src k_src^T * scale) @ v_tgt (the
 source's map on the target's values); every other row is plain attention.
 With `plan.source` (a re-edit from an edit cache) q_src and k_src come from
 the plan, read in place from its tables at `plan.source_row`, and every
-conditional row P .. 2P-1 is a target. `plan.store` (P, N, N) fp32 receives,
-added in place, the head-averaged pre-injection maps of the conditional rows.
+conditional row P .. 2P-1 is a target. With `plan.rows` (other editors) every
+row b reads from row rows[b] what `plan.take` names: the queries and keys
+("qk", the source's map on the row's own values) or the keys and values ("kv",
+MasaCtrl: the row's own queries on the source's keys and values), in both
+guidance halves. `plan.store` (P, N, N) fp32 receives, added in place, the
+head-averaged pre-injection maps of the conditional rows.
 
 The kernel never materialises N x N (online softmax over key blocks), so a
 stored map cannot come from it: a call whose plan stores falls back to the
@@ -46,6 +50,32 @@ def _source_queries_keys(q: torch.Tensor, k: torch.Tensor, plan: SelfPlan,
     return out[0], out[1]
 
 
+TAKES = ("qk", "kv")
+
+
+def check_rows(name: str, plan: SelfPlan, batch: int, device) -> None:
+    """Raise naming what to fix when a plan's `rows` table cannot drive a batch of `batch` rows on `device`."""
+    rows = plan.rows
+    if plan.take not in TAKES:
+        raise ValueError(f"{name}: plan.take must be one of {TAKES}, got {plan.take!r}")
+    if plan.source is not None:
+        raise ValueError(f"{name}: a plan takes its source from `rows` or from `source`, not both")
+    if rows.shape != (batch,) or rows.dtype != torch.int64 or rows.device != device:
+        raise ValueError(f"{name}: plan.rows must be a ({batch},) int64 tensor on {device}, one source row per "
+                         f"batch row; got {tuple(rows.shape)} {rows.dtype} {rows.device}")
+
+
+def _rows_taken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfPlan,
+                on: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, D) with what `plan.take` names read from row plan.rows[b] for each row b, where the gate
+    `on` (None: always) is."""
+    def taken(t):
+        other = t.index_select(0, plan.rows)
+        return other if on is None else torch.where(on, other, t)
+
+    return (q, taken(k), taken(v)) if plan.take == "kv" else (taken(q), taken(k), v)
+
+
 def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              plan: SelfPlan | None, scale: float) -> torch.Tensor:
     """Pure-torch self attention under `plan`; q, k, v (B, H, N, D) -> (B, H, N, D).
@@ -60,6 +90,11 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     P = plan.num_prompts
     check_plan_rows("self_attention_reference", q.shape[0], P)
     on = None if plan.gate is None or not inject else plan.gate.ne(0)  # (1,): the injection's device switch
+    if inject and plan.rows is not None:
+        check_rows("self_attention_reference", plan, q.shape[0], q.device)
+        if store is not None:
+            store.add_(probabilities(q[P:], k[P:], scale).mean(dim=1).to(store.dtype))  # (P, N, N), own maps
+        return F.scaled_dot_product_attention(*_rows_taken(q, k, v, plan, on), scale=scale)
     if store is None:
         qs, ks = _source_queries_keys(q, k, plan, on)
         return F.scaled_dot_product_attention(qs, ks, v, scale=scale)
@@ -76,15 +111,16 @@ def self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @triton.jit
-def _self_fwd(Q, K, V, O, GATE, QS, KS, SRC_ROW,
+def _self_fwd(Q, K, V, O, GATE, QS, KS, SRC_ROW, ROWS,
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
               sqs_c, sqs_h, sqs_n, sks_c, sks_h, sks_n,
               H, N, D, P, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               INJECT: tl.constexpr, HAS_GATE: tl.constexpr, SRC_CACHED: tl.constexpr, SRC_INDEXED: tl.constexpr,
-              PREC: tl.constexpr):
+              BY_ROWS: tl.constexpr, TAKE_KV: tl.constexpr, PREC: tl.constexpr):
     # Grid (cdiv(N, BLOCK_M), B * H); q, k, v, o (B, H, N, D), any strides with unit D stride; with SRC_CACHED
-    # the source's q and k (C, 1, H, N, D) tables, read at row SRC_ROW (SRC_INDEXED) or 0.
+    # the source's q and k (C, 1, H, N, D) tables, read at row SRC_ROW (SRC_INDEXED) or 0; with BY_ROWS the
+    # (B,) table ROWS of the row each row reads its k and v (TAKE_KV) or its q and k from.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -92,7 +128,18 @@ def _self_fwd(Q, K, V, O, GATE, QS, KS, SRC_ROW,
     Qb = Q + b.to(tl.int64) * sq_b + h * sq_h  # where this row's q and k are read, and their row strides
     Kb = K + b.to(tl.int64) * sk_b + h * sk_h
     q_sn, k_sn = sq_n, sk_n
-    if INJECT:
+    v_b = b
+    if INJECT and BY_ROWS:
+        src = tl.load(ROWS + b)
+        if HAS_GATE:  # the plan's device-side switch: 0 leaves every row its own
+            src = tl.where(tl.load(GATE) != 0, src, b)
+        src = src.to(tl.int64)
+        Kb = K + src * sk_b + h * sk_h
+        if TAKE_KV:  # own queries on the other row's keys and values
+            v_b = src
+        else:  # the other row's map on own values
+            Qb = Q + src * sq_b + h * sq_h
+    elif INJECT:
         # Target rows score with the source's q and k (same head), values stay their own: row P's, after it;
         # or, with a cached source, the table's, on every conditional row.
         take = (b >= P) if SRC_CACHED else (b > P)
@@ -107,7 +154,7 @@ def _self_fwd(Q, K, V, O, GATE, QS, KS, SRC_ROW,
             qk_b = tl.where(take, P, b)
             Qb = Q + qk_b.to(tl.int64) * sq_b + h * sq_h
             Kb = K + qk_b.to(tl.int64) * sk_b + h * sk_h
-    v_base = b.to(tl.int64) * sv_b + h * sv_h
+    v_base = v_b.to(tl.int64) * sv_b + h * sv_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -186,19 +233,24 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gate is not None and (gate.numel() != 1 or gate.device != q.device):
         raise ValueError(f"self_attention: the plan's gate must be one value on {q.device}, got "
                          f"{tuple(gate.shape)} on {gate.device}")
-    qs = ks = row = out  # `out` stands in for unused pointers, never read (the flags are constexpr)
+    qs = ks = row = rows = out  # `out` stands in for unused pointers, never read (the flags are constexpr)
+    by_rows = inject and plan.rows is not None
+    if by_rows:
+        check_rows("self_attention", plan, B, q.device)
+        rows = plan.rows
     cached = inject and plan.source is not None
     if cached:
         row = plan.source_row if plan.source_row is not None else out
         qs, ks = (source_table("self_attention", f"plan.source's {n}", t, plan.source_row, "H, N, D",
                                (H, N, D), q.device, (q.dtype,)) for n, t in zip(("q", "k"), plan.source))
-    _self_fwd[grid](q, k, v, out, gate if gate is not None else out, qs, ks, row,
+    _self_fwd[grid](q, k, v, out, gate if gate is not None else out, qs, ks, row, rows,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                     *((qs.stride(0), qs.stride(2), qs.stride(3), ks.stride(0), ks.stride(2), ks.stride(3))
                       if cached else (0,) * 6),
                     H, N, D, plan.num_prompts if plan is not None else 0, float(scale),
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INJECT=inject,
                     HAS_GATE=gate is not None, SRC_CACHED=cached, SRC_INDEXED=cached and plan.source_row is not None,
+                    BY_ROWS=by_rows, TAKE_KV=by_rows and plan.take == "kv",
                     # fp32 inputs stay exact (no tf32); half inputs take Triton's default tensor-core path.
                     PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)

@@ -61,7 +61,7 @@ class EditRequest:
 def edit_batch(pipe, requests, steps: int = 50, guidance: float = 7.5, sampler: str = "ddim",
                height: int | None = None, width: int | None = None, capture: bool | None = None,
                progress: bool = True, *, max_rows: int | None = DEFAULT_MAX_ROWS,
-               decode_images: bool = True) -> list[EditOutput]:
+               decode_images: bool = True, callback=None) -> list[EditOutput]:
     """One `EditOutput` per request, in order, each equal to the request's `pipe.edit` alone (module docstring).
 
     Args:
@@ -72,6 +72,9 @@ def edit_batch(pipe, requests, steps: int = 50, guidance: float = 7.5, sampler: 
         capture: as `edit`'s: the loop on static state, one recording per batch shape, replayed by later batches
             of the same requests' shapes and settings.
         max_rows: the most UNet rows one call runs (None: no bound; module docstring).
+        callback: called as callback(step, total) after each UNet call (total: the calls of every loop the
+            batch runs, one per group of `max_rows`); an exception it raises stops the batch there and propagates
+            (how a server reports progress and cancels).
     """
     check_flags(progress=progress, decode_images=decode_images, **({} if capture is None else {"capture": capture}))
     if not isinstance(requests, (list, tuple)) or not requests:
@@ -81,10 +84,13 @@ def edit_batch(pipe, requests, steps: int = 50, guidance: float = 7.5, sampler: 
     blocks = [_resolve(pipe, i, r, steps, guidance, sampler, height, width) for i, r in enumerate(requests)]
     _check_shared(pipe, blocks, steps, sampler, height, width)
     outs = []
-    for group in _groups(blocks, max_rows):
+    groups = list(_groups(blocks, max_rows))
+    for g, group in enumerate(groups):
         smp = _sampler(pipe, blocks[group[0]].src)
+        report = None if callback is None else (
+            lambda i, calls, done=g: callback(done * calls + i, len(groups) * calls))
         latents, controls, loop, failure = _run(pipe, [blocks[j] for j in group], smp, capture, progress=progress,
-                                                desc="edit batch")
+                                                desc="edit batch", callback=report)
         for j, z, control in zip(group, latents, controls):
             outs.append(edit_output(pipe, blocks[j], z, control, loop, failure, store=requests[j].store,
                                     decode_images=decode_images))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import load_kernels
+from .plan import BlockPlans, FeaturePlan, inject_features
 
 
 def check_input(model: str, name: str, x: torch.Tensor, weight: torch.Tensor, shape: str, axis: int,
@@ -45,6 +46,9 @@ class GroupNorm(nn.GroupNorm):
 
 
 class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, conv, (+ time embedding), GroupNorm, SiLU, conv, plus the (projected) input. In the UNet's
+    decoder the residual branch is the feature seam: a `FeaturePlan` (`plan.py`) replaces rows of it."""
+
     def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = GroupNorm(groups, cin, eps=eps)
@@ -54,11 +58,13 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, plan: FeaturePlan | BlockPlans | None = None):
         h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.norm2(h, silu=True))
+        if plan is not None:
+            h = inject_features(h, plan)
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 

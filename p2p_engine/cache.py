@@ -213,6 +213,9 @@ class Recorder:
                 store = self.self_sum[layer.index] = torch.zeros(1, n_queries, n_queries, device=self.device)
         return _RecordSelf(self, layer, keep_qk, store) if keep_qk or store is not None else None
 
+    def feature_plan(self, site) -> None:
+        return None  # the source's features are its own (the UNet's feature seam)
+
     def record_cross(self, layer: AttnLayer, p: torch.Tensor) -> None:
         mean = p.mean(dim=1)[0].float()  # (N, T), as the edit's fp32 store receives it
         if self.step == 0:
@@ -309,6 +312,10 @@ class CachedControl(Control):
             raise ValueError(f"the edit makes {self.calls} UNet calls, the cache {cache.calls}")
         if self.self_maps and not cache.self_maps:
             raise ValueError("the controller keeps self maps (self_maps=True); make the cache with self_maps=True")
+        if self.editor is not None:
+            raise ValueError(f"{self.editor.name}: an edit cache records the source's conditional row for "
+                             "Prompt-to-Prompt, and this editor reads the source in both guidance halves (its keys "
+                             "and values, or its features); run the edit without cache=")
         if e is None:
             return
         if e.injected_maps:

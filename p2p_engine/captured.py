@@ -12,7 +12,7 @@ counter that lives on the device and that the step itself advances:
 - cross injection runs on every call with that call's gate row (a closed gate
   gives exactly the target's own probabilities: injected * 0 + p * 1);
 - self injection takes the source's queries and keys where the call's window
-  flag is set (`SelfPlan.gate`; 0 gives exactly plain attention);
+  flag is set (`SelfPlan.gate`; 0 gives exactly plain attention), as `editors`' plans do;
 - LocalBlend's mask is built every call and `torch.where` keeps the unblended
   latents before its start;
 - every map buffer is allocated before the first call, for the layers the UNet
@@ -58,7 +58,7 @@ import torch
 
 from . import graphs
 from .cache import CachedControl
-from .conditioning import StepTexts, Text
+from .conditioning import StepTexts, Text, unconditional_rows
 from .control import Control
 from .rows import Rows, guide, unet_control
 from .samplers import DDIMSampler
@@ -97,9 +97,12 @@ class StaticRows:
         self.start = src.latents.expand(P, -1, -1, -1).clone()  # (P, C, h, w)
         self.latents = self.start.clone()
         self.guidance, self.proximal, self.quantile = src.guidance, src.proximal, src.quantile
+        self.source_guidance, self.row_guidance = src.source_guidance, src.row_guidance(P, pipe.device,
+                                                                                       pipe.master_dtype)
         self.cond = pipe.encode_text(block.prompts)  # (P, 77, D)
-        self.uncond = pipe.unconditional().expand(P) if src.null is None else None  # the pipeline's own
+        self.uncond = pipe.unconditional() if src.null is None else None  # the pipeline's own
         self.null = None if src.null is None else StepTexts(src.null.context.clone(), _own(src.null.pooled))
+        self.negative = None if src.negative is None else Text(src.negative.context.clone(), _own(src.negative.pooled))
         self.pivots = _own(src.pivots) if block.pin else None
         self.control = None
         if block.control is not None:
@@ -111,12 +114,15 @@ class StaticRows:
         out = dict(start=self.start, cond=self.cond.context, cond_pooled=self.cond.pooled, pivots=self.pivots)
         if self.null is not None:
             out.update(null=self.null.context, null_pooled=self.null.pooled)
+        if self.negative is not None:
+            out.update(negative=self.negative.context, negative_pooled=self.negative.pooled)
         c = self.control
         if c is not None:
             e = c.edit
             for name in ("gate", "mapper", "mix", "equalizer"):
                 out[name] = None if e is None else getattr(e, name)
             out.update(self_gate=c.self_gate, blend_on=c.blend_on, blend_words=c.blend_words, blend_sub=c.blend_sub)
+            out.update({f"editor_{kind}": gate for kind, gate in c.editor_gates.items()})
         return out
 
     def signature(self) -> tuple:
@@ -124,24 +130,24 @@ class StaticRows:
         the recorded step reads its tables where they are."""
         c = self.control
         feeds = tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.feeds().items())
-        rows = (self.P, self.guidance, self.proximal, self.quantile, self.uncond is None)
+        rows = (self.P, self.guidance, self.source_guidance, self.proximal, self.quantile, self.uncond is None)
         if c is None:
             return feeds, rows
         e, b = c.edit, c.blend
         control = (type(c), c.gates_cross, c.keep, c.self_maps,
                    None if e is None else (e.self_max_queries, e.injected_maps),
                    None if b is None else (b.level, b.thresholds),
+                   None if c.editor is None else c.editor.signature(),
                    tuple(sorted((i, n) for i, (_, n) in c.layers.items())),
                    id(c.cache) if isinstance(c, StaticCachedControl) else None)
         return feeds, rows, control
 
     def texts(self, i: torch.Tensor) -> list[Text]:
         """[uncond x P, cond x P] of the call the counter `i` is at."""
-        if self.uncond is not None:
-            return [self.uncond, self.cond]
         null = self.null
-        return [Text(_at(null.context, i), None if null.pooled is None else _at(null.pooled, i)).expand(self.P),
-                self.cond]
+        u = self.uncond if null is None else Text(_at(null.context, i), None if null.pooled is None else
+                                                  _at(null.pooled, i))
+        return [unconditional_rows(u, self.negative, self.P), self.cond]
 
 
 class StaticLoop:
@@ -208,7 +214,7 @@ class StaticLoop:
                         time_ids=self.time_ids).to(self.master)
         a, a_prev = _at(self.a, i).reshape(()), _at(self.a_prev, i).reshape(())
         for r, o in zip(self.rows, out.split([2 * r.P for r in self.rows])):
-            latents = ddim_step(guide(o, r.guidance, r.proximal, r.quantile), r.latents, a, a_prev, self.v_pred)
+            latents = ddim_step(guide(o, r.row_guidance, r.proximal, r.quantile), r.latents, a, a_prev, self.v_pred)
             if r.pivots is not None:  # before LocalBlend, as in the eager loop
                 latents[0] = _at(r.pivots, i)[0]
             if r.control is not None:
@@ -217,8 +223,8 @@ class StaticLoop:
         self.counter.add_(1)
 
 
-def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool,
-                  desc: str, graph: bool) -> tuple[list[torch.Tensor], list[StaticControl | None]]:
+def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str, graph: bool,
+                  callback=None) -> tuple[list[torch.Tensor], list[StaticControl | None]]:
     """The edit loop over the blocks' rows on static state: (each block's final latents (P, C, h, w), each
     block's control, which holds its maps).
 
@@ -230,7 +236,7 @@ def static_sample(pipe, blocks: list[Rows], smp, *, progress: bool,
         if why is not None:
             raise ValueError(f"capture: {why}")
     loop, recorded = _kept(pipe, StaticLoop(pipe, blocks, smp), graph)
-    run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc)
+    run_calls(loop, recorded, len(smp.timesteps), progress=progress, desc=desc, callback=callback)
     # copies: the kept loop's buffers are the next edit's
     return ([r.latents.clone() for r in loop.rows],
             [None if r.control is None else r.control.snapshot() for r in loop.rows])
@@ -268,17 +274,21 @@ def forget(pipe) -> None:
 
 
 def run_calls(loop: StaticLoop, replay: Callable[[], None] | None, calls: int, *, progress: bool,
-              desc: str) -> None:
-    """Advance `loop` by `calls` steps: by its recorded step's replay, or (None) running the step call by call."""
+              desc: str, callback=None) -> None:
+    """Advance `loop` by `calls` steps: by its recorded step's replay, or (None) running the step call by call.
+    `callback(i, calls)` runs on the host after call i (from 1; no device sync) and may raise to stop there (a
+    kept loop is reset to call 0 when it is next refilled)."""
     steps = range(calls)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=desc if replay is None else f"{desc} (captured)")
-    for _ in steps:
+    for i in steps:
         if replay is not None:
             replay()
         else:
             loop.step()
+        if callback is not None:
+            callback(i + 1, calls)
 
 
 def record_graph(loop: StaticLoop) -> Callable[[], None]:

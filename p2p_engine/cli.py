@@ -1,7 +1,8 @@
 """The `p2p-engine` command line (also `python -m p2p_engine`).
 
-Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`), and
-`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py`).
+Subcommands: `random-checkpoint`, `edit`, `invert`, `maps`, `bench`, `run` (dataset jobs, `jobs.py`),
+`pie` / `pie-metrics` (the PIE-Bench protocol and its metrics, `pie.py`, `pie_runs.py` and `metrics/`), and
+`serve` (the HTTP service, `serve/`).
 The top of the package: it imports the engine's modules, and none of them imports it.
 Exit status: 0 on success, 1 when an input or job failed (one clear line on
 stderr, no traceback), 2 for a usage error (argparse's own convention).
@@ -18,11 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import (DTYPES, METHODS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args, blend_words,
-                      cross_steps, names, positive_int, quantile, reweight, self_steps)
+from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args,
+                      blend_words, cross_steps, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-PRESET_NAMES = ("tiny", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
+PRESET_NAMES = ("tiny", "tiny-sd", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
 
 
 def _save_png(image, path: Path) -> None:
@@ -99,12 +100,25 @@ def cmd_random_checkpoint(args) -> int:
     return EXIT_OK
 
 
+# The controller flags each --mode reads (its defaults where left out); another mode's flag is refused.
+MODE_FLAGS = {"p2p": {"cross_steps": 0.8, "self_steps": 0.4, "reweight": None},
+              "masactrl": {"start_step": None, "start_layer": None},
+              "pnp": {"feature_steps": None, "self_steps": None, "branch": None, "negative_prompt": None}}
+
+
 def _controller(args):
     """The controller of the edit flags, through the dict form the job files use."""
     from .controllers import from_spec
 
-    spec = {"mode": args.mode, "cross_steps": args.cross_steps, "self_steps": args.self_steps}
-    if args.reweight:
+    kind = args.mode if args.mode in MODE_FLAGS else "p2p"
+    flags = MODE_FLAGS[kind]
+    given = {f: getattr(args, f) for f in {f for fs in MODE_FLAGS.values() for f in fs} if getattr(args, f) is not None}
+    wrong = sorted(f for f in given if f not in flags)
+    if wrong:
+        raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --mode {args.mode} (its flags: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in flags)})")
+    spec = {"mode": args.mode, **{f: v for f, v in flags.items() if v is not None}, **given}
+    if spec.pop("reweight", None):
         spec["equalizer"] = dict(args.reweight)
     return from_spec(spec)
 
@@ -264,11 +278,12 @@ def cmd_run(args) -> int:
 def cmd_pie(args) -> int:
     import torch
 
-    from .pie import run_pie
+    from .pie_runs import run_pie
 
     if args.model != "toy" and not Path(args.model).exists():
         raise UserError(f"model path {args.model!r} does not exist")
-    summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, types=args.types, steps=args.steps,
+    summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, editors=args.editors, types=args.types,
+                        steps=args.steps,
                         inner_steps=args.inner_steps, steps_offset=args.steps_offset, batch_size=args.batch_size,
                         device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -278,24 +293,45 @@ def cmd_pie(args) -> int:
 
 
 def cmd_pie_metrics(args) -> int:
-    from . import pie
+    from . import metrics
 
     extra = {}
     if (Path(args.pie_dir) / "toy_pie.json").is_file():  # written by `python -m p2p_engine.toy.pie`
         from .toy.pie import edit_success
         extra["edit_success"] = edit_success
-    clip = pie.ClipSimilarity(args.clip_model, args.device) if args.clip_model else None
-    rows = pie.evaluate(args.pie_dir, args.out, args.methods, types=args.types, clip=clip, extra=extra)
-    summary = pie.summarize(rows)
-    pie.write_csv(Path(args.out) / "pie_metrics.csv", summary)
-    pie.write_csv(Path(args.out) / "pie_metrics_per_image.csv", rows)
-    print(pie.table(summary))
-    absent = dict(pie.ABSENT)
-    if clip is None:
-        absent["clip"] = "CLIP similarity needs a local openai/clip-vit-large-patch14 folder (--clip-model)"
-    print("\nabsent: " + "; ".join(absent.values()))
+    scorer = metrics.Scorer(args.metric_weights, args.device, clip_model=args.clip_model)
+    rows = metrics.evaluate(args.pie_dir, args.out, args.methods, types=args.types, scorer=scorer, extra=extra,
+                            progress=True)
+    summary = metrics.summarize(rows)
+    metrics.write_csv(Path(args.out) / "pie_metrics.csv", summary)
+    metrics.write_csv(Path(args.out) / "pie_metrics_per_image.csv", rows)
+    print(metrics.table(summary, scorer.absent) + "\n\nBy edit type:\n\n" + metrics.table(summary, scorer.absent,
+                                                                                         by_type=True))
+    for line in dict.fromkeys(scorer.absent.values()):
+        print(f"absent: {line}")
+    for line in scorer.notes:
+        print(f"note: {line}")
     print(f"wrote {Path(args.out) / 'pie_metrics.csv'} and pie_metrics_per_image.csv")
     return EXIT_FAILED if any(r.get("status") != "ok" for r in rows) else EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from .serve.config import check, from_args
+
+    config = from_args(args)
+    try:
+        check(config)
+    except ValueError as e:
+        print(f"p2p-engine serve: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.model != "toy" and not Path(config.model).exists():
+        raise UserError(f"model path {config.model!r} does not exist (give a diffusers folder, a .safetensors "
+                        f"checkpoint, or 'toy')")
+    try:
+        from .serve.server import serve
+    except ImportError as e:
+        raise UserError(f"serving needs FastAPI and uvicorn ({e}): pip install \"p2p-engine[serve]\"") from None
+    return serve(config)
 
 
 # -- parser
@@ -322,11 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", help="source prompt (default: the prompt stored in --inversion)")
     p.add_argument("--target", action="append", metavar="PROMPT", help="edited prompt (repeatable)")
-    p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight"),
-                   help="replace: word swap (same word count); refine: added words; reweight: scale words")
-    p.add_argument("--cross-steps", type=cross_steps, default=0.8,
-                   help="fraction of steps with cross-attention injection, or default_=F,WORD=F,...")
-    p.add_argument("--self-steps", type=self_steps, default=0.4, help="fraction of steps, or START,END")
+    p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight", "masactrl", "pnp"),
+                   help="replace: word swap (same word count); refine: added words; reweight: scale words; "
+                        "masactrl: mutual self-attention; pnp: Plug-and-Play (docs/editors.md)")
+    p.add_argument("--cross-steps", type=cross_steps, default=None,
+                   help="fraction of steps with cross-attention injection, or default_=F,WORD=F,... (default 0.8)")
+    p.add_argument("--self-steps", type=self_steps, default=None,
+                   help="fraction of steps, or START,END (default 0.4; pnp: its q, k injection, default 0.5)")
+    p.add_argument("--start-step", type=int, default=None, help="masactrl: the first UNet call (default 4)")
+    p.add_argument("--start-layer", type=int, default=None,
+                   help="masactrl: the first transformer block (default: the decoder's two finest resolutions, 10 "
+                        "of 16 on SD 1.x/2.x)")
+    p.add_argument("--feature-steps", type=self_steps, default=None, help="pnp: feature injection's fraction of "
+                                                                          "the steps (default 0.8)")
+    p.add_argument("--branch", choices=("empty", "prompt"), default=None,
+                   help="pnp: the source branch, its unconditional row (the empty prompt; default) or its prompt's")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="pnp: the targets' unconditional prompt (default the reference's)")
     p.add_argument("--blend", nargs="+", metavar="WORD",
                    help="local blend: change only these words' region; one word per prompt, source first "
                         "(--blend cat dog), several as cat,hat")
@@ -423,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=names(PIE_METHODS), default=["ddim", "null_text", "negative_prompt", "direct"],
                    help=f"comma-separated, from {','.join(PIE_METHODS)} (proximal: negative-prompt inversion with "
                         "proximal guidance)")
+    p.add_argument("--editors", type=names(PIE_EDITORS), default=None,
+                   help=f"comma-separated, from {','.join(PIE_EDITORS)}: each editor's run of each method goes to "
+                        "OUT/<editor>/<method>/ (default: Prompt-to-Prompt into OUT/<method>/)")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--types", type=names(PIE_TYPES), default=None, help="edit type ids, e.g. 0,6,8 (default all)")
     p.add_argument("--steps", type=positive_int, default=50)
@@ -433,16 +484,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pie)
 
     p = sub.add_parser("pie-metrics", help="PIE-Bench metrics of a `pie` run: a table and CSV files",
-                       description="Per method and edit type: PSNR, MSE and SSIM on the unedited part, seconds and "
-                                   "UNet evaluations per image; CLIP similarity with --clip-model; edit success on a "
-                                   "toy PIE. Writes OUT/pie_metrics.csv and OUT/pie_metrics_per_image.csv.")
+                       description="Per editor, method and edit type, as PnPInversion's evaluation computes them: "
+                                   "structure distance, PSNR, LPIPS, MSE and SSIM on the unedited part, CLIP whole "
+                                   "and edited (networks from --metric-weights DIR; a missing file leaves its "
+                                   "metric absent), seconds and UNet evaluations per image; edit success on a toy "
+                                   "PIE. Reads OUT/<method>/, OUT/<editor>/<method>/ and PnPInversion's "
+                                   "OUT/<method>+<editor>/. Writes OUT/pie_metrics.csv and "
+                                   "OUT/pie_metrics_per_image.csv.")
     p.add_argument("pie_dir", metavar="PIE_DIR")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--methods", type=names(PIE_METHODS), default=None, help="default: every method run into OUT")
+    p.add_argument("--methods", type=lambda text: [t.strip() for t in text.split(",") if t.strip()], default=None,
+                   help="comma-separated method names (PnPInversion's too, e.g. directinversion); default: every "
+                        "run in OUT")
     p.add_argument("--types", type=names(PIE_TYPES), default=None)
-    p.add_argument("--clip-model", metavar="DIR", help="a local transformers CLIP folder for CLIP similarity")
+    p.add_argument("--metric-weights", metavar="DIR", help="dino_vitbase8_pretrain.pth, squeezenet1_1-*.pth, "
+                   "squeeze.pth (LPIPS v0.1) and clip-vit-large-patch14/, as published (docs/pie.md)")
+    p.add_argument("--clip-model", metavar="DIR", help="a transformers CLIP folder (default: METRIC_WEIGHTS/"
+                   "clip-vit-large-patch14)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_pie_metrics)
+
+    p = sub.add_parser("serve", help="the engine as an HTTP service, with an editing page at /",
+                       description="Serve the model over HTTP: API v1 (OpenAPI at /docs), the editing page at /, "
+                                   "/metrics. Prints the URL when ready; SIGTERM or Ctrl-C finishes running jobs "
+                                   "(--grace-s) and exits 0.")
+    from .serve.config import add_arguments  # the flags live beside the settings they set (no engine import)
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,6 +11,7 @@ SAMPLERS = ("ddim", "pndm", "dpmsolver++")
 METHODS = ("null_text", "direct", "negative_prompt", "ddim")  # inversion methods, as inversion.METHODS
 PIE_METHODS = ("ddim", "null_text", "negative_prompt", "direct", "proximal")  # as pie.METHODS
 PIE_TYPES = tuple(str(i) for i in range(10))
+PIE_EDITORS = ("p2p", "masactrl", "pnp")  # as pie_runs.EDITORS
 
 
 def fraction(text: str) -> float:

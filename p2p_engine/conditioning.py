@@ -34,6 +34,14 @@ class Text:
         return Text(self.context.to(device, dtype), None if self.pooled is None else self.pooled.to(device, dtype))
 
 
+def unconditional_rows(source: Text, targets: Text | None, rows: int) -> Text:
+    """The unconditional conditioning of `rows` prompts, source first: `source` (one row) for every row, or for
+    the source's only, with `targets` (one row: Plug-and-Play's negative prompt) for the others."""
+    if targets is None:
+        return source.expand(rows)
+    return Text.cat([source, targets.expand(rows - 1)])
+
+
 @dataclass
 class StepTexts:
     """One unconditional conditioning per sampling step."""

@@ -209,6 +209,15 @@ PRESETS: dict[str, ModelConfig] = {
         text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                         projection_dim=32),
     ),
+    # SD 1.x's block layout at the tiny preset's width: four levels, two resnets per down block (three per up
+    # block), attention at the first three, so 16 transformer blocks numbered as SD 1.5's (the editors' layers).
+    "tiny-sd": ModelConfig(
+        unet=UNetConfig(block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 2, 2), cross_attention_dim=32,
+                        norm_num_groups=8, sample_size=16),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128),
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32),
+    ),
     # The tiny model with the SD 2.x choices: linear projections, upcast attention, v-prediction, "!" padding.
     "tiny-v": ModelConfig(
         family="sd2",

@@ -4,8 +4,8 @@
 per edit, into tensors: a cross gate per UNet call (calls, P-1, 77), the mapper
 (P-1, 77, 77), mix and equalizer (P-1, 77), a self-replace window, and LocalBlend's
 word tables. The resulting `Control` is what the UNet sees: `plan(layer, n)` only
-picks the current call's slice; the sampling loop calls `end_step` after each
-scheduler step, which applies LocalBlend and advances the counter.
+picks the current call's slice; the sampling loop calls `end_step` after each scheduler
+step, which applies LocalBlend and advances the counter (MasaCtrl, Plug-and-Play: `editors.py`).
 
 Windows follow the reference exactly: cross windows are rounded with
 `int(f * (steps + 1))` over a (steps + 1)-row table, self windows with
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from .checks import is_int, is_number
-from .controllers import LocalBlend, Store, _Edit
+from .controllers import Editor, LocalBlend, Store, _Edit
+from .editors import EditorTables, editor_tables
 from .maps import SELF_MAPS_MAX_QUERIES, AttentionMaps, level_hw
-from .plan import AttnLayer, CrossPlan, SelfPlan, inject_cross
+from .plan import AttnLayer, CrossPlan, FeaturePlan, ResnetSite, SelfPlan, inject_cross
 from .words import MAX_TOKENS, edit_mapping, require_word, word_inds
 
 
@@ -151,20 +152,15 @@ def blend_level(layers: list[AttnLayer], wanted: int | None) -> int:
     return 2 if 2 in levels else levels[-1]
 
 
-def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers,
-                 default_start: float = 0.0) -> BlendTables:
+def blend_tables(blend: LocalBlend, prompts, tokenizer, steps: int, layers, default_start: float = 0.0) -> BlendTables:
     """LocalBlend as tables; `default_start` is the start of a blend that leaves it None."""
     start = default_start if blend.start is None else blend.start
-    for name, value in (("start", start), ("threshold", blend.threshold),
-                        ("subtract_threshold", blend.subtract_threshold)):
+    for name, value, what in (("start", start, "the steps"), ("threshold", blend.threshold, "the mask's maximum"),
+                              ("subtract_threshold", blend.subtract_threshold, "the mask's maximum")):
         if not is_number(value):
             raise TypeError(f"LocalBlend {name} must be a number, got {value!r}")
-    if not 0.0 <= float(start) <= 1.0:
-        raise ValueError(f"LocalBlend start = {start!r}: a fraction of the steps in [0, 1]")
-    for name in ("threshold", "subtract_threshold"):
-        if not 0.0 <= float(getattr(blend, name)) <= 1.0:
-            raise ValueError(f"LocalBlend {name} = {getattr(blend, name)!r}: a fraction of the mask's maximum in "
-                             "[0, 1]")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"LocalBlend {name} = {value!r}: a fraction of {what} in [0, 1]")
     subtract = None if blend.subtract is None else _word_table(blend.subtract, prompts, tokenizer,
                                                                "LocalBlend subtract")
     return BlendTables(_word_table(blend.words, prompts, tokenizer, "LocalBlend words"), subtract,
@@ -181,14 +177,15 @@ class Control:
     and advances the counter, which counts UNet calls (one per step, or steps + 1 with PNDM).
     """
 
-    def __init__(self, prompts, calls: int, device, *, edit: EditTables | None = None,
-                 blend: BlendTables | None = None, store: bool = True, self_maps: bool = False):
+    def __init__(self, prompts, calls: int, device, *, edit: EditTables | None = None, blend: BlendTables | None = None,
+                 store: bool = True, self_maps: bool = False, editor: EditorTables | None = None):
         self.prompts = prompts
         self.P = len(prompts)
         self.calls = calls
         self.device = torch.device(device)
         self.step = 0
         self.edit = edit.to(self.device) if edit is not None else None
+        self.editor = editor.to(self.device) if editor is not None else None
         self.blend = blend
         self.blend_words = self.blend_sub = None  # (P, T) fp32 each, with a blend
         if blend is not None:
@@ -217,9 +214,15 @@ class Control:
         if layer.is_cross:
             store = self._cross_buffer(layer, n_queries)
             return self._cross_plan(layer, store) if (self._injects_cross() or store is not None) else None
-        inject = self._injects_self() and n_queries <= self.edit.self_max_queries
         store = self._self_buffer(layer, n_queries)
+        if self.editor is not None:
+            return self.editor.self_plan(layer, self.P, store, *self._editor_window("self"))
+        inject = self._injects_self() and n_queries <= self.edit.self_max_queries
         return self._self_plan(layer, inject, store) if (inject or store is not None) else None
+
+    def feature_plan(self, site: ResnetSite) -> FeaturePlan | None:
+        """The plan of a decoder resnet's residual branch at this call (the UNet's feature seam), or None."""
+        return None if self.editor is None else self.editor.feature_plan(site, *self._editor_window("features"))
 
     # The per-call choices, as hooks: a captured loop (`static_control.StaticControl`) makes them device tensors.
     def _injects_cross(self) -> bool:
@@ -237,6 +240,10 @@ class Control:
     def _call_self_gate(self) -> torch.Tensor | None:
         """A (1,) device switch of this call's self injection, or None: `_injects_self` decided on the host."""
         return None
+
+    def _editor_window(self, kind: str) -> tuple[bool, torch.Tensor | None]:
+        """(whether the editor's window of `kind` may be open now, its (1,) device switch or None: host-decided)."""
+        return self.editor.open_at(kind, self.step), None
 
     def _cross_plan(self, layer: AttnLayer, store) -> CrossPlan:
         e, gate = self.edit, self._call_gate()
@@ -359,22 +366,23 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
         steps: the sampler's steps, which the windows are fractions of.
         layers: the UNet's attention layers (`unet.attn_layers`), for LocalBlend's level.
         calls: UNet calls of the edit, counted by the control (default `steps`).
-        self_max_queries: the self-replacement limit of controllers that leave it to the model
-            (`Pipeline.self_max_queries`).
+        self_max_queries: the self-replacement limit of controllers that leave it (`Pipeline.self_max_queries`).
         blend_start: the start of a LocalBlend that leaves it None (0.2 for an edit from an inversion).
     """
     prompts = list(prompts)
     P = len(prompts)
     calls = steps if calls is None else calls
-    edit = blend = None
+    edit = blend = editor = None
     self_maps = False
     if controller is not None and not isinstance(getattr(controller, "self_maps", False), bool):
         raise TypeError(f"self_maps must be True or False, got {controller.self_maps!r}")
-    if isinstance(controller, Store):
+    if isinstance(controller, (Store, Editor)):
         self_maps = controller.self_maps
+        editor = editor_tables(controller, P, steps, calls, layers) if isinstance(controller, Editor) else None
     elif controller is not None:
         if not isinstance(controller, _Edit):
-            raise TypeError(f"controller must be Store, Replace, Refine or Reweight, got {type(controller).__name__}")
+            raise TypeError(f"controller must be Store, Replace, Refine, Reweight, MasaCtrl or PlugAndPlay, got "
+                            f"{type(controller).__name__}")
         if P < 2:
             raise ValueError(f"{type(controller).__name__} edits need a source and at least one target prompt, "
                              f"got {P} prompt(s)")
@@ -389,4 +397,4 @@ def compile_control(controller, prompts, tokenizer, steps: int, device, *, layer
         blend = blend_tables(local_blend, prompts, tokenizer, steps, layers, blend_start)
     if controller is None and local_blend is None and not store:
         return None
-    return Control(prompts, calls, device, edit=edit, blend=blend, store=store, self_maps=self_maps)
+    return Control(prompts, calls, device, edit=edit, blend=blend, store=store, self_maps=self_maps, editor=editor)

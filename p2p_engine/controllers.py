@@ -2,8 +2,10 @@
 
 `Store`, `Replace`, `Refine`, `Reweight` and `LocalBlend` are plain dataclasses
 (windows as fractions of the steps, words as strings); `control.compile_control`
-turns them into tensors once per edit. `from_spec` builds a controller from the
-dict form the job files use and the command line builds from its flags.
+turns them into tensors once per edit. The other editors, `MasaCtrl` and
+`PlugAndPlay`, are described here too and compiled by `p2p_engine.editors`.
+`from_spec` builds a controller from the dict form the job files use and the
+command line builds from its flags.
 """
 from __future__ import annotations
 
@@ -86,8 +88,61 @@ class LocalBlend:
     level: int | None = None
 
 
-MODES = ("replace", "refine", "reweight")
+class Editor:
+    """The editors other than Prompt-to-Prompt's word edits (`p2p_engine.editors` compiles them): they read the
+    source row in both guidance halves, through self-attention plans with `rows` and the decoder's feature seam."""
+
+    self_maps: bool = False
+
+
+@dataclass
+class MasaCtrl(Editor):
+    """Mutual self-attention (MasaCtrl; PnPInversion's run_editing_masactrl.py): from UNet call `start_step` on,
+    in the self-attention layers of the transformer blocks numbered `start_layer` and after (forward order; SD
+    1.x/2.x have 16), every row keeps its own queries and attends to the keys and values of its guidance half's
+    source row. Cross attention is untouched.
+
+    start_layer None: the decoder's two finest resolutions (the latent's and half of it): 10 of 16 on SD 1.x/2.x,
+    the reference's; on SDXL, which has no attention at the latent's own size, the up block at half of it (64 of
+    70). The reference's source prompt, and its inversion's, is "": give prompts ["", target] for it, or the
+    source prompt (docs/editors.md)."""
+
+    start_step: int = 4
+    start_layer: int | None = None
+    self_maps: bool = False
+
+
+# Plug-and-Play's negative prompt for the target's unconditional branch (PnPInversion's run_editing_pnp.py, as
+# the original plug-and-play code's default configuration).
+PNP_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
+PNP_BRANCHES = ("empty", "prompt")
+
+
+@dataclass
+class PlugAndPlay(Editor):
+    """Plug-and-Play (PnPInversion's run_editing_pnp.py): the source branch's residual features at the decoder's
+    latent/4 block's second resnet (SD 1.x: up_blocks[1].resnets[1]) for the first `feature_steps` of the steps,
+    and its self-attention queries and keys in the decoder's later attention modules (SD 1.x:
+    up_blocks[1].attentions[1, 2], up_blocks[2, 3].attentions[0 .. 2]) for the first `self_steps`, taken by every
+    target row in both guidance halves. Windows are fractions of the steps, or (start, end) pairs.
+
+    branch: "empty", the source's unconditional row (the empty prompt "" for DDIM and Direct inversions and
+    generation, as the reference's source branch), or "prompt", the source prompt's row.
+    negative_prompt: the targets' unconditional prompt (the reference's; None keeps the edit's own).
+    From a DDIM inversion the source row advances at guidance 1 (the reference's reconstruction); from a direct
+    one it is pinned to the pivots (the reference's inversion latents)."""
+
+    feature_steps: object = 0.8
+    self_steps: object = 0.5
+    branch: str = "empty"
+    negative_prompt: str | None = PNP_NEGATIVE_PROMPT
+    self_maps: bool = False
+
+
+MODES = ("replace", "refine", "reweight", "masactrl", "pnp")
 SPEC_KEYS = ("mode", "cross_steps", "self_steps", "equalizer", "self_max_queries")
+EDITOR_KEYS = {"masactrl": ("mode", "start_step", "start_layer"),
+               "pnp": ("mode", "feature_steps", "self_steps", "branch", "negative_prompt")}
 BLEND_KEYS = ("words", "subtract", "start", "threshold", "subtract_threshold", "level")
 
 
@@ -95,8 +150,16 @@ def from_spec(spec: dict | None):
     """{"mode": "replace" | "refine" | "reweight", "cross_steps": ..., "self_steps": ..., "equalizer":
     {word: scale}, "self_max_queries": n} -> a controller (every key optional; mode defaults to replace).
     An equalizer given with replace or refine stacks a Reweight on the word edit, as the reference's
-    `controller=prev` does. Raises ValueError naming the key to fix."""
+    `controller=prev` does. {"mode": "masactrl", "start_step", "start_layer"} and {"mode": "pnp",
+    "feature_steps", "self_steps", "branch", "negative_prompt"} give the other editors. Raises ValueError naming
+    the key to fix."""
     spec = dict(spec or {})
+    if spec.get("mode") in EDITOR_KEYS:
+        mode = spec.pop("mode")
+        unknown = sorted(set(spec) - set(EDITOR_KEYS[mode]))
+        if unknown:
+            raise ValueError(f"unknown {mode} controller keys {unknown}; it has {list(EDITOR_KEYS[mode])}")
+        return (MasaCtrl if mode == "masactrl" else PlugAndPlay)(**spec)
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise ValueError(f"unknown controller keys {unknown}; a controller has {list(SPEC_KEYS)}")

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import captured, graphs, recording
+from . import captured, editors, graphs, recording
 from .checks import check_flags, check_guidance, is_int, is_number, warn
 from .cache import CachedControl, EditCache, Recorder
 from .control import compile_control
 from .images import to_pil
-from .conditioning import StepTexts, Text
+from .conditioning import StepTexts, Text, unconditional_rows
 from .rows import Rows, guide, unet_control
 from .samplers import make_sampler
 from .words import check_prompts
@@ -87,6 +87,16 @@ class Source:
     proximal: str | None
     quantile: float
     seed: int | None
+    negative: Text | None = None  # the targets' unconditional conditioning (one row), where not the source's
+    source_guidance: float | None = None  # the source row's guidance, where not `guidance` (editors.prepare_source)
+
+    def row_guidance(self, rows: int, device, dtype) -> float | torch.Tensor:
+        """The guidance scale of each of `rows` rows: `guidance`, or (rows, 1, 1, 1) with row 0's own."""
+        if self.source_guidance is None:
+            return self.guidance
+        scales = torch.full((rows, 1, 1, 1), float(self.guidance), device=device, dtype=dtype)
+        scales[0] = self.source_guidance
+        return scales
 
 
 def resolve_source(pipe, *, seed=None, steps=None, guidance=None, sampler=None, steps_offset=None, height=None,
@@ -156,16 +166,17 @@ def _sampler(pipe, src: Source):
                         timesteps=src.timesteps)
 
 
-def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str) -> list[torch.Tensor]:
+def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str, callback=None) -> list[torch.Tensor]:
     """The loop (module docstring) over the blocks' rows in one UNet batch (`rows.py`: one block per edit) with
     the sampler `smp`, which every block shares (one timestep per call). Returns each block's final latents
-    (P, C, h, w)."""
+    (P, C, h, w). `callback(i, calls)` is called after call i (from 1) and may raise to stop the loop there."""
     device, master = pipe.device, pipe.master_dtype
     sizes = [b.P for b in blocks]
     latents = [b.src.latents.expand(b.P, -1, -1, -1).clone() for b in blocks]  # (P, 4, h, w) each
     h, w = latents[0].shape[-2:]
     cond = [pipe.encode_text(b.prompts) for b in blocks]  # (P, 77, D), SDXL's pooled (P, pooled)
     uncond = pipe.unconditional() if any(b.src.null is None for b in blocks) else None
+    guidance = [b.src.row_guidance(b.P, device, master) for b in blocks]
     down = pipe.config.vae.downscale
     time_ids = pipe.time_ids(h * down, w * down, 2 * sum(sizes))  # SDXL: (2 sum P, 6); None for SD 1.x/2.x
     control = unet_control([b.control for b in blocks], sizes)
@@ -176,32 +187,36 @@ def _sample(pipe, blocks: list[Rows], smp, *, progress: bool, desc: str) -> list
     for i, t in enumerate(calls):
         texts = []
         for b, c in zip(blocks, cond):
-            texts += [(uncond if b.src.null is None else b.src.null.step(i)).expand(b.P), c]
+            texts += [unconditional_rows(uncond if b.src.null is None else b.src.null.step(i), b.src.negative, b.P), c]
         text = Text.cat(texts)  # (2 sum P, 77, D): each block [uncond x P, cond x P]
         x = torch.cat([row for z in latents for row in (z, z)]).to(pipe.dtype)
         out = pipe.unet(x, torch.tensor(t, device=device), text.context, control=control, pooled=text.pooled,
                         time_ids=time_ids).to(master)
-        guided = [guide(o, b.src.guidance, b.src.proximal, b.src.quantile)
-                  for b, o in zip(blocks, out.split([2 * n for n in sizes]))]
+        guided = [guide(o, g, b.src.proximal, b.src.quantile)
+                  for b, g, o in zip(blocks, guidance, out.split([2 * n for n in sizes]))]
         stepped = smp.step(i, torch.cat(guided), torch.cat(latents)).split(sizes)
         latents = []
         for b, z in zip(blocks, stepped):
             if b.pin and b.src.pivots is not None:  # before LocalBlend, as the reference's offsets are added
                 z[0] = b.src.pivots[i]
             latents.append(z if b.control is None else b.control.end_step(z))
+        if callback is not None:
+            callback(i + 1, len(smp.timesteps))
     return latents
 
 
-def _run(pipe, blocks: list[Rows], smp, capture: bool | None, *, progress: bool, desc: str):
+def _run(pipe, blocks: list[Rows], smp, capture: bool | None, *, progress: bool, desc: str, callback=None):
     """The loop eager (`_sample`) or on static state (`captured`, see `edit`'s capture): (each block's latents,
-    each block's control, loop, capture_failure) with loop one of LOOPS."""
+    each block's control, loop, capture_failure) with loop one of LOOPS. `callback`: as `_sample`'s."""
     graph = graphs.can_capture(pipe.device)
     if capture is None:
         capture = CAPTURE_BY_DEFAULT and graph and all(captured.unsupported(smp, b.control) is None for b in blocks)
     (latents, controls), loop, failure = _captured_or_eager(
         capture, graph, "the edit step",
-        lambda: captured.static_sample(pipe, blocks, smp, progress=progress, desc=desc, graph=graph),
-        lambda: (_sample(pipe, blocks, smp, progress=progress, desc=desc), [b.control for b in blocks]))
+        lambda: captured.static_sample(pipe, blocks, smp, progress=progress, desc=desc, graph=graph,
+                                       callback=callback),
+        lambda: (_sample(pipe, blocks, smp, progress=progress, desc=desc, callback=callback),
+                 [b.control for b in blocks]))
     return latents, controls, loop, failure
 
 
@@ -286,8 +301,8 @@ def edit_rows(pipe, prompts: list[str], controller, *, local_blend, store: bool,
         cache.check_for(pipe, prompts)
         calls = cache.calls
     else:
-        src = resolve_source(pipe, **source_args)
         inversion = source_args.get("inversion")
+        src = editors.prepare_source(pipe, controller, resolve_source(pipe, **source_args), inversion)
         if inversion is not None and prompts[0] != inversion.prompt:
             warn(f"the source prompt {prompts[0]!r} is not the one the image was inverted with "
                  f"({inversion.prompt!r}): the source row will not reproduce the image")

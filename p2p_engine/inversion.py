@@ -173,17 +173,20 @@ class Inversion:
 # -- the loops
 
 @torch.no_grad()
-def ddim_invert(pipe, z0: torch.Tensor, cond, timesteps: list[int], time_ids=None) -> list[torch.Tensor]:
+def ddim_invert(pipe, z0: torch.Tensor, cond, timesteps: list[int], time_ids=None, on_step=None) -> list[torch.Tensor]:
     """Guidance-1 DDIM inversion up the sampling timesteps (descending, e.g. 981 .. 1) from their end.
-    z0 (N, 4, h, w), cond the N prompts' `Text` -> [z*_0, ..., z*_T] (steps + 1 entries)."""
+    z0 (N, 4, h, w), cond the N prompts' `Text` -> [z*_0, ..., z*_T] (steps + 1 entries). `on_step(i)` is called
+    after step i (from 1)."""
     sched = pipe.scheduler
     steps = len(timesteps)
     traj = [z0]
     z = z0
-    for t in reversed(timesteps):  # 1, 21, ... 981
+    for i, t in enumerate(reversed(timesteps)):  # 1, 21, ... 981
         out = pipe.predict(z, torch.tensor(t, device=pipe.device), cond.context, pooled=cond.pooled, time_ids=time_ids)
         z = sched.inversion_step(out, t, z, steps)
         traj.append(z)
+        if on_step is not None:
+            on_step(i + 1)
     return traj
 
 
@@ -203,7 +206,7 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
                  method: str = "null_text", early_stop: bool = True, progress: bool = True,
                  epsilon: float = EPSILON, epsilon_slope: float = EPSILON_SLOPE, use_graph: bool | None = None,
                  crop: tuple[int, int, int, int] = (0, 0, 0, 0), steps_offset: int | None = None,
-                 optimize_pooled: bool = False) -> list[Inversion]:
+                 optimize_pooled: bool = False, callback=None) -> list[Inversion]:
     """Invert N images at once, each with its own prompt, null embeddings and early stopping.
 
     Args:
@@ -216,6 +219,9 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
         epsilon, epsilon_slope: early stop when a step's loss < epsilon + i * epsilon_slope (reference values).
         use_graph: capture the inner iteration in a CUDA graph; default: when the device is CUDA.
         crop: (left, right, top, bottom) offsets applied before the centre crop, as `load_512`.
+        callback: called as callback(step, total) after each step: the DDIM inversion's `steps`, then for
+            "null_text" the optimisation's `steps` (total 2 * steps). An exception it raises stops the inversion
+            there and propagates (how a server cancels one).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -246,15 +252,19 @@ def invert_batch(pipe, images, prompts, *, steps: int = 50, inner_steps: int = 1
     cond = pipe.encode_text(list(prompts)).to(pipe.master_dtype)  # (N, 77, D), SDXL's pooled (N, P)
     uncond = pipe.unconditional().to(pipe.master_dtype).expand(n)
     time_ids = pipe.time_ids(x.shape[-2], x.shape[-1], n)  # SDXL: (N, 6)
+    total = steps * (2 if method == "null_text" else 1)
+
+    def phase(first: int):  # the callback of one phase: its step i is step first + i of the whole
+        return None if callback is None else (lambda i: callback(first + i, total))
     with torch.no_grad():
-        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), ts, time_ids)
+        traj = ddim_invert(pipe, z0, cond.to(pipe.dtype), ts, time_ids, on_step=phase(0))
     if method == "null_text":
         warn_bf16(pipe)
         if use_graph is None:
             use_graph = graphs.can_capture(pipe.device)
         nulls, pooled, losses, (loop, failure) = null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance,
                                                                epsilon, epsilon_slope, use_graph, progress, time_ids,
-                                                               optimize_pooled)
+                                                               optimize_pooled, on_step=phase(steps))
     else:
         src = cond if method == "negative_prompt" else uncond
         nulls = src.context[None].expand(steps, -1, -1, -1)

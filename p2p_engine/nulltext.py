@@ -222,12 +222,12 @@ class _Buckets:
 
 
 def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps_slope, use_graph, progress,
-                  time_ids=None, optimize_pooled: bool = False):
+                  time_ids=None, optimize_pooled: bool = False, on_step=None):
     """traj: [z*_0..z*_T] each (N, 4, h, w); cond/uncond `Text` of N rows (fp32 master copies); ts the sampling
     timesteps; SDXL's time_ids (N, 6). The unconditional pooled embedding stays at uncond's unless
     `optimize_pooled`. Returns null embeddings (steps, N, 77, D), SDXL's pooled (steps, N, P) or None, losses
     (steps, inner_steps, N), and how the iteration ran: ("eager" or "graph", why recording failed or None; a
-    failure beside "graph" is a gathered size's, `_Buckets`)."""
+    failure beside "graph" is a gathered size's, `_Buckets`). `on_step(i)` is called after step i (from 1)."""
     sched = pipe.scheduler
     dev = pipe.device
     n, steps = cond.context.shape[0], len(ts)
@@ -300,6 +300,8 @@ def null_optimize(pipe, traj, cond, uncond, ts, inner_steps, guidance, eps0, eps
             latent = ddim_step(noise, latent, a, a_prev, it.v_pred)
         if bar is not None:
             bar.update()
+        if on_step is not None:
+            on_step(i + 1)
     if bar is not None:
         bar.close()
     failure = failure or (buckets.capture_failure if buckets is not None else None)

@@ -7,7 +7,8 @@ attention function (`p2p_engine.attention.attention`). The kernels in
 
 Batch layout everywhere: the B = 2P rows are [uncond x P, cond x P] for P
 prompts; row P is the source prompt's conditional row, rows P+1 .. 2P-1 the
-targets'. The unconditional half is never touched.
+targets'. Prompt-to-Prompt's plans never touch the unconditional half (other
+editors' `rows` do: see the end).
 
 Cross attention, with probabilities p = softmax(q k^T * scale) over T text
 tokens, for target j = 1 .. P-1 (row P + j), all per-token vectors over T:
@@ -40,7 +41,7 @@ copy of the row, no host sync).
 Several independent edits in one batch (`batch.edit_batch`, `rows.BlockControl`): the rows are consecutive
 blocks, each laid out as above for its own edit ([uncond x P_i, cond x P_i], or a re-edit's targets), and the
 layer's plan is a `BlockPlans`: block i's plan (or None) applies to block i's rows only, so each block attends
-exactly as its edit alone would.
+exactly as its edit alone would (and the feature seam's plans likewise, `inject_features`).
 
 Self attention, for target rows inside the self-replace window: the output is
 softmax(q_src k_src^T * scale) @ v_tgt (the source's map applied to the
@@ -52,6 +53,25 @@ the self window; a gate of 0 gives exactly the plain attention. A `source`
 (a re-edit) gives q_src and k_src instead of row P, as for cross attention:
 (1, H, N, D) each, or with `source_row` two tables (C, 1, H, N, D); every
 conditional row is then a target.
+
+Other editors (`p2p_engine.editors`) read a source row in both guidance halves.
+A self plan with `rows`, a (2P,) int64 table, gives every row b a row rows[b]
+to read from (b itself: plain attention), and `take` says what it reads:
+"qk", the queries and keys (the source's map on the row's own values:
+Plug-and-Play), or "kv", the keys and values (the row's own queries:
+MasaCtrl's mutual self-attention):
+
+    qk:  out[b] = softmax(q[rows[b]] k[rows[b]]^T * scale) @ v[b]
+    kv:  out[b] = softmax(q[b] k[rows[b]]^T * scale) @ v[rows[b]]
+
+with the same `gate` and `store` as above (store: the conditional rows' own
+maps, before injection); `rows` and `source` are never given together.
+
+The UNet's second seam is the residual branch of each decoder resnet (its
+conv2 output, before the skip is added): `ResnetSite` names one, and a
+`FeaturePlan` with a (2P,) `rows` table makes row b's branch row rows[b]'s
+(Plug-and-Play's feature injection), where its `gate` (None: always) is
+non-zero. `inject_features` is that in torch.
 """
 from __future__ import annotations
 
@@ -93,6 +113,8 @@ class SelfPlan:
     source: tuple[torch.Tensor, torch.Tensor] | None = None  # the cached (q_src, k_src), each (1, H, N, D), or
     # two tables (C, 1, H, N, D) ...
     source_row: torch.Tensor | None = None  # ... and the (1,) int64 index of this call's row in them
+    rows: torch.Tensor | None = None  # (2P,) int64: the row each row reads `take` from (other editors) ...
+    take: str = "qk"  # ... "qk" (queries and keys) or "kv" (keys and values)
 
     @property
     def injects(self) -> bool:
@@ -105,6 +127,23 @@ class SelfPlan:
     def source_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The given (q_src, k_src), each (1, H, N, D): the tables' rows when there are tables."""
         return tuple(_source_at(t, self.source_row) for t in self.source)
+
+
+@dataclass
+class FeaturePlan:
+    """A decoder resnet's residual branch taken from other rows (module docstring)."""
+
+    rows: torch.Tensor  # (2P,) int64: row b's branch becomes row rows[b]'s
+    gate: torch.Tensor | None = None  # (1,) tensor: only where it is non-zero (None: always)
+
+
+def inject_features(h: torch.Tensor, plan: "FeaturePlan | BlockPlans") -> torch.Tensor:
+    """h (B, C, h, w), a resnet's residual branch -> the same with row b replaced by row plan.rows[b] (a batch of
+    independent edits: each block under its own plan)."""
+    if isinstance(plan, BlockPlans):
+        return torch.cat([h[a:b] if p is None else inject_features(h[a:b], p) for a, b, p in plan.spans()])
+    taken = h.index_select(0, plan.rows)
+    return taken if plan.gate is None else torch.where(plan.gate.ne(0), taken, h)
 
 
 def _targets(plan: CrossPlan | SelfPlan) -> int:
@@ -145,6 +184,15 @@ class AttnLayer:
     place: str  # "down" | "mid" | "up"
     is_cross: bool
     level: int  # resolution level: 0 is the full latent size, each level halves it
+    module: int = 0  # which attention module (Transformer2D) of its down/up block, 0 first; the mid block's is 0
+
+
+@dataclass(frozen=True)
+class ResnetSite:
+    """Where a decoder (up block) resnet sits: the UNet's feature seam (module docstring)."""
+
+    level: int  # resolution level of its up block, as AttnLayer's
+    position: int  # its index among its block's resnets
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import AttnLayer, BlockPlans
+from .plan import AttnLayer, BlockPlans, ResnetSite
 from .scheduler import proximal_delta
 
 
@@ -51,6 +51,11 @@ class BlockControl:
         plans = [None if c is None else c.plan(layer, n_queries) for c in self.controls]
         return None if all(p is None for p in plans) else BlockPlans(self.rows, plans)
 
+    def feature_plan(self, site: ResnetSite) -> BlockPlans | None:
+        """A decoder resnet's feature plans (the UNet's feature seam), one per block, as `plan` gives attention's."""
+        plans = [None if c is None else c.feature_plan(site) for c in self.controls]
+        return None if all(p is None for p in plans) else BlockPlans(self.rows, plans)
+
 
 def unet_control(controls: list, prompts: list[int]):
     """The control the UNet calls for blocks of `prompts[i]` prompts under `controls[i]` (or None): a single
@@ -62,9 +67,10 @@ def unet_control(controls: list, prompts: list[int]):
     return BlockControl(controls, prompts)
 
 
-def guide(out: torch.Tensor, guidance: float, proximal: str | None, quantile: float) -> torch.Tensor:
+def guide(out: torch.Tensor, guidance: float | torch.Tensor, proximal: str | None, quantile: float) -> torch.Tensor:
     """One edit's guided model output (P, C, h, w) from its UNet rows `out` [uncond x P, cond x P]: plain, or
-    proximal guidance (`editing`'s module docstring) with its threshold a quantile over these rows only."""
+    proximal guidance (`editing`'s module docstring) with its threshold a quantile over these rows only.
+    `guidance` a scale, or one per row (P, 1, 1, 1) (`editing.Source.row_guidance`)."""
     out_u, out_c = out.chunk(2)
     delta = out_c - out_u
     if proximal == "l0":

@@ -36,7 +36,7 @@ class StaticControl(Control):
     def __init__(self, control: Control, layers, latent_hw: tuple[int, int], counter: torch.Tensor):
         # Control's own, not the next in line: a StaticCachedControl's eager control has made and checked it
         Control.__init__(self, control.prompts, control.calls, control.device, edit=control.edit,
-                         blend=control.blend, store=control.keep, self_maps=control.self_maps)
+                         blend=control.blend, store=control.keep, self_maps=control.self_maps, editor=control.editor)
         self.counter = counter
         e, dev = self.edit, self.device
         self.gates_cross = e is not None and bool(e.gate.any())  # once, before the loop
@@ -44,6 +44,8 @@ class StaticControl(Control):
         if e is not None and e.self_window[0] < e.self_window[1]:
             self.self_gate = torch.zeros(self.calls, 1, device=dev)
             self.self_gate[e.self_window[0]:e.self_window[1]] = 1
+        self.editor_gates = {} if self.editor is None else self.editor.gate_tables(self.calls, dev)
+        self.editor_now = {}
         self.blend_on = None
         if self.blend is not None:
             self.blend_on = (torch.arange(self.calls) + 1 > self.blend.start).view(-1, 1, 1, 1, 1).to(dev)
@@ -89,6 +91,7 @@ class StaticControl(Control):
             self.cross_gate_now = _at(self.edit.gate, self.counter)[0]  # (P-1, T)
         if self.self_gate is not None:
             self.self_gate_now = _at(self.self_gate, self.counter)[0]  # (1,)
+        self.editor_now = {kind: _at(gate, self.counter)[0] for kind, gate in self.editor_gates.items()}
 
     def _injects_cross(self) -> bool:
         return self.gates_cross  # every call, with the counter's gate row
@@ -101,6 +104,9 @@ class StaticControl(Control):
 
     def _call_self_gate(self) -> torch.Tensor | None:
         return self.self_gate_now
+
+    def _editor_window(self, kind: str) -> tuple[bool, torch.Tensor | None]:
+        return kind in self.editor_gates, self.editor_now.get(kind)  # every call, switched by the counter's flag
 
     def _blend_from_start(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.where(_at(self.blend_on, self.counter)[0], self._blend(latents), latents)

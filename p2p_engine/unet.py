@@ -3,7 +3,10 @@
 Attribute names follow diffusers' checkpoint keys, so a diffusers
 `unet/diffusion_pytorch_model.safetensors` loads with no renaming. Every
 attention layer goes through `p2p_engine.attention.attention` with the plan
-its control object gives it: that is the only seam.
+its control object gives it (`control.plan(layer, n)`): that is the attention
+seam. The decoder's resnets are the second, for features: each asks
+`control.feature_plan(site)` (None, or a `plan.FeaturePlan` that replaces rows
+of its residual branch, as Plug-and-Play injects the source's features).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 from .attention import attention
 from .blocks import GroupNorm, ResnetBlock, Upsample, check_input
 from .config import UNetConfig
-from .plan import AttnLayer
+from .plan import AttnLayer, ResnetSite
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,15 +184,15 @@ class UNet(nn.Module):
         g, eps = cfg.norm_num_groups, 1e-5
         self.attn_layers: list[AttnLayer] = []
 
-        def layers(place, level):
-            pair = tuple(AttnLayer(len(self.attn_layers) + i, place, i == 1, level) for i in range(2))
+        def layers(place, level, module):
+            pair = tuple(AttnLayer(len(self.attn_layers) + i, place, i == 1, level, module) for i in range(2))
             self.attn_layers.extend(pair)
             return pair
 
-        def transformer(c, heads, place, level):
+        def transformer(c, heads, place, level, module=0):
             # SDXL stacks several blocks per module (cfg.depth); the layers are numbered in call order
             depth = cfg.depth(level if place != "mid" else n - 1)
-            return Transformer2D(c, heads, cfg, [layers(place, level) for _ in range(depth)])
+            return Transformer2D(c, heads, cfg, [layers(place, level, module) for _ in range(depth)])
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
@@ -204,7 +207,7 @@ class UNet(nn.Module):
             for j in range(cfg.layers_per_block):
                 resnets.append(ResnetBlock(cin if j == 0 else cout, cout, temb, g, eps))
                 if cfg.cross_attn[i]:
-                    attns.append(transformer(cout, cfg.num_heads[i], "down", i))
+                    attns.append(transformer(cout, cfg.num_heads[i], "down", i, j))
             down = Downsample(cout) if i < n - 1 else None
             self.down_blocks.append(Block(resnets, attns, "downsamplers", down))
 
@@ -213,6 +216,7 @@ class UNet(nn.Module):
         self.mid_block.attentions = nn.ModuleList([transformer(ch[-1], cfg.num_heads[-1], "mid", n - 1)])
 
         self.up_blocks = nn.ModuleList()
+        self.resnet_sites: list[list[ResnetSite]] = []  # per up block, its resnets' places (the feature seam)
         rch = list(reversed(ch))
         rheads = list(reversed(cfg.num_heads))
         rcross = list(reversed(cfg.cross_attn))
@@ -227,7 +231,8 @@ class UNet(nn.Module):
                 res_in = prev if j == 0 else cout
                 resnets.append(ResnetBlock(res_in + res_skip, cout, temb, g, eps))
                 if rcross[i]:
-                    attns.append(transformer(cout, rheads[i], "up", level))
+                    attns.append(transformer(cout, rheads[i], "up", level, j))
+            self.resnet_sites.append([ResnetSite(level, j) for j in range(len(resnets))])
             up = Upsample(cout) if i < n - 1 else None
             self.up_blocks.append(Block(resnets, attns, "upsamplers", up))
 
@@ -303,9 +308,10 @@ class UNet(nn.Module):
         x = self.mid_block.attentions[0](x, context, control)
         x = self.mid_block.resnets[1](x, emb)
 
-        for block in self.up_blocks:
+        for block, sites in zip(self.up_blocks, self.resnet_sites):
             for j, res in enumerate(block.resnets):
-                x = res(torch.cat([x, skips.pop()], dim=1), emb)
+                features = control.feature_plan(sites[j]) if control is not None else None
+                x = res(torch.cat([x, skips.pop()], dim=1), emb, features)
                 if block.attentions is not None:
                     x = block.attentions[j](x, context, control)
             if hasattr(block, "upsamplers"):

@@ -248,3 +248,240 @@ def ref_mask_decode(encoded_mask, image_shape=(512, 512)):
     mask_array[:, 0] = 1
     mask_array[:, -1] = 1
     return mask_array
+
+
+# -- MasaCtrl and Plug-and-Play (cure-lab/PnPInversion: run_editing_masactrl.py with models/masactrl/,
+# run_editing_pnp.py), on diffusers' UNet through an attention processor that hands over q, k, v --------------
+
+class QKVProc:
+    """Hands q, k, v (B, N, C) of one attention call to `ctrl(q, k, v, is_cross, heads, scale, name)`, which
+    returns the attention's output (B, N, C) before to_out."""
+
+    def __init__(self, ctrl, name):
+        self.ctrl, self.name = ctrl, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        is_cross = encoder_hidden_states is not None
+        ctx = encoder_hidden_states if is_cross else hidden_states
+        out = self.ctrl(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx), is_cross, attn.heads, attn.scale,
+                        self.name)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def register_qkv(unet, ctrl):
+    procs = {name: QKVProc(ctrl, name) for name in unet.attn_processors}
+    ctrl.num_att_layers = len(procs)  # before diffusers empties the dict
+    unet.set_attn_processor(procs)
+
+
+def uncontrolled(unet):
+    """diffusers' own attention in every layer (what the references run while inverting)."""
+    from diffusers.models.attention_processor import AttnProcessor
+    unet.set_attn_processor(AttnProcessor())
+
+
+def split_heads(x, heads):
+    """(B, N, heads * d) -> "(b h) n d", as einops' rearrange in masactrl_utils.py."""
+    B, N, C = x.shape
+    return x.reshape(B, N, heads, C // heads).permute(0, 2, 1, 3).reshape(B * heads, N, C // heads)
+
+
+def merge_heads(x, heads):
+    """"(b h) n d" -> (B, N, heads * d)."""
+    Bh, N, d = x.shape
+    return x.reshape(Bh // heads, heads, N, d).permute(0, 2, 1, 3).reshape(Bh // heads, N, heads * d)
+
+
+def embed(pipe, text, n=1):
+    """n rows of a prompt's embedding: `text` a prompt, or an embedding (1, 77, D) given as it is (an inversion's
+    stored unconditional embedding, which the engine's edit reads)."""
+    e = pipe.encode_prompt([text]) if isinstance(text, str) else text
+    return e.expand(n, -1, -1)
+
+
+def attend(q, k, v, scale):
+    return (q @ k.transpose(-1, -2) * scale).softmax(-1) @ v
+
+
+class RefMasaCtrl:
+    """MutualSelfAttentionControl (models/masactrl/masactrl.py) on AttentionBase (masactrl_utils.py): every
+    attention call counts (cur_att_layer; cur_step after the last of a UNet call); a self call whose
+    cur_att_layer // 2 is in layer_idx at a cur_step in step_idx attends, per guidance half, with all of the
+    half's queries over the half's first row's keys and values (attn_batch: "(b h) n d -> h (b n) d")."""
+
+    def __init__(self, start_step=4, start_layer=10, total_steps=50, total_layers=16):
+        self.step_idx = list(range(start_step, total_steps))
+        self.layer_idx = list(range(start_layer, total_layers))
+        self.cur_step, self.cur_att_layer, self.num_att_layers = 0, 0, -1
+
+    @staticmethod
+    def attn_batch(q, k, v, heads, scale):
+        b = q.shape[0] // heads
+
+        def fold(t):  # "(b h) n d -> h (b n) d"
+            return t.reshape(-1, heads, *t.shape[1:]).transpose(0, 1).reshape(heads, -1, t.shape[-1])
+
+        out = attend(fold(q), fold(k), fold(v), scale)  # (h, b n, d)
+        return out.reshape(heads, b, -1, out.shape[-1]).transpose(0, 1).reshape(b * heads, -1, out.shape[-1])
+
+    def __call__(self, q, k, v, is_cross, heads, scale, name):
+        q, k, v = (split_heads(t, heads) for t in (q, k, v))
+        if is_cross or self.cur_step not in self.step_idx or self.cur_att_layer // 2 not in self.layer_idx:
+            out = attend(q, k, v, scale)
+        else:
+            (qu, qc), (ku, kc), (vu, vc) = q.chunk(2), k.chunk(2), v.chunk(2)
+            out = torch.cat([self.attn_batch(qu, ku[:heads], vu[:heads], heads, scale),
+                             self.attn_batch(qc, kc[:heads], vc[:heads], heads, scale)])
+        self.cur_att_layer += 1
+        if self.cur_att_layer == self.num_att_layers:
+            self.cur_att_layer = 0
+            self.cur_step += 1
+        return merge_heads(out, heads)
+
+
+def ref_masactrl_invert(pipe, unet, sched, z0, prompt, guidance=7.5):
+    """MasaCtrlPipeline.invert (models/masactrl/diffuser_utils.py): DDIM inversion with guidance on the batch
+    [uncond "", cond prompt]; returns the latents z0 .. zT."""
+    context = torch.cat([pipe.encode_prompt([""]), pipe.encode_prompt([prompt])])
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    latents, z = [z0], z0
+    with torch.no_grad():
+        for t in reversed(sched.timesteps.tolist()):
+            u, c = unet(torch.cat([z] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            eps = u + guidance * (c - u)
+            t_cur = min(t - stride, 999)
+            a = sched.alphas_cumprod[t_cur] if t_cur >= 0 else sched.final_alpha_cumprod
+            a_next = sched.alphas_cumprod[t]
+            x0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+            z = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+            latents.append(z)
+    return latents
+
+
+def ref_masactrl_sample(pipe, unet, sched, start, prompts, ctrl, guidance=7.5, noise_loss_list=None, uncond=""):
+    """MasaCtrlPipeline.__call__: CFG over [uncond "" x P, cond x P] with its own DDIM step (alpha_prev the
+    final alpha where prev_timestep <= 0) and, with Direct Inversion, noise_loss_list[i][:1] added to row 0."""
+    register_qkv(unet, ctrl)
+    P = len(prompts)
+    context = torch.cat([embed(pipe, uncond, P), pipe.encode_prompt(prompts)])
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    latents = start.expand(P, -1, -1, -1).clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps.tolist()):
+            u, c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            eps = u + guidance * (c - u)
+            a = sched.alphas_cumprod[t]
+            a_prev = sched.alphas_cumprod[t - stride] if t - stride > 0 else sched.final_alpha_cumprod
+            x0 = (latents - (1 - a) ** 0.5 * eps) / a ** 0.5
+            latents = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+            if noise_loss_list is not None:
+                latents = torch.cat([latents[:1] + noise_loss_list[i][:1], latents[1:]])
+    return latents
+
+
+def ref_direct_offsets(pipe, unet, sched, pivots, prompts, guidance=7.5, uncond=""):
+    """DirectInversion.offset_calculate (models/p2p/inversion.py), uncontrolled (no editor is registered while
+    the reference inverts): per step, z*_{t-1} minus the guided DDIM step from the tracked latent."""
+    P = len(prompts)
+    context = torch.cat([embed(pipe, uncond, P), pipe.encode_prompt(prompts)])
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    offsets, cur = [], pivots[-1].expand(P, -1, -1, -1)
+    uncontrolled(unet)
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps.tolist()):
+            prev = pivots[len(pivots) - i - 2].expand(P, -1, -1, -1)
+            u, c = unet(torch.cat([cur] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            eps = u + guidance * (c - u)
+            a = sched.alphas_cumprod[t]
+            a_prev = sched.alphas_cumprod[t - stride] if t - stride >= 0 else sched.final_alpha_cumprod
+            x0 = (cur - (1 - a) ** 0.5 * eps) / a ** 0.5
+            rec = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+            offsets.append(prev - rec)
+            cur = rec + offsets[-1]
+    return offsets
+
+
+class RefPnP:
+    """run_editing_pnp.py's register_attention_control_efficient and register_conv_control_efficient on the
+    batch [source branch, uncond, cond] (one source row): while the registered timestep t is among the first
+    `attn_t` timesteps, the self attention of up_blocks[1].attentions[1, 2] and up_blocks[2, 3].attentions[0 .. 2]
+    (transformer block 0's attn1) copies the source's q and k into the other two thirds of the batch; while it is
+    among the first `conv_t`, up_blocks[1].resnets[1] copies the source's residual branch (after conv2) likewise.
+    `attention`/`resnet` override which modules, for tests that the choice matters."""
+
+    ATTENTION = {1: [1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}
+
+    def __init__(self, unet, timesteps, conv_t, attn_t, attention=None, resnet=(1, 1)):
+        self.qk_steps, self.conv_steps, self.t = list(timesteps[:attn_t]), list(timesteps[:conv_t]), None
+        self.names = {f"up_blocks.{r}.attentions.{b}.transformer_blocks.0.attn1.processor"
+                      for r, blocks in (attention or self.ATTENTION).items() for b in blocks}
+        conv = unet.up_blocks[resnet[0]].resnets[resnet[1]].conv2
+        self.hook = conv.register_forward_hook(self.conv_forward)
+
+    def conv_forward(self, module, args, hidden_states):
+        if self.t in self.conv_steps:
+            sbs = hidden_states.shape[0] // 3
+            hidden_states = hidden_states.clone()
+            hidden_states[sbs:2 * sbs] = hidden_states[:sbs]
+            hidden_states[2 * sbs:] = hidden_states[:sbs]
+        return hidden_states
+
+    def __call__(self, q, k, v, is_cross, heads, scale, name):
+        if not is_cross and name in self.names and self.t in self.qk_steps:
+            sbs = q.shape[0] // 3
+            q, k = q.clone(), k.clone()
+            for t in (q, k):
+                t[sbs:2 * sbs] = t[:sbs]
+                t[2 * sbs:] = t[:sbs]
+        return merge_heads(attend(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale), heads)
+
+
+def ref_pnp_invert(pipe, unet, sched, z0, prompt):
+    """Preprocess.ddim_inversion: the source prompt's conditional branch only; returns [z0, .., zT]."""
+    cond = pipe.encode_prompt([prompt])
+    timesteps = list(reversed(sched.timesteps.tolist()))
+    latents, z = [z0], z0
+    uncontrolled(unet)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            a = sched.alphas_cumprod[t]
+            a_prev = sched.alphas_cumprod[timesteps[i - 1]] if i > 0 else sched.final_alpha_cumprod
+            eps = unet(z, t, encoder_hidden_states=cond).sample
+            x0 = (z - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+            z = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+            latents.append(z)
+    return latents
+
+
+def ref_pnp_reconstruct(pipe, unet, sched, zT, prompt):
+    """Preprocess.ddim_sample from zT with the source prompt at guidance 1: the latents after each step."""
+    cond = pipe.encode_prompt([prompt])
+    timesteps = sched.timesteps.tolist()
+    out, x = [], zT
+    uncontrolled(unet)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            a = sched.alphas_cumprod[t]
+            a_prev = sched.alphas_cumprod[timesteps[i + 1]] if i < len(timesteps) - 1 else sched.final_alpha_cumprod
+            eps = unet(x, t, encoder_hidden_states=cond).sample
+            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+            out.append(x)
+    return out
+
+
+def ref_pnp_edit(pipe, unet, sched, feed, start, target, ctrl, guidance=7.5, negative="ugly, blurry, black, low res, "
+                 "unrealistic", branch=""):
+    """PNP.run_pnp's sample_loop: from `start`, each step denoises [feed(i), x, x] with the texts [branch (the
+    empty prompt), negative, target] (denoise_step), the source branch's own prediction dropped; feed(i) the
+    source branch's latent of step i."""
+    register_qkv(unet, ctrl)
+    text = torch.cat([embed(pipe, branch), embed(pipe, negative), embed(pipe, target)])
+    x = start
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps.tolist()):
+            ctrl.t = t
+            _, u, c = unet(torch.cat([feed(i), x, x]), t, encoder_hidden_states=text).sample.chunk(3)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+    ctrl.hook.remove()
+    return x

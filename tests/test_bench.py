@@ -298,6 +298,14 @@ def test_bench_methods_smoke(benchmark):
     assert "bit for bit" in rows[0].check
 
 
+def test_bench_editors_smoke(benchmark):
+    """Each editor's Direct Inversion edit, its source row pinned to the image's latent and its target moved."""
+    from benchmarks import bench_editors
+    rows = benchmark.pedantic(bench_editors.run, args=(CPU,), kwargs={"smoke": True}, rounds=1, iterations=1)
+    assert [r.case.split(":")[0] for r in rows] == ["p2p", "masactrl", "pnp"]
+    assert all(r.ours.median > 0 and r.floor_ms > 0 and "bit for bit" in r.check for r in rows)
+
+
 def test_bench_methods_sizes_null_text_by_its_warm_up(monkeypatch, capsys):
     """Null-text's timed runs fit the deadline as its timed warm-up run says: with no room after it, the row is
     left out and said so (a benchmark killed at its limit records nothing); the other methods' rows stay."""

@@ -249,21 +249,24 @@ def sdxl64(tmp_path_factory, load_float64):
 
 
 def test_sdxl_batch_equals_each_edit_alone(sdxl64, capture_way):
-    """SDXL's pooled embeddings and time ids per block, a null-text inversion's per-step pooled null, a re-edit
-    from a cache, at a non-square size; eager and on static state."""
+    """SDXL's pooled embeddings and time ids per block, a re-edit from a cache at a non-square size, and (in a
+    second batch at the model's square size, the only size an inversion has) a null-text inversion's per-step
+    pooled null; eager and on static state."""
     inv = sdxl64.invert(photo(1, 80, 112), SOURCE, steps=STEPS, inner_steps=1, progress=False)
     cache = sdxl64.edit_cache(SOURCE, seed=4, steps=STEPS, height=80, width=112, progress=False)
     R = p2p.EditRequest
-    requests = [R([SOURCE, TARGET], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.8),
-                  seed=4),
-                R([SOURCE, "a big cat riding a red bicycle", FOX], p2p.Refine(), inversion=inv),
-                R([SOURCE, TARGET], p2p.Reweight({"riding": 2.0}), cache=cache),
-                R([FOX], p2p.Store(), seed=5)]
-    refs = [alone(sdxl64, r, guidance=5.0, **({} if r.cache or r.inversion else dict(height=80, width=112)))
-            for r in requests]
+    wide = [R([SOURCE, TARGET], p2p.Replace(), local_blend=p2p.LocalBlend(["cat", "dog"], threshold=0.8), seed=4),
+            R([SOURCE, TARGET], p2p.Reweight({"riding": 2.0}), cache=cache),
+            R([FOX], p2p.Store(), seed=5)]
+    square = [R([SOURCE, "a big cat riding a red bicycle", FOX], p2p.Refine(), inversion=inv),
+              R([FOX, TARGET], p2p.Replace(), seed=6)]
+    size = dict(height=80, width=112)
+    batches = [(wide, size, [alone(sdxl64, r, guidance=5.0, **({} if r.cache else size)) for r in wide]),
+               (square, {}, [alone(sdxl64, r, guidance=5.0) for r in square])]
     for capture in (False, True):
-        outs = sdxl64.edit_batch(requests, steps=STEPS, guidance=5.0, height=80, width=112, capture=capture,
-                                 progress=False)
-        for out, ref in zip(outs, refs):
-            assert_same(out, ref)
+        for requests, kw, refs in batches:
+            outs = sdxl64.edit_batch(requests, steps=STEPS, guidance=5.0, capture=capture, progress=False, **kw)
+            assert len(outs) == len(refs)
+            for out, ref in zip(outs, refs):
+                assert_same(out, ref)
     capture_way()

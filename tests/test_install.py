@@ -71,3 +71,48 @@ def test_the_package_finds_its_kernels_under_its_own_name():
                        "print(k.__name__, callable(k.cross_attention), callable(k.self_attention))")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["p2p_engine.kernels", "True", "True"]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_package_and_runs_outside_the_checkout(tmp_path):
+    """`pip wheel .` then the wheel alone (installed into a folder, dependencies from this environment) runs the
+    toy edit through Python and the CLI from a folder outside the repository."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel, = (tmp_path / "dist").glob("p2p_engine-*.whl")
+    import zipfile
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {f"p2p_engine/{p.relative_to(ROOT / 'p2p_engine').as_posix()}" for p in (ROOT / "p2p_engine").rglob("*.py")}
+    sources |= {f"p2p_engine/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    data = {f"p2p_engine/{p.relative_to(ROOT / 'p2p_engine').as_posix()}" for folder in ("data", "serve/static")
+            for p in (ROOT / "p2p_engine" / folder).rglob("*") if p.is_file()}
+    assert not (sources | data) - names, f"missing from the wheel: {sorted((sources | data) - names)}"
+    assert any(n.startswith("p2p_engine/_native.") for n in names), "the compiled aligner is not in the wheel"
+    assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names)
+
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    elsewhere = tmp_path / "user"
+    elsewhere.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(site)}
+    python = subprocess.run(
+        [sys.executable, "-c",
+         "import p2p_engine as p2p, os\n"
+         "assert p2p.__file__.startswith(os.environ['PYTHONPATH']), p2p.__file__\n"
+         "from p2p_engine.toy.dataset import make_scene\n"
+         "pipe = p2p.load('toy')\n"
+         "out = pipe.edit(['a big red circle on a white background', 'a big blue circle on a white background'],"
+         " controller=p2p.Replace(), steps=4, progress=False)\n"
+         "out.images[1].save('blue.png')"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert python.returncode == 0, python.stderr[-3000:]
+    cli = subprocess.run(
+        [sys.executable, "-m", "p2p_engine", "edit", "--model", "toy", "--steps", "4",
+         "--prompt", "a big red circle on a white background",
+         "--target", "a big blue circle on a white background", "--out", "edit.png"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert (elsewhere / "blue.png").stat().st_size > 0 and (elsewhere / "edit.png").stat().st_size > 0

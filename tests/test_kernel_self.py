@@ -154,6 +154,94 @@ def test_cached_source_errors_name_the_fix():
         self_attention(q, q, q, plan, 0.25)
 
 
+def straight_rows(q, k, v, rows, take, scale):
+    """Re-statement of a `rows` plan independent of the reference: per row b, the row r = rows[b] it reads its
+    keys and values (take "kv": MasaCtrl) or its queries and keys ("qk": Plug-and-Play) from. float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    out = []
+    for b, r in enumerate(rows.tolist()):
+        qb, kb, vb = (q[b], k[r], v[r]) if take == "kv" else (q[r], k[r], v[b])
+        out.append(torch.softmax(qb @ kb.transpose(-1, -2) * scale, dim=-1) @ vb)
+    return torch.stack(out)
+
+
+def editor_rows(P, kind, device):
+    """The rows tables the editors make: MasaCtrl's (each half reads its own source row), Plug-and-Play's from
+    the source's unconditional row into every target row of both halves."""
+    if kind == "masactrl":
+        rows = [0] * P + [P] * P
+    else:
+        rows = [0] * P + [P] + [0] * (P - 1)
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def check_rows(P, H, N, D, dtype, device, take, gate=None, store=False, seed=0):
+    """A `rows` plan: the reference in float64 equals the straight re-statement, the kernel comes within twice
+    torch's own error (the reference in `dtype`), and a store receives the conditional rows' own maps."""
+    q, k, v = inputs(P, H, N, D, dtype, device, seed)
+    scale = D ** -0.5
+    rows = editor_rows(P, "masactrl" if take == "kv" else "pnp", device)
+
+    def plan(store_dtype):
+        g = None if gate is None else torch.tensor([gate], device=device)
+        st = torch.zeros(P, N, N, dtype=store_dtype, device=device) if store else None
+        return SelfPlan(num_prompts=P, inject=True, store=st, gate=g, rows=rows, take=take)
+
+    truth_plan = plan(torch.float64)
+    truth = self_attention_reference(q.double(), k.double(), v.double(), truth_plan, scale)
+    straight = straight_rows(q, k, v, rows if gate != 0 else torch.arange(2 * P), take, scale)
+    torch.testing.assert_close(truth, straight, rtol=1e-10, atol=1e-10)
+    ref = self_attention_reference(q, k, v, plan(torch.float32), scale)
+    err_torch = (ref.double() - truth).abs().max().item()
+    ker_plan = plan(torch.float32)
+    out = self_attention(q, k, v, ker_plan, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.double() - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6 * truth.abs().max().item(), f"kernel {err:.3g} vs torch {err_torch:.3g}"
+    if store:
+        own = torch.softmax(q[P:].double() @ k[P:].double().transpose(-1, -2) * scale, dim=-1).mean(dim=1)
+        torch.testing.assert_close(truth_plan.store, own, rtol=1e-10, atol=1e-10)
+        assert (ker_plan.store.double() - own).abs().max().item() <= 1e-6
+    return truth
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("take", ["kv", "qk"])
+@pytest.mark.parametrize("P,N,D,gate", [(2, 37, 40, None), (3, 21, 24, 1.0), (3, 19, 16, 0.0)])
+def test_rows_plans(P, N, D, gate, take, device):
+    """MasaCtrl's (take "kv") and Plug-and-Play's (take "qk") plans on odd shapes, both guidance halves; a gate of
+    0 gives plain attention."""
+    truth = check_rows(P, H=2, N=N, D=D, dtype=torch.float32, device=device, take=take, gate=gate, seed=P + N)
+    q, k, v = inputs(P, 2, N, D, torch.float32, device, P + N)
+    plain = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=D ** -0.5)
+    changed = (truth - plain).abs().amax(dim=(1, 2, 3)) > 1e-3  # which rows the plan moved
+    if gate == 0:
+        assert not changed.any()
+    else:
+        moved = editor_rows(P, "masactrl" if take == "kv" else "pnp", device) != torch.arange(2 * P, device=device)
+        assert torch.equal(changed, moved), (changed, moved)  # the sources stay, every target moves
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_plans_fp16_and_store(device):
+    check_rows(3, H=2, N=21, D=16, dtype=torch.float16, device=device, take="kv", seed=8)
+    check_rows(2, H=3, N=25, D=16, dtype=torch.float32, device=device, take="qk", store=True, seed=9)
+    check_rows(2, H=2, N=23, D=16, dtype=torch.float32, device=device, take="kv", store=True, gate=1.0, seed=10)
+
+
+def test_rows_plan_errors_name_the_fix():
+    device = DEVICES[0]
+    q = torch.randn(4, 2, 8, 16, device=device)
+    rows = torch.tensor([0, 0, 2, 2], device=device)
+    for fn in (self_attention, self_attention_reference):
+        with pytest.raises(ValueError, match=r"plan.rows must be a \(4,\) int64"):
+            fn(q, q, q, SelfPlan(2, inject=True, rows=rows[:3]), 0.25)
+        with pytest.raises(ValueError, match="plan.take must be one of"):
+            fn(q, q, q, SelfPlan(2, inject=True, rows=rows, take="v"), 0.25)
+        with pytest.raises(ValueError, match="not both"):
+            fn(q, q, q, SelfPlan(2, inject=True, rows=rows, source=(q[2:3], q[2:3])), 0.25)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inject", [False, True])
 @pytest.mark.parametrize("P,N", [(2, 37), (3, 70), (4, 21)])

@@ -1,15 +1,15 @@
 """PIE-Bench support (p2p_engine/pie.py): masks as the reference decodes them, the protocol's jobs, a resumable
-run in PnPInversion's output layout, and the metrics against independent re-statements."""
+run in PnPInversion's output layout and `pie-metrics` on it (the metrics themselves: tests/test_metrics*.py)."""
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
 import p2p_engine as p2p
-from p2p_engine import pie
+from p2p_engine import metrics, pie
 from p2p_engine.cli import main
+from p2p_engine.pie_runs import run_pie
 from p2p_engine.toy import pie as toy_pie
 from reference import ref_mask_decode
 
@@ -106,13 +106,13 @@ def test_metrics_table_and_csv(toy_run, capsys):
     folder, out, _ = toy_run
     assert main(["pie-metrics", str(folder), str(out), "--types", "6,8"]) == 0
     printed = capsys.readouterr().out
-    assert "| direct | 6 change attribute color | 1 |" in printed and "absent: LPIPS" in printed
+    assert "| p2p | direct | 6 change attribute color | 1 |" in printed and "absent: LPIPS" in printed
     lines = (out / "pie_metrics.csv").read_text().splitlines()
-    assert lines[0].startswith("method,type,images,failed,psnr,mse,ssim")
-    assert any(line.startswith("null_text,all,2,0,") for line in lines)
+    assert lines[0].startswith("editor,method,type,images,failed,psnr,mse,ssim")
+    assert any(line.startswith("p2p,null_text,all,2,0,") for line in lines)
     per_image = (out / "pie_metrics_per_image.csv").read_text()
     assert "edit_success" in per_image  # a toy PIE folder adds the detector's measure
-    rows = pie.evaluate(folder, out, ["null_text"], types=["6"])
+    rows = metrics.evaluate(folder, out, ["null_text"], types=["6"])
     (row,) = rows
     assert row["unet_evaluations"] == row["inversion_evaluations"] + 3 * 2 * 2  # 3 steps x [uncond, cond] x 2
 
@@ -143,87 +143,6 @@ def test_unet_evaluations_are_counted_right(tiny_pipe):
         handle.remove()
 
 
-# -- the metrics' arithmetic ------------------------------------------------------------------------
-
-def ref_ssim(a, b):
-    """SSIM written from its definition: at every pixel away from the border, the Gaussian-weighted (11 x 11,
-    sigma 1.5) means, variances and covariance over the reflect-padded images; per channel, then averaged."""
-    k = np.arange(11) - 5
-    g = np.exp(-(k / 1.5) ** 2 / 2)
-    g /= g.sum()
-    w = np.outer(g, g)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    vals = []
-    for ch in range(a.shape[2]):
-        x = np.pad(a[:, :, ch].astype(np.float64), 5, mode="reflect")
-        y = np.pad(b[:, :, ch].astype(np.float64), 5, mode="reflect")
-        h, wd = a.shape[:2]
-        for i in range(5, h - 5):
-            for j in range(5, wd - 5):
-                px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
-                mx, my = (w * px).sum(), (w * py).sum()
-                vx = max((w * px * px).sum() - mx * mx, 0.0)
-                vy = max((w * py * py).sum() - my * my, 0.0)
-                cov = (w * px * py).sum() - mx * my
-                vals.append(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
-    return float(np.mean(vals))
-
-
-def test_ssim_psnr_mse_on_the_unedited_part():
-    rng = np.random.default_rng(3)
-    a = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
-    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
-    assert pie.ssim(a / 255.0, b / 255.0) == pytest.approx(ref_ssim(a / 255.0, b / 255.0), abs=1e-9)
-    assert pie.ssim(a / 255.0, a / 255.0) == pytest.approx(1.0)
-    mask = np.zeros((24, 20))
-    mask[5:15, 4:12] = 1
-    got = pie.unedited_metrics(a, b, mask)
-    keep = (1 - mask)[:, :, None]
-    mse = np.mean((a / 255.0 * keep - b / 255.0 * keep) ** 2)
-    assert got["mse"] == pytest.approx(mse, rel=1e-6) and got["psnr"] == pytest.approx(10 * math.log10(1 / mse),
-                                                                                        rel=1e-6)
-    assert got["ssim"] == pytest.approx(ref_ssim(a / 255.0 * keep, b / 255.0 * keep), abs=1e-6)
-    # an edit inside the mask changes none of them
-    c = b.copy()
-    c[6:14, 5:11] = 0
-    assert pie.unedited_metrics(a, c, mask) == got
-
-
-def test_clip_similarity_with_local_weights(tmp_path):
-    """CLIP similarity from a local transformers CLIP folder (here a tiny random one): 100 * cos of the image
-    and text features, the edited part masked; no folder, a clear error."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from p2p_engine.tokenizer import clip_tokenizer
-
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    folder = tmp_path / "clip"
-    model.save_pretrained(folder)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=clip_tokenizer())
-    processor.save_pretrained(folder)
-    clip = pie.ClipSimilarity(folder)
-    image = (np.random.default_rng(0).uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
-    inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        img = model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))
-    cos = torch.nn.functional.cosine_similarity(img, txt).item()
-    assert clip(image, "a red circle") == pytest.approx(100 * max(cos, 0.0), abs=1e-4)
-    mask = np.zeros((64, 64))
-    mask[:32] = 1
-    assert clip(image, "a red circle", mask) != clip(image, "a red circle")
-    with pytest.raises(FileNotFoundError, match="CLIP folder"):
-        pie.ClipSimilarity(tmp_path / "none")
-
-
 def test_torchrun_shards_like_one_process(toy_run, tmp_path):
     """Under torchrun the two ranks share each method's entries and together write what one process wrote."""
     import os
@@ -245,8 +164,8 @@ def test_torchrun_shards_like_one_process(toy_run, tmp_path):
         assert {x["rank"] for x in lines} == {0, 1} and all(x["status"] == "ok" for x in lines)
         for e in pie.read_mapping(folder):
             assert (dist / method / e.out).is_file()
-    a = pie.evaluate(folder, out, ["direct"])
-    b = pie.evaluate(folder, dist, ["direct"])
+    a = metrics.evaluate(folder, out, ["direct"])
+    b = metrics.evaluate(folder, dist, ["direct"])
     for x, y in zip(a, b):  # the same edits up to float reassociation (each rank runs its own batches)
         assert x["key"] == y["key"] and abs(x["psnr"] - y["psnr"]) < 0.5
 
@@ -280,10 +199,10 @@ def test_metrics_count_missing_images_and_refuse_methods_never_run(toy_run, tmp_
     shutil.copytree(out, copy)
     gone = copy / "direct" / pie.read_mapping(folder)[1].out
     gone.unlink()
-    rows = pie.evaluate(folder, copy, ["direct"])
+    rows = metrics.evaluate(folder, copy, ["direct"])
     assert [r["status"] for r in rows].count("missing") == 1
     assert next(r for r in rows if r["status"] == "missing")["key"] == pie.read_mapping(folder)[1].key
-    (total,) = [s for s in pie.summarize(rows) if s["type"] == "all"]
+    (total,) = [s for s in metrics.summarize(rows) if s["type"] == "all"]
     assert (total["images"], total["failed"]) == (4, 1)
     assert main(["pie-metrics", str(folder), str(copy)]) == 1  # a missing image is a failure
     table = (copy / "pie_metrics.csv").read_text()
@@ -298,7 +217,7 @@ def test_resume_redoes_another_model_and_bad_output_writes_nothing(toy_run, tmp_
     assert main([*args, "--model", "toy"]) == 0
     # the entries a --types run left out are not failures of it
     assert main(["pie-metrics", str(folder), str(tmp_path / "out")]) == 0
-    assert {r["type"] for r in pie.evaluate(folder, tmp_path / "out")} == {"6"}
+    assert {r["type"] for r in metrics.evaluate(folder, tmp_path / "out")} == {"6"}
     assert main([*args, "--model", "toy", "--steps-offset", "1"]) == 0  # the toy's own offset: nothing to redo
     assert "direct: 0 done, 1 already done" in capsys.readouterr().out
     assert main([*args, "--model", str(tiny_ckpt)]) == 0
@@ -318,8 +237,8 @@ def test_batched_edits_leave_the_results_unchanged(toy_run, tmp_path):
     runs = {}
     for name, size in (("batched", None), ("single", 1)):
         runs[name] = tmp_path / name
-        pie.run_pie(folder, "toy", runs[name], ["direct", "null_text"], steps=3, inner_steps=2, device="cpu",
-                    progress=False, edit_batch_size=size)
+        run_pie(folder, "toy", runs[name], ["direct", "null_text"], steps=3, inner_steps=2, device="cpu",
+                progress=False, edit_batch_size=size)
 
     def records(index):
         return sorted(({k: v for k, v in e.items() if k != "seconds"} for e in map(json.loads, index.read_text()

@@ -380,7 +380,7 @@ def test_static_loop_equals_eager(pipe64, capture_way):
 def test_pie_protocol_scales_its_self_limit_and_keeps_its_guidance(pipe, tiny_pipe, tmp_path, monkeypatch):
     """PIE-Bench's protocol on SDXL: self replacement on layers of up to (L/2)^2 queries (the null-text notebook's
     32 x 32 at L = 64, scaled by REFERENCE.md's SDXL rule) and guidance 7.5, not the family's 5.0."""
-    from p2p_engine import jobs, pie
+    from p2p_engine import jobs, pie, pie_runs
 
     entry = {"image_path": "1_x/a.png", "original_prompt": SRC, "editing_prompt": "a [dog] riding a bicycle",
              "editing_instruction": "", "editing_type_id": "1", "blended_word": "cat dog", "mask": []}
@@ -397,6 +397,6 @@ def test_pie_protocol_scales_its_self_limit_and_keeps_its_guidance(pipe, tiny_pi
     # SD 1.x/2.x keep the notebook's absolute 32 x 32
     for model, limit in ((pipe, (side // 2) ** 2), (tiny_pipe, 32 * 32)):
         seen.clear()
-        pie.run_pie(tmp_path, model, tmp_path / "out", ["direct"], progress=False)
+        pie_runs.run_pie(tmp_path, model, tmp_path / "out", ["direct"], progress=False)
         (job, kw), = seen
         assert job["controller"]["self_max_queries"] == limit and kw["guidance"] == pie.GUIDANCE == 7.5

@@ -172,7 +172,7 @@ def _blob(image: np.ndarray, region: np.ndarray) -> np.ndarray | None:
 
 def edit_success(entry, source: np.ndarray, edited: np.ndarray) -> float:
     """1.0 when the edited image shows the target's attribute where the mask says the edit is, else 0.0.
-    `entry` is a `pie.Entry` of a toy PIE folder; `source` is unused (the signature of pie.evaluate's extras)."""
+    `entry` is a `pie.Entry` of a toy PIE folder; `source` is unused (the signature of metrics.evaluate's extras)."""
     src_objects, src_bg = parse_caption(entry.source)
     tgt_objects, tgt_bg = parse_caption(entry.target)
     if tgt_bg != src_bg:
