@@ -249,3 +249,6 @@ def test_batched_edits_leave_the_results_unchanged(toy_run, tmp_path):
         assert len(images) == 5
         assert all((ours / p).read_bytes() == (theirs / p).read_bytes() for p in images)
         assert records(ours / "index.jsonl") == records(theirs / "index.jsonl")
+        # the protocol gives the self limit and the blend's start itself: the defaults of issue 36 change nothing
+        used = {(e["self_max_queries"], e["blend_start"]) for e in records(ours / "index.jsonl")}
+        assert used <= {(32 * 32, 0.2), (32 * 32, None)} and (32 * 32, 0.2) in used
