@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=positive_int, default=10,
                    help="null-text optimisation iterations per step (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="jobs inverted together and edited together in one edit_batch (default 4, the fastest "
-                        "measured: benchmarks/RESULTS.md); results are each job's own at any size")
+                   help="jobs inverted together and edited together in one edit_batch (default 4: an inversion "
+                        "takes about half the time per image of 1, benchmarks/RESULTS.md); each edit is the job's own")
     p.add_argument("--method", default="null_text", choices=METHODS, help="inversion method (default null_text)")
     add_sampling_args(p, samplers=False)
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present; cuda:LOCAL_RANK "
