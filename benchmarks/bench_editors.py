@@ -70,12 +70,8 @@ def run(device: torch.device, smoke: bool = False) -> list[Row]:
             raise CorrectnessError(f"{name}: the edit's target is the uncontrolled one")
         checks[name] = "source row == z0 bit for bit; target moved"
 
-    from benchmarks.bench_unet import unet_flops
-    with torch.inference_mode():
-        s = pipe.config.latent_size
-        fwd = unet_flops(lambda x, t, encoder_hidden_states: pipe.unet(x, t, encoder_hidden_states),
-                         torch.randn(1, 4, s, s, device=device, dtype=dtype),
-                         torch.tensor([500], device=device), pipe.encode_prompt([SOURCE]))
+    from benchmarks.bench_unet import pipe_unet_flops
+    fwd = pipe_unet_flops(pipe, SOURCE, device, dtype)
     rate = matmul_flops_per_s(device, dtype)
     gen = measure(lambda: pipe.generate([SOURCE, TARGET], steps=steps, store=False, progress=False,
                                         decode_images=False), device, warmup=warmup, repeats=repeats)

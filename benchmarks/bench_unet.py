@@ -45,6 +45,15 @@ def unet_flops(dunet, sample: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) 
     return counter.get_total_flops()
 
 
+def pipe_unet_flops(pipe, prompt: str, device, dtype) -> int:
+    """FLOPs of one forward of the engine's UNet at the pipeline's native size, one latent, `prompt`'s context."""
+    with torch.inference_mode():
+        s = pipe.config.latent_size
+        return unet_flops(lambda x, t, encoder_hidden_states: pipe.unet(x, t, encoder_hidden_states),
+                          torch.randn(1, 4, s, s, device=device, dtype=dtype), torch.tensor([500], device=device),
+                          pipe.encode_prompt([prompt]))
+
+
 def inputs(cfg, batch: int, device, dtype, seed: int = 0):
     """(B, 4, h, w) latents, (B,) timesteps, (B, 77, D) context."""
     g = torch.Generator().manual_seed(seed)
