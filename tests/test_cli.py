@@ -306,7 +306,8 @@ def test_edit_capture(ckpt, tmp_path, capsys):
     for extra in ([], ["--capture"]):
         out = tmp_path / f"capture{len(extra)}.png"
         assert main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
-        assert capsys.readouterr().out.strip().endswith(f"{out} (loop: static)" if extra else str(out))
+        wrote = capsys.readouterr().out.splitlines()[0]  # then the line of the settings the edit used
+        assert wrote.endswith(f"{out} (loop: static)" if extra else str(out))
         with Image.open(out) as im:
             pictures.append(np.asarray(im.convert("RGB")).astype(int))
     assert np.abs(pictures[0] - pictures[1]).max() <= 1
