@@ -396,18 +396,21 @@ for dtype, dims in ((torch.float16, (40, 80, 160)), (torch.bfloat16, (160,)), (t
                                options=dict(num_warps=warps))
             assert k.metadata.shared <= SM90_SHARED, ("cross", dt, D, heads, cached, k.metadata.shared)
         bm, bn, warps, stages = sa._config(dtype, BD)
-        # the source's q and k from row P, and (fp16) read from an edit cache's tables
-        for cached in (False, True) if dtype == torch.float16 else (False,):
+        # the source's q and k from row P, (fp16) read from an edit cache's tables, and the other editors' rows
+        # table (MasaCtrl's k, v or Plug-and-Play's q, k from another row)
+        ways = ((False, False, False), (True, False, False), (False, True, True), (False, True, False))
+        for cached, by_rows, take_kv in ways if dtype == torch.float16 else ways[:1] + ways[2:3]:
             c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, INJECT=True, HAS_GATE=True, SRC_CACHED=cached,
-                     SRC_INDEXED=cached, PREC="tf32" if half else "ieee")
-            sig = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "QS", "KS")} | {"GATE": "*fp32", "SRC_ROW": "*i64"}
+                     SRC_INDEXED=cached, BY_ROWS=by_rows, TAKE_KV=take_kv, PREC="tf32" if half else "ieee")
+            sig = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "QS", "KS")} | {"GATE": "*fp32", "SRC_ROW": "*i64",
+                                                                              "ROWS": "*i64"}
             sig |= {f"s{t}_{d}": "i32" for t in "qkvo" for d in "bhn"}
             sig |= {f"s{t}s_{d}": "i32" for t in "qk" for d in "chn"}
             sig |= {n: "i32" for n in ("H", "N", "D", "P")} | {"scale": "fp32"}
             sig |= {k: "constexpr" for k in c}
             k = triton.compile(ASTSource(sa._self_fwd, sig, c), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=warps, num_stages=stages))
-            assert k.metadata.shared <= SM90_SHARED, ("self", dt, D, cached, k.metadata.shared)
+            assert k.metadata.shared <= SM90_SHARED, ("self", dt, D, cached, by_rows, take_kv, k.metadata.shared)
 print("compiled")
 """
 
