@@ -15,6 +15,7 @@ set -uo pipefail
 PYTHON=${PYTHON:-python3}
 MODES=${MODES:-"bounded unbounded"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+COMMIT=$(git -C "$REPO" rev-parse --short HEAD)  # what the clones hold (HEAD may move while the suites run)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -56,5 +57,5 @@ for mode in $MODES; do
     [ -n "$broke" ] && summary+="  what broke:"$'\n'"$(echo "$broke" | sed 's/^/    /')"$'\n'
 done
 echo
-echo "== newest releases, $(date -u +%Y-%m-%d), at $(git -C "$REPO" rev-parse --short HEAD)"
+echo "== newest releases, $(date -u +%Y-%m-%d), at $COMMIT"
 printf '%s' "$summary"
