@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args,
-                      blend_words, cross_steps, names, positive_int, quantile, reweight, self_steps)
+                      blend_words, count, cross_steps, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-sd", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help="a prompt describing the image")
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text optimisation steps per step")
+    p.add_argument("--inner-steps", type=count, default=10, help="null-text optimisation steps per step")
     p.add_argument("--method", default="null_text", choices=METHODS,
                    help="null_text (default); direct: Direct Inversion, no optimisation; negative_prompt; ddim")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default the family's: 7.5, SDXL 5.0)")
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--inner-steps", type=positive_int, default=10,
+    p.add_argument("--inner-steps", type=count, default=10,
                    help="null-text optimisation iterations per step (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="jobs inverted together and edited together in one edit_batch (default 4: an inversion "
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--types", type=names(PIE_TYPES), default=None, help="edit type ids, e.g. 0,6,8 (default all)")
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--inner-steps", type=positive_int, default=10)
+    p.add_argument("--inner-steps", type=count, default=10)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="entries inverted together and edited together, as `run` (default 4)")
     add_sampling_args(p, samplers=False)

@@ -104,12 +104,21 @@ def names(choices):
 
 
 def positive_int(text: str) -> int:
+    return _int_from(text, 1, "a positive integer")
+
+
+def count(text: str) -> int:
+    """An integer >= 0 (an optional number of iterations: 0 runs none)."""
+    return _int_from(text, 0, "an integer >= 0")
+
+
+def _int_from(text: str, least: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
     return v
 
 

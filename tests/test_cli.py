@@ -75,6 +75,7 @@ def test_module_entry_point_help():
     ["edit", "--model", "toy", "--mode", "swap"],
     ["edit", "--model", "toy", "--proximal", "l0", "--quantile", "0"],  # outside (0, 1], as edit() takes it
     ["invert", "--model", "toy", "--image", "x.png", "--prompt", "p"],  # --out missing
+    ["invert", "--model", "toy", "--image", "x.png", "--prompt", "p", "--out", "x.st", "--inner-steps", "-1"],
     ["maps", "--model", "toy", "--prompt", "a cat", "--res", "x"],  # not a number
 ])
 def test_usage_error_exits_2(argv, capsys):
@@ -261,7 +262,7 @@ def test_written_files_have_ordinary_permissions(ckpt, photo, tmp_path, capsys):
         assert main(["edit", "--model", "toy", "--prompt", "a big red circle on a white background",
                      "--target", "a big blue circle on a white background", "--steps", "2", "--out", str(png)]) == 0
         assert main(["invert", "--model", str(ckpt), "--image", str(photo), "--prompt", "a red ball",
-                     "--steps", "2", "--inner-steps", "1", "--out", str(inv)]) == 0
+                     "--steps", "2", "--inner-steps", "0", "--out", str(inv)]) == 0  # 0: no optimisation
         folder = tmp_path / "ck"
         assert main(["random-checkpoint", str(folder), "--preset", "tiny"]) == 0
     finally:
@@ -271,6 +272,8 @@ def test_written_files_have_ordinary_permissions(ckpt, photo, tmp_path, capsys):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     for d in (folder, folder / "unet"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    import p2p_engine as p2p
+    assert p2p.Inversion.load(inv).inner_steps == 0
 
 
 def test_edit_samplers_and_offset(ckpt, photo, tmp_path, capsys):
