@@ -9,8 +9,7 @@ pair and seed. Before timing, every batched edit is checked against its own `edi
 of a batched product: the mean relative difference is printed). Then `--runs` back-to-back pairs (sequential,
 batched), after a warm-up of each; the ratio of each pair is printed with the median, so that the drift of a
 shared machine shows as spread. On CUDA the peak memory above the loaded model is printed for both, and per
-edit for the batch. `--block-by-block` attends each request's rows on their own, as before block_attention.py.
-`--sizes` times N = max(sizes) edits in batches of each size (the number `p2p-engine run
+edit for the batch. `--sizes` times N = max(sizes) edits in batches of each size (the number `p2p-engine run
 --batch-size` was chosen by).
 """
 from __future__ import annotations
@@ -57,13 +56,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--block-by-block", action="store_true",
-                    help="attend each request's rows on their own (the seam's general path), not all blocks at once "
-                         "(block_attention.py): what that saves")
     args = ap.parse_args(argv)
-    if args.block_by_block:
-        from p2p_engine import attention
-        attention.block_attention = lambda *a, **kw: None  # the seam's cue to attend block by block
     if args.model and args.preset:
         ap.error("give --model or --preset, not both")
     torch.set_num_threads(args.threads)
@@ -121,7 +114,7 @@ def main(argv=None) -> None:
     ratios = [s / b for s, b in pairs]
     name = "toy" if toy else f"{args.preset or args.model} ({pipe.config.image_size if not args.size else args.size} px)"
     print(f"{name}, {args.device} {args.dtype}, {args.threads} threads, {args.edits} two-prompt edits x {args.steps} "
-          f"steps{', block by block' if args.block_by_block else ''}; {check}")
+          f"steps; {check}")
     print(f"one after another: {' / '.join(f'{t:.2f}' for t in seq)} s; in one edit_batch: "
           f"{' / '.join(f'{t:.2f}' for t in bat)} s")
     print(f"ratio per back-to-back pair: {' / '.join(f'{r:.2f}x' for r in ratios)}; median "

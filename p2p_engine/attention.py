@@ -9,8 +9,7 @@ queries and keys instead, which was faster there (see SELF_KERNEL_MAX_N). A plan
 that carries its own attention (`plan.attend(q, k, v, scale)`: the edit cache's
 recording plans, `p2p_engine.cache`) is called instead; a re-edit's plans are
 `CrossPlan`s and `SelfPlan`s with a cached source, which both backends take. A batch of independent edits
-gives a `BlockPlans`: each block of rows is attended under its own plan, as that edit alone would be (on the
-torch backend every block at once, one call per layer: `block_attention.py`).
+gives a `BlockPlans`: each block of rows is attended under its own plan, as that edit alone would be.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .block_attention import block_attention
 from .plan import BlockPlans
 
 BACKENDS = ("torch", "triton")
@@ -88,9 +86,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None, *, i
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(plan, BlockPlans):  # independent edits in one batch: each block of rows under its own plan
-        out = block_attention(q, k, v, plan, is_cross=is_cross, upcast=upcast) if backend == "torch" else None
-        if out is not None:  # Prompt-to-Prompt's plans of every block at once (block_attention.py)
-            return out
         return torch.cat([attention(q[a:b], k[a:b], v[a:b], p, is_cross=is_cross, backend=backend, upcast=upcast)
                           for a, b, p in plan.spans()])
     if plan is not None and hasattr(plan, "attend"):

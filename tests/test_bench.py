@@ -436,20 +436,11 @@ def test_gpu_session_script_names_what_exists():
     assert (ROOT / "benchmarks" / "profile_step.py").exists()
 
 
-@pytest.mark.parametrize("flags", [[], ["--block-by-block"]], ids=["at-once", "block-by-block"])
-def test_cpu_edit_batch_smoke(flags, capsys, monkeypatch):
+def test_cpu_edit_batch_smoke(capsys):
     """The edit_batch benchmark checks each batched edit against its own edit before it times, and prints a ratio
-    per pair and per batch size; --block-by-block takes the seam's general path (block_attention never used)."""
+    per pair and per batch size."""
     from benchmarks import cpu_edit_batch
-    from p2p_engine import attention
 
-    monkeypatch.setattr(attention, "block_attention", attention.block_attention)  # the flag's patch is undone
-    used = []
-    if not flags:
-        real = attention.block_attention
-        monkeypatch.setattr(attention, "block_attention", lambda *a, **kw: used.append(1) or real(*a, **kw))
-    cpu_edit_batch.main(["--edits", "2", "--steps", "2", "--runs", "1", "--sizes", "1", "2", *flags])
+    cpu_edit_batch.main(["--edits", "2", "--steps", "2", "--runs", "1", "--sizes", "1", "2"])
     out = capsys.readouterr().out
     assert "(ok)" in out and "median" in out and "2 edits in batches of 2" in out
-    assert ("block by block" in out) == bool(flags)
-    assert bool(used) != bool(flags)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import p2p_engine as p2p
-from p2p_engine import attention, batch, block_attention, captured, editing, graphs
+from p2p_engine import batch, captured, editing, graphs
 from numerics import rel_max_error
 
 SOURCE, TARGET, FOX = "a cat riding a bicycle", "a dog riding a bicycle", "a fox riding a bicycle"
@@ -100,19 +100,8 @@ def references(pipe64, invs, cache):
     return [alone(pipe64, r) for r in mixed(invs, cache)]
 
 
-def test_mixed_batch_equals_each_edit_alone(pipe64, invs, cache, references, monkeypatch):
-    """... with every attention layer that has block plans served by `block_attention` (all blocks at once)."""
-    served = []
-
-    def counted(*args, **kw):
-        out = block_attention.block_attention(*args, **kw)
-        served.append(out is not None)
-        return out
-
-    monkeypatch.setattr(attention, "block_attention", counted)
+def test_mixed_batch_equals_each_edit_alone(pipe64, invs, cache, references):
     outs = pipe64.edit_batch(mixed(invs, cache), steps=STEPS, progress=False)
-    assert served and all(served)
-    monkeypatch.undo()
     assert len(outs) == len(references)
     for out, ref in zip(outs, references):
         assert_same(out, ref)
