@@ -439,7 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="invert (and edit) every image of a JSONL job file; resumable, shards under torchrun",
         description="Each line of JOBS is {\"image\": path, \"prompt\": str, optional \"edits\": [str], "
                     "\"controller\": {\"mode\": replace|refine|reweight, \"cross_steps\", \"self_steps\", "
-                    "\"equalizer\"}, \"blend\": {\"words\": [source word, target word]}, \"out\": path, \"seed\"}. "
+                    "\"equalizer\", \"self_max_queries\"} or {\"mode\": masactrl, \"start_step\", "
+                    "\"start_layer\"} or {\"mode\": pnp, \"feature_steps\", \"self_steps\", \"branch\", "
+                    "\"negative_prompt\"}, \"blend\": {\"words\": [source word, target word], \"subtract\", "
+                    "\"start\", \"threshold\", \"subtract_threshold\", \"level\"}, \"out\": path, \"seed\"}; "
+                    "every controller key is optional, a blend needs its words (docs/formats.md says what each "
+                    "takes). "
                     "Outputs go to DIR/<job id>/ (or DIR/<out>) with one line per job in "
                     "DIR/index.jsonl. Run again to finish an interrupted run. To split the jobs over N processes "
                     "(one per GPU) start it with `torchrun --nproc-per-node N -m p2p_engine run ...` or "

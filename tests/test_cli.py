@@ -59,6 +59,19 @@ def test_batch_size_help_states_the_default(cmd, capsys):
     assert f"(default {DEFAULT_BATCH_SIZE}" in " ".join(capsys.readouterr().out.split())
 
 
+def test_run_help_names_every_job_key(capsys):
+    """`run --help` names every key a job line may hold (the job, its controller of each mode, its blend): the keys
+    the job reader accepts, so the help cannot fall behind it."""
+    from p2p_engine.controllers import BLEND_KEYS, EDITOR_KEYS, MODES, SPEC_KEYS
+    from p2p_engine.manifest import JOB_KEYS
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    keys = set(JOB_KEYS) | set(SPEC_KEYS) | set(BLEND_KEYS) | {k for ks in EDITOR_KEYS.values() for k in ks}
+    assert not [k for k in sorted(keys) if f'"{k}"' not in text]
+    assert not [m for m in [*MODES, *EDITOR_KEYS] if m not in text]
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "p2p_engine", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
