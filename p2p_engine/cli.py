@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_sampling_args,
+from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_prediction_type,
+                      add_sampling_args,
                       blend_words, count, cross_steps, names, positive_int, quantile, reweight, self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,7 +52,8 @@ def _load(args):
     if model != "toy" and not Path(model).exists():
         raise UserError(f"model path {model!r} does not exist (give a diffusers folder, a .safetensors "
                         f"checkpoint, or 'toy'; `p2p-engine random-checkpoint` makes one to try)")
-    return p2p.load(model, device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
+    return p2p.load(model, device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend,
+                    prediction_type=args.prediction_type)
 
 
 def _check_out(path: str, suffix: str, flag: str = "--out") -> Path:
@@ -267,8 +269,8 @@ def cmd_run(args) -> int:
                         f"checkpoint, or 'toy')")
     s = run_jobs(args.jobs, args.model, args.out, steps=args.steps, inner_steps=args.inner_steps,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype),
-                 backend=args.backend, method=args.method, steps_offset=args.steps_offset,
-                 max_batches=args.max_batches)
+                 backend=args.backend, prediction_type=args.prediction_type, method=args.method,
+                 steps_offset=args.steps_offset, max_batches=args.max_batches)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} jobs "
               f"in {s.seconds:.1f} s; index: {s.index}")
@@ -285,7 +287,8 @@ def cmd_pie(args) -> int:
     summaries = run_pie(args.pie_dir, args.model, args.out, args.methods, editors=args.editors, types=args.types,
                         steps=args.steps,
                         inner_steps=args.inner_steps, steps_offset=args.steps_offset, batch_size=args.batch_size,
-                        device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend)
+                        device=args.device, dtype=getattr(torch, args.dtype), backend=args.backend,
+                        prediction_type=args.prediction_type)
     if int(os.environ.get("RANK", "0")) == 0:
         for name, s in summaries.items():
             print(f"{name}: {s.ok} done, {s.skipped} already done, {s.failed} failed of {s.total} in {s.seconds:.1f} s")
@@ -465,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "under torchrun)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    add_prediction_type(p)
     p.add_argument("--max-batches", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 

@@ -132,8 +132,19 @@ def add_sampling_args(p: argparse.ArgumentParser, samplers: bool = True) -> None
                         "steps; 0 reproduces 980 .. 0)")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # loading.PREDICTION_TYPES, without importing torch for --help
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors, or 'toy'")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    add_prediction_type(p)
+
+
+def add_prediction_type(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                   help="what the UNet predicts, overriding the checkpoint's config (default: the config's; a "
+                        "single file cannot say, and an SD 2.x single file is read as 768-v, v_prediction, so an "
+                        "SD 2.x-base single file needs epsilon)")

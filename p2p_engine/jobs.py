@@ -208,7 +208,8 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int | None = None,
-             device=None, dtype=torch.float32, backend: str = "auto", method: str = "null_text",
+             device=None, dtype=torch.float32, backend: str = "auto", prediction_type: str | None = None,
+             method: str = "null_text",
              guidance: float | None = None, steps_offset: int | None = None, edit_options: dict | None = None,
              save_inversions: bool = True, progress: bool = True, max_batches: int | None = None,
              edit_batch_size: int | None = None) -> Summary:
@@ -216,6 +217,7 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
 
     Args:
         model: a checkpoint path for p2p.load, or a loaded Pipeline to reuse (no reload, no global state).
+        device, dtype, backend, prediction_type: p2p.load's, for a path (a Pipeline is used as loaded).
         method: the inversion method of every job (`Pipeline.invert`); steps_offset as there.
         batch_size: jobs inverted together (`invert_batch`) and edited together (`edit_batch`); None:
             DEFAULT_BATCH_SIZE.
@@ -230,6 +232,9 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
     for name, size in (("batch_size", batch_size), ("edit_batch_size", edit_batch_size)):
         if size is not None and (not is_int(size) or size < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+    if prediction_type is not None and isinstance(model, Pipeline):
+        raise ValueError("prediction_type applies to a checkpoint that run_jobs loads; a loaded Pipeline keeps its "
+                         "own (give it to p2p.load)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"the output folder {out_dir} is a file: give a folder (it is created if missing)")
@@ -239,7 +244,8 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         own_pipe = not isinstance(model, Pipeline)
         pipe = None
         if any(j.error is None for j in mine):  # loaded first: a model that fails to load writes nothing
-            pipe = load(model, device=device, dtype=dtype, backend=backend) if own_pipe else model
+            pipe = (load(model, device=device, dtype=dtype, backend=backend, prediction_type=prediction_type)
+                    if own_pipe else model)
         out_dir.mkdir(parents=True, exist_ok=True)
         index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
         settings = {} if pipe is None else _settings(pipe, steps=steps, inner_steps=inner_steps, method=method,

@@ -96,7 +96,8 @@ def run_folders(out) -> dict[tuple[str, str], Path]:
 
 def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: int = 50, inner_steps: int = 10,
             steps_offset: int | None = None, batch_size: int | None = None, device=None, dtype=torch.float32,
-            backend: str = "auto", progress: bool = True, edit_batch_size: int | None = None) -> dict:
+            backend: str = "auto", prediction_type: str | None = None, progress: bool = True,
+            edit_batch_size: int | None = None) -> dict:
     """Run the protocol (`pie.py`'s docstring) for every entry (of `types`) and method into OUT/<method>/, or
     with `editors` (e.g. ["p2p", "masactrl", "pnp"]) each editor's into OUT/<editor>/<method>/ (module
     docstring). `model` is loaded once for every run (before anything is written); batch_size and
@@ -108,6 +109,9 @@ def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: in
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown PIE methods {unknown}; choose from {list(METHODS)}")
+    if prediction_type is not None and isinstance(model, Pipeline):
+        raise ValueError("prediction_type applies to a checkpoint that run_pie loads; a loaded Pipeline keeps its "
+                         "own (give it to p2p.load)")
     layered = check_editors(editors) is not None
     runs = [(e, m) for e in (editors if layered else ["p2p"]) for m in methods]
     entries = read_mapping(pie_dir, types)
@@ -121,7 +125,8 @@ def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: in
         migrate(out, methods)  # before the ranks meet: the group's rendezvous waits for every rank's moves
     summaries = {}
     with process_group(device) as (_, _, device):  # one group for every method's run, not one each
-        pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend)
+        pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend,
+                                                              prediction_type=prediction_type)
         try:
             side = pipe.config.latent_size  # SDXL scales the limit with its native latent side
             limit = (side // 2) ** 2 if pipe.family == "sdxl" else SELF_MAX_QUERIES

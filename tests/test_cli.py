@@ -329,3 +329,34 @@ def test_edit_capture(ckpt, tmp_path, capsys):
     assert np.abs(pictures[0] - pictures[1]).max() <= 1
     _fails_cleanly([*base, "--capture", "--sampler", "pndm", "--out", str(tmp_path / "no.png")], capsys, "ddim")
     assert not (tmp_path / "no.png").exists()
+
+
+def test_prediction_type_overrides_the_checkpoints(ckpt, photo, tmp_path, capsys):
+    """--prediction-type reaches p2p.load: left out or naming the config's own it changes nothing, the other one
+    changes the image; `run` passes it on (its index names another model fingerprint), and run_jobs refuses it
+    beside a loaded Pipeline, which keeps its own."""
+    import json
+
+    from p2p_engine import cliargs, loading
+    from p2p_engine.jobs import run_jobs
+
+    assert cliargs.PREDICTION_TYPES == loading.PREDICTION_TYPES
+    edit = ["edit", "--model", str(ckpt), "--prompt", "a red ball", "--target", "a blue ball", "--steps", "2"]
+    pngs = {}
+    for kind in (None, "epsilon", "v_prediction"):
+        pngs[kind] = tmp_path / f"{kind}.png"
+        assert main([*edit, "--out", str(pngs[kind]), *(["--prediction-type", kind] if kind else [])]) == 0
+    assert pngs[None].read_bytes() == pngs["epsilon"].read_bytes() != pngs["v_prediction"].read_bytes()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(photo), "prompt": "a red ball"}) + "\n")
+    models = []
+    for kind in ("epsilon", "v_prediction"):
+        out = tmp_path / kind
+        assert main(["run", str(jobs), "--model", str(ckpt), "--out", str(out), "--steps", "2", "--inner-steps", "0",
+                     "--prediction-type", kind]) == 0
+        models.append(json.loads((out / "index.jsonl").read_text().splitlines()[0])["model"])
+    assert models[0] != models[1]
+    capsys.readouterr()
+    import p2p_engine as p2p
+    with pytest.raises(ValueError, match="prediction_type applies to a checkpoint"):
+        run_jobs(jobs, p2p.load(ckpt), tmp_path / "x", prediction_type="epsilon")
