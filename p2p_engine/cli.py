@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from .cliargs import (DTYPES, METHODS, PIE_EDITORS, PIE_METHODS, PIE_TYPES, add_model_args, add_prediction_type,
-                      add_sampling_args,
-                      blend_words, count, cross_steps, names, positive_int, quantile, reweight, self_steps)
+                      add_sampling_args, blend_words, count, cross_steps, names, positive_int, quantile, reweight,
+                      self_steps)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRESET_NAMES = ("tiny", "tiny-sd", "tiny-v", "tiny-sdxl", "sd15", "sd21", "sdxl")
