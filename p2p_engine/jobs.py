@@ -29,13 +29,12 @@ editing.LOOPS) and, where recording a CUDA graph failed, why ("capture_failures"
 line the values it used where its defaults depend on the source ("self_max_queries",
 "blend_start": an edit of an inverted image takes the null-text notebook's 32 x 32 and 0.2).
 
-A job counts as done when an index line says "ok" for its id with the same model and
-settings (`manifest.SETTINGS`, defaults resolved: the model's fingerprint and dtype, steps,
-inner steps, method, guidance, steps offset, edit options) and every output it names exists;
-a second run skips done jobs and redoes the rest (interrupted ones, failed ones, and ones
-made with another model or other settings, whose files are replaced). Under torchrun each rank
-takes jobs[rank::world] of the deduplicated job list; torchrun itself starts,
-names and restarts the ranks, and the output folder is the only shared state.
+A job counts as done when an index line says "ok" for its id with the same model and settings (`manifest.SETTINGS`,
+defaults resolved: the model's fingerprint and dtype, steps, inner steps, method, guidance, steps offset, edit
+options) and every output it names exists; a second run skips done jobs and redoes the rest (interrupted ones,
+failed ones, and ones made with another model or other settings, whose files are replaced). Under torchrun each rank
+takes jobs[rank::world] of the deduplicated job list; torchrun itself starts, names and restarts the ranks, and the
+output folder is the only shared state.
 """
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ from .control import compile_control
 from .controllers import blend_from_spec, from_spec
 from .editing import INVERTED_BLEND_START
 from .images import prepare, save_image_atomic
-from .loading import load
+from .loading import load_or_reuse
 from .manifest import INDEX, Job, _append, _done_ids, _ok_ids, merge_index, read_jobs
 from .pipeline import Pipeline, probe_weights, release_memory
 from .words import MAX_TOKENS
@@ -209,15 +208,14 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10, batch_size: int | None = None,
              device=None, dtype=torch.float32, backend: str = "auto", prediction_type: str | None = None,
-             method: str = "null_text",
-             guidance: float | None = None, steps_offset: int | None = None, edit_options: dict | None = None,
-             save_inversions: bool = True, progress: bool = True, max_batches: int | None = None,
-             edit_batch_size: int | None = None) -> Summary:
+             method: str = "null_text", guidance: float | None = None, steps_offset: int | None = None,
+             edit_options: dict | None = None, save_inversions: bool = True, progress: bool = True,
+             max_batches: int | None = None, edit_batch_size: int | None = None) -> Summary:
     """Invert (and edit) every job of a JSONL file into out_dir; see the module docstring for the layout.
 
     Args:
-        model: a checkpoint path for p2p.load, or a loaded Pipeline to reuse (no reload, no global state).
-        device, dtype, backend, prediction_type: p2p.load's, for a path (a Pipeline is used as loaded).
+        model: a checkpoint path, loaded with device, dtype, backend and prediction_type (`loading.load_or_reuse`),
+            or a loaded Pipeline to reuse (no reload, no global state).
         method: the inversion method of every job (`Pipeline.invert`); steps_offset as there.
         batch_size: jobs inverted together (`invert_batch`) and edited together (`edit_batch`); None:
             DEFAULT_BATCH_SIZE.
@@ -232,9 +230,6 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
     for name, size in (("batch_size", batch_size), ("edit_batch_size", edit_batch_size)):
         if size is not None and (not is_int(size) or size < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
-    if prediction_type is not None and isinstance(model, Pipeline):
-        raise ValueError("prediction_type applies to a checkpoint that run_jobs loads; a loaded Pipeline keeps its "
-                         "own (give it to p2p.load)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"the output folder {out_dir} is a file: give a folder (it is created if missing)")
@@ -244,8 +239,7 @@ def run_jobs(job_file, model, out_dir, *, steps: int = 50, inner_steps: int = 10
         own_pipe = not isinstance(model, Pipeline)
         pipe = None
         if any(j.error is None for j in mine):  # loaded first: a model that fails to load writes nothing
-            pipe = (load(model, device=device, dtype=dtype, backend=backend, prediction_type=prediction_type)
-                    if own_pipe else model)
+            pipe = load_or_reuse(model, device=device, dtype=dtype, backend=backend, prediction_type=prediction_type)
         out_dir.mkdir(parents=True, exist_ok=True)
         index = out_dir / (INDEX if world == 1 else f"index.rank{rank}.jsonl")
         settings = {} if pipe is None else _settings(pipe, steps=steps, inner_steps=inner_steps, method=method,

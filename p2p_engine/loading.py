@@ -320,3 +320,16 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
     return Pipeline(modules["unet"], modules["vae"], modules["text_encoder"], tokenizers[0], cfg, device=device,
                     dtype=dtype, backend=backend, schedule=schedule, text_encoder_2=modules.get("text_encoder_2"),
                     tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None)
+
+
+def load_or_reuse(model, *, prediction_type: str | None = None, **kw):
+    """`model` itself where it is a loaded `Pipeline` (a caller's, reused as loaded), else `load(model, ...)` with
+    the other arguments. A prediction_type beside a Pipeline is refused: it would be ignored."""
+    from .pipeline import Pipeline
+
+    if not isinstance(model, Pipeline):
+        return load(model, prediction_type=prediction_type, **kw)
+    if prediction_type is not None:
+        raise ValueError("prediction_type applies to a checkpoint being loaded; a loaded Pipeline keeps its own "
+                         "(give it to p2p.load)")
+    return model

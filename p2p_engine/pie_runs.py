@@ -103,15 +103,14 @@ def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: in
     docstring). `model` is loaded once for every run (before anything is written); batch_size and
     edit_batch_size as `jobs.run_jobs` takes them. Returns {method, or "editor/method" with editors: jobs.Summary}."""
     from .jobs import Interrupted, process_group, run_jobs
-    from .loading import load
+    from .loading import load_or_reuse
     from .pipeline import Pipeline, release_memory
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown PIE methods {unknown}; choose from {list(METHODS)}")
-    if prediction_type is not None and isinstance(model, Pipeline):
-        raise ValueError("prediction_type applies to a checkpoint that run_pie loads; a loaded Pipeline keeps its "
-                         "own (give it to p2p.load)")
+    if isinstance(model, Pipeline):
+        load_or_reuse(model, prediction_type=prediction_type)  # refused beside a Pipeline before anything moves
     layered = check_editors(editors) is not None
     runs = [(e, m) for e in (editors if layered else ["p2p"]) for m in methods]
     entries = read_mapping(pie_dir, types)
@@ -125,8 +124,7 @@ def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: in
         migrate(out, methods)  # before the ranks meet: the group's rendezvous waits for every rank's moves
     summaries = {}
     with process_group(device) as (_, _, device):  # one group for every method's run, not one each
-        pipe = model if isinstance(model, Pipeline) else load(model, device=device, dtype=dtype, backend=backend,
-                                                              prediction_type=prediction_type)
+        pipe = load_or_reuse(model, device=device, dtype=dtype, backend=backend, prediction_type=prediction_type)
         try:
             side = pipe.config.latent_size  # SDXL scales the limit with its native latent side
             limit = (side // 2) ** 2 if pipe.family == "sdxl" else SELF_MAX_QUERIES
