@@ -324,12 +324,17 @@ def load(path, device=None, dtype=torch.float32, backend: str = "auto", *, predi
 
 def load_or_reuse(model, *, prediction_type: str | None = None, **kw):
     """`model` itself where it is a loaded `Pipeline` (a caller's, reused as loaded), else `load(model, ...)` with
-    the other arguments. A prediction_type beside a Pipeline is refused: it would be ignored."""
+    the other arguments (`check_reuse` first)."""
     from .pipeline import Pipeline
 
-    if not isinstance(model, Pipeline):
-        return load(model, prediction_type=prediction_type, **kw)
-    if prediction_type is not None:
+    check_reuse(model, prediction_type)
+    return model if isinstance(model, Pipeline) else load(model, prediction_type=prediction_type, **kw)
+
+
+def check_reuse(model, prediction_type: str | None) -> None:
+    """Refuse a prediction_type beside a loaded Pipeline, which would ignore it."""
+    from .pipeline import Pipeline
+
+    if prediction_type is not None and isinstance(model, Pipeline):
         raise ValueError("prediction_type applies to a checkpoint being loaded; a loaded Pipeline keeps its own "
                          "(give it to p2p.load)")
-    return model

@@ -103,14 +103,13 @@ def run_pie(pie_dir, model, out, methods, *, editors=None, types=None, steps: in
     docstring). `model` is loaded once for every run (before anything is written); batch_size and
     edit_batch_size as `jobs.run_jobs` takes them. Returns {method, or "editor/method" with editors: jobs.Summary}."""
     from .jobs import Interrupted, process_group, run_jobs
-    from .loading import load_or_reuse
-    from .pipeline import Pipeline, release_memory
+    from .loading import check_reuse, load_or_reuse
+    from .pipeline import release_memory
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown PIE methods {unknown}; choose from {list(METHODS)}")
-    if isinstance(model, Pipeline):
-        load_or_reuse(model, prediction_type=prediction_type)  # refused beside a Pipeline before anything moves
+    check_reuse(model, prediction_type)  # before anything moves
     layered = check_editors(editors) is not None
     runs = [(e, m) for e in (editors if layered else ["p2p"]) for m in methods]
     entries = read_mapping(pie_dir, types)
